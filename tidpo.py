@@ -1,0 +1,267 @@
+"""TI-DPO: Token-Importance Guided Direct Preference Optimization.
+
+Yang et al., ICLR 2026 (arXiv 2505.19653 v3). Equation numbers are that version's.
+
+The file follows the paper's order:
+    token_logps            per-token log-probabilities (the causal shift lives here)
+    position_ids           positions that ignore padding
+    gradient_attribution   Eq. 5-6   token importance from the gradient of the top logit
+    gaussian_prior         Eq. 7     a bell over response positions
+    hybrid_weights         Eq. 8     importance and prior mixed into per-token weights
+    weighted_logratio      Eq. 11    one weighted sum of per-token log-ratios
+    triplet_loss           Eq. 13    anchor pulled to the chosen response, pushed from the rejected
+    sequence_kl            (release) TDPO2's sequential KL, optional
+    tidpo_loss             Eq. 12-14 the full objective; Eq. 3 (DPO) when weights are 1 and gamma = 0
+
+Conventions. Per-token tensors are [B, L] and aligned with `input_ids`: entry [b, t] concerns
+token input_ids[b, t]. `response_mask[b, t]` is 1 exactly on response tokens (prompt and
+padding are 0). Every response must be one contiguous run of tokens that follows at least one
+prompt token, so that each response token has a position that predicts it.
+
+The loss functions take tensors only: they know nothing about models, tokenizers or devices.
+"""
+
+import torch
+import torch.nn.functional as F
+
+
+def _at_least_float32(x):
+    # bfloat16 sums over hundreds of tokens lose digits that decide the sign of a margin;
+    # the arithmetic of the loss is done in float32 (or float64 when that is what came in).
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
+def token_logps(logits, input_ids, response_mask):
+    """Per-token log-probabilities of the tokens in `input_ids`.
+
+    Args:
+        logits: [B, L, V] model outputs; logits[b, t] is the distribution of token t + 1.
+        input_ids: [B, L] the tokens that were fed in.
+        response_mask: [B, L] 1 on response tokens.
+
+    Returns:
+        [B, L] log p(input_ids[b, t] | input_ids[b, <t]) where response_mask is 1, else 0.
+
+    A causal LM's logits at position t predict token t + 1, so token t is scored by the logits at
+    t - 1. Shifting here, once, lets every other tensor in this file stay aligned with input_ids.
+    Token 0 has no predicting position and always gets 0 (it is never a response token).
+    """
+    logits = _at_least_float32(logits[:, :-1])
+    targets = input_ids[:, 1:].unsqueeze(-1)
+    # log softmax evaluated only at the target: logit minus log-sum-exp, without a [B, L, V] copy
+    logps = torch.gather(logits, -1, targets).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+    logps = F.pad(logps, (1, 0))  # put token t's score at index t
+    return torch.where(response_mask.bool(), logps, torch.zeros_like(logps))
+
+
+def position_ids(attention_mask):
+    """[B, L] positions that count real tokens only (0, 1, 2, ... from each row's first token).
+
+    Passed to the model with left-padded rows, so that a row's numbers do not depend on how much
+    padding sits in front of it.
+    """
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def gradient_attribution(model, input_ids, attention_mask, response_mask):
+    """Token importance by gradient attribution (Eq. 5-6), from ONE forward pass of `model`.
+
+    Args:
+        model: a causal LM with `get_input_embeddings()` that accepts `inputs_embeds`,
+            `attention_mask` and `position_ids` (any transformers AutoModelForCausalLM).
+        input_ids, attention_mask, response_mask: [B, L]. Padding may sit left or right.
+
+    Returns:
+        logits: [B, L, V] the forward's logits, still in the autograd graph (when the model has
+            trainable parameters), so the caller builds its loss from them without a second forward.
+        importance: [B, L] detached scores I_i >= 0 on response tokens, 0 elsewhere.
+
+    Scores are per row: the rows of a batch do not interact in a transformer, so the gradient of
+    the sum of the rows' targets gives each row the gradient of its own target.
+    """
+    embeddings = model.get_input_embeddings()(input_ids)
+    if not embeddings.requires_grad:  # a frozen model: attribute anyway, to its inputs
+        embeddings = embeddings.detach().requires_grad_(True)
+    logits = model(inputs_embeds=embeddings, attention_mask=attention_mask,
+                   position_ids=position_ids(attention_mask)).logits
+
+    # The logits at the last response token predict what follows the whole response.
+    positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+    last = (response_mask * positions).argmax(dim=-1)
+    final_logits = logits[torch.arange(input_ids.shape[0], device=input_ids.device), last]
+    # Eq. 5: L_target = max_v logits[last response position, v]
+    target = final_logits.max(dim=-1).values.sum()
+    # Backward to the embeddings only (not to the weights); keep the graph for the training loss.
+    (grad,) = torch.autograd.grad(target, embeddings, retain_graph=logits.requires_grad)
+    # Eq. 6: I_i = || dL_target / de_i ||_1, over the embedding dimension
+    importance = grad.float().abs().sum(dim=-1)
+    importance = torch.where(response_mask.bool(), importance, torch.zeros_like(importance))
+    return logits, importance.detach()
+
+
+def _gaussian(position, length):
+    # Eq. 7: P_prior(t) = exp(-0.5 * ((t - mu) / sigma)^2), mu = (T - 1) / 2, sigma = T / 4
+    mu = (length - 1) / 2
+    sigma = length / 4
+    return torch.exp(-0.5 * ((position - mu) / sigma) ** 2)
+
+
+def gaussian_prior(length, dtype=torch.float32, device=None):
+    """Gaussian position prior (Eq. 7), unnormalized: [length], peak 1 in the middle.
+
+    It counters the U-shaped position bias of LMs ("lost in the middle") by favouring the
+    middle of a response. Example, T = 5: [0.2780, 0.7261, 1.0000, 0.7261, 0.2780].
+    """
+    positions = torch.arange(length, dtype=dtype, device=device)
+    return _gaussian(positions, torch.tensor(float(length), dtype=dtype, device=device))
+
+
+def hybrid_weights(importance, response_mask, lam=0.7, scale="mean"):
+    """Hybrid token weights (Eq. 8), one row's response at a time.
+
+    Args:
+        importance: [B, L] attribution scores I_i (from gradient_attribution), >= 0.
+        response_mask: [B, L] 1 on each row's response (one contiguous run per row).
+        lam: lambda of Eq. 8, the share of the attribution; 1 - lam goes to the prior.
+        scale: "mean" -> weights average 1 over the response (uniform weights reproduce DPO, and
+            beta keeps its usual meaning); "sum" -> Eq. 8 as written, weights sum to 1.
+
+    Returns:
+        [B, L] weights, 0 off the response. Where a row's importance sums to 0 (no usable
+        attribution), the prior alone.
+    """
+    if scale not in ("mean", "sum"):
+        raise ValueError(f"scale must be 'mean' or 'sum', got {scale!r}")
+    mask = response_mask.to(_at_least_float32(importance).dtype)
+    importance = importance.to(mask.dtype) * mask
+    length = mask.sum(dim=-1, keepdim=True)  # T of each row
+    position = (mask.cumsum(dim=-1) - 1) * mask  # t = 0 .. T-1 along the response
+    prior = _gaussian(position, length.clamp(min=1)) * mask  # Eq. 7, per row
+
+    # Eq. 8: I_norm = I / sum(I),  P_norm = P_prior / sum(P_prior)
+    importance_total = importance.sum(dim=-1, keepdim=True)
+    importance_norm = importance / importance_total.clamp(min=torch.finfo(mask.dtype).tiny)
+    prior_norm = prior / prior.sum(dim=-1, keepdim=True).clamp(min=torch.finfo(mask.dtype).tiny)
+    # Eq. 8: W = lambda * I_norm + (1 - lambda) * P_norm
+    weights = lam * importance_norm + (1 - lam) * prior_norm
+    weights = torch.where(importance_total > 0, weights, prior_norm)
+    if scale == "mean":
+        weights = weights * length
+    return weights
+
+
+def weighted_logratio(policy_logps, ref_logps, weights):
+    """One of the two sums of Eq. 11: sum_t w_t * (log pi_theta(y_t) - log pi_ref(y_t)).
+
+    Args:
+        policy_logps, ref_logps: [B, L] per-token log-probs (token_logps), 0 off the response.
+        weights: [B, L] per-token weights, 0 off the response (all ones: the plain DPO sum).
+
+    Returns:
+        [B] the weighted log-ratio of each sequence.
+    """
+    policy_logps, ref_logps = _at_least_float32(policy_logps), _at_least_float32(ref_logps)
+    # Eq. 11 (one side): sum_t w_t * lr_t,  lr_t = log pi_theta(y_t | x, y_<t) - log pi_ref(y_t | x, y_<t)
+    return (weights.to(policy_logps.dtype) * (policy_logps - ref_logps)).sum(dim=-1)
+
+
+def triplet_loss(anchor_logratio, chosen_logratio, rejected_logratio, margin):
+    """Triplet loss (Eq. 13) on sequence-level points.
+
+    Each response is the point d (anchor), b (chosen), c (rejected): its summed, unweighted
+    log-ratio. The loss pulls the anchor towards the chosen response and pushes it from the
+    rejected one, by at least `margin` (alpha of Eq. 13).
+
+    Args:
+        anchor_logratio, chosen_logratio, rejected_logratio: [B].
+        margin: alpha of Eq. 13 (float).
+
+    Returns:
+        [B] max(0, (d - b)^2 - (c - d)^2 + alpha).
+    """
+    d, b, c = anchor_logratio, chosen_logratio, rejected_logratio
+    # Eq. 13: L_triplet = max(0, (d - b)^2 - (c - d)^2 + alpha)
+    return torch.clamp((d - b) ** 2 - (c - d) ** 2 + margin, min=0)
+
+
+def sequence_kl(policy_logits, ref_logits, response_mask):
+    """TDPO2's sequential KL (METHOD.md section 7; the authors' release, not in Eq. 14).
+
+    Args:
+        policy_logits, ref_logits: [B, L, V] outputs on the same input_ids.
+        response_mask: [B, L] 1 on response tokens.
+
+    Returns:
+        [B] sum over response tokens t of KL(pi_ref(. | x, y_<t) || pi_theta(. | x, y_<t)), the
+        full-vocabulary KL of the two distributions that predict token t (logits at t - 1).
+    """
+    policy_logps = torch.log_softmax(_at_least_float32(policy_logits[:, :-1]), dim=-1)
+    ref_logps = torch.log_softmax(_at_least_float32(ref_logits[:, :-1]), dim=-1)
+    # KL(p_ref || p_theta) = sum_v p_ref(v) * (log p_ref(v) - log p_theta(v))
+    kl = (ref_logps.exp() * (ref_logps - policy_logps)).sum(dim=-1)
+    return (kl * response_mask[:, 1:].to(kl.dtype)).sum(dim=-1)
+
+
+def tidpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
+               chosen_weights, rejected_weights, beta=0.1, anchor_logratio=None, gamma=0.1,
+               margin=0.01, kl_chosen=None, kl_rejected=None, kl_alpha=0.0):
+    """The TI-DPO objective (Eq. 14 = Eq. 12 + gamma * Eq. 13), averaged over the batch.
+
+    Args:
+        policy_chosen_logps, policy_rejected_logps: [B, L] token_logps of pi_theta on y_w, y_l.
+        ref_chosen_logps, ref_rejected_logps: [B, L] the same for pi_ref (no gradient needed).
+        chosen_weights, rejected_weights: [B, L] hybrid_weights w^w_t and w^l_t (constants).
+        beta: inverse temperature of the preference margin.
+        anchor_logratio: [B] summed log-ratio d of a response sampled from pi_theta for the same
+            prompt (with gradient), or None for no triplet term.
+        gamma: weight of the triplet term.
+        margin: alpha of Eq. 13 (0.01 as in the authors' release; the paper gives no value).
+        kl_chosen, kl_rejected: [B] sequence_kl of y_w and y_l, used only when kl_alpha != 0.
+        kl_alpha: weight of TDPO2's sequential KL (the release: 0.5; Eq. 14: 0).
+
+    Returns:
+        loss: scalar.
+        metrics: dict of detached 0-dim tensors (no host sync): rewards/chosen, rewards/rejected
+            (beta times the weighted log-ratios of Eq. 11, batch mean), rewards/margins,
+            rewards/accuracies, logps/chosen, logps/rejected (summed policy log-probs),
+            loss/dpo_w (Eq. 12) and loss/triplet (Eq. 13, 0 without an anchor).
+
+    With all weights 1, anchor_logratio None (or gamma 0) and kl_alpha 0, this is DPO (Eq. 3).
+    """
+    chosen_weighted = weighted_logratio(policy_chosen_logps, ref_chosen_logps, chosen_weights)
+    rejected_weighted = weighted_logratio(policy_rejected_logps, ref_rejected_logps, rejected_weights)
+    # Eq. 11: Delta_r_token = sum_t w^w_t lr_t(y_w) - sum_t w^l_t lr_t(y_l)
+    delta = chosen_weighted - rejected_weighted
+    if kl_alpha != 0:
+        if kl_chosen is None or kl_rejected is None:
+            raise ValueError("kl_alpha != 0 needs kl_chosen and kl_rejected (see sequence_kl)")
+        # Release (METHOD.md 7): Delta - a_kl * (KL_{y_l} - stopgrad(KL_{y_w}))
+        delta = delta - kl_alpha * (kl_rejected - kl_chosen.detach())
+    # Eq. 12: L_DPO-w = -log sigmoid(beta * Delta_r_token)
+    dpo_w = -F.logsigmoid(beta * delta)
+
+    if anchor_logratio is not None and gamma != 0:
+        # The triplet's points are the UNWEIGHTED summed log-ratios b and c (METHOD.md 5).
+        chosen_logratio = (_at_least_float32(policy_chosen_logps) - ref_chosen_logps).sum(dim=-1)
+        rejected_logratio = (_at_least_float32(policy_rejected_logps) - ref_rejected_logps).sum(dim=-1)
+        triplet = triplet_loss(_at_least_float32(anchor_logratio), chosen_logratio,
+                               rejected_logratio, margin)
+    else:
+        triplet = torch.zeros_like(dpo_w)
+    # Eq. 14: L_TI-DPO = L_DPO-w + gamma * L_triplet, batch mean
+    loss = (dpo_w + gamma * triplet).mean()
+
+    with torch.no_grad():
+        chosen_rewards = beta * chosen_weighted
+        rejected_rewards = beta * rejected_weighted
+        metrics = {
+            "rewards/chosen": chosen_rewards.mean(),
+            "rewards/rejected": rejected_rewards.mean(),
+            "rewards/margins": (chosen_rewards - rejected_rewards).mean(),
+            "rewards/accuracies": (chosen_rewards > rejected_rewards).float().mean(),
+            "logps/chosen": _at_least_float32(policy_chosen_logps).sum(dim=-1).mean(),
+            "logps/rejected": _at_least_float32(policy_rejected_logps).sum(dim=-1).mean(),
+            "loss/dpo_w": dpo_w.mean(),
+            "loss/triplet": triplet.mean(),
+        }
+    return loss, {name: value.detach() for name, value in metrics.items()}
