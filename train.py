@@ -1,0 +1,519 @@
+"""Train a causal LM with TI-DPO (or DPO) in a plain PyTorch loop.
+
+    python train.py                                  # built-in task, tiny model, offline
+    python train.py --model Qwen/Qwen2.5-0.5B-Instruct --data prefs.jsonl
+
+The default run builds a tiny Llama from a config, trains a tokenizer on the built-in preference
+task, fine-tunes the model on chosen and rejected responses alike (SFT, so the reference has no
+preference between safe and risky), freezes a copy as pi_ref and trains the policy with TI-DPO.
+It evaluates on held-out pairs before and after and saves the policy with save_pretrained.
+"""
+
+import argparse
+import copy
+import json
+import math
+import os
+import sys
+import time
+from contextlib import nullcontext
+from datetime import datetime
+
+import torch
+
+import data
+import tidpo
+
+# ----------------------------------------------------------------------------- configuration
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    a = p.add_argument_group("model and data")
+    a.add_argument("--model", default=None, help="hub name or local folder of a causal LM "
+                   "(AutoModelForCausalLM); default: a tiny Llama built from a config, trained on the built-in task")
+    a.add_argument("--data", default=None, help="preference JSONL: {prompt, chosen, rejected} as strings or as "
+                   "lists of {role, content} messages; default: the built-in task")
+    a.add_argument("--eval-data", default=None, help="held-out JSONL; default: the built-in held-out split, or "
+                   "the last 5%% (at least 1, at most 256) of --data")
+    a.add_argument("--max-length", type=int, default=256, help="prompt + response tokens; the prompt is cut "
+                   "from the left first, then the response")
+    a.add_argument("--label-noise", type=float, default=0.0, help="built-in task: fraction of training pairs "
+                   "with chosen and rejected swapped")
+    a.add_argument("--output-dir", default=None, help="where the policy, tokenizer and metrics go; must not "
+                   "hold an earlier run; default: runs/<loss>-<date-time>")
+
+    a = p.add_argument_group("loss")
+    a.add_argument("--loss", choices=["tidpo", "dpo"], default="tidpo", help="tidpo: Eq. 14; dpo: Eq. 3")
+    a.add_argument("--beta", type=float, default=0.1, help="inverse temperature of the preference margin")
+    a.add_argument("--gamma", type=float, default=0.1, help="weight of the triplet loss (0: no triplet, no anchors)")
+    a.add_argument("--lam", type=float, default=0.7, help="lambda of Eq. 8: share of the attribution in the "
+                   "weights (1: no Gaussian prior, 0: prior only)")
+    a.add_argument("--margin", type=float, default=0.01, help="alpha of the triplet loss, Eq. 13")
+    a.add_argument("--weight-scale", choices=["mean", "sum"], default="mean", help="mean: weights average 1 "
+                   "over a response (uniform = DPO); sum: Eq. 8 as written (weights sum to 1)")
+    a.add_argument("--weights", choices=["hybrid", "uniform", "random"], default="hybrid", help="tidpo token "
+                   "weights: hybrid (Eq. 8), uniform (all 1), random (fresh positive weights scaled like hybrid)")
+    a.add_argument("--kl-alpha", type=float, default=0.0, help="weight of TDPO2's sequential KL, as in the "
+                   "authors' release (they use 0.5); 0 is the paper's Eq. 14")
+
+    a = p.add_argument_group("anchor sampling (triplet) and evaluation samples")
+    a.add_argument("--max-new-tokens", type=int, default=64)
+    a.add_argument("--temperature", type=float, default=0.8)
+    a.add_argument("--top-k", type=int, default=50)
+    a.add_argument("--top-p", type=float, default=0.95)
+    a.add_argument("--min-new-tokens", type=int, default=0, help="sampled responses are at least this long")
+
+    a = p.add_argument_group("optimization")
+    a.add_argument("--steps", type=int, default=None, help="optimizer steps (default: --epochs over the data)")
+    a.add_argument("--epochs", type=float, default=1.0)
+    a.add_argument("--batch-size", type=int, default=16, help="pairs per micro-batch")
+    a.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    a.add_argument("--lr", type=float, default=None, help="default: 5e-4 for the built-in tiny model, 1e-6 "
+                   "with --model")
+    a.add_argument("--optimizer", choices=["adamw", "rmsprop"], default="adamw", help="the authors' release "
+                   "used rmsprop with lr 5e-6 and 150 warmup steps")
+    a.add_argument("--warmup-steps", type=int, default=10, help="linear warmup, then constant")
+    a.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping (0: off)")
+    a.add_argument("--sft-steps", type=int, default=300, help="built-in model only: SFT steps before TI-DPO")
+    a.add_argument("--sft-lr", type=float, default=3e-3)
+    a.add_argument("--seed", type=int, default=0)
+    a.add_argument("--log-every", type=int, default=10)
+    a.add_argument("--device", default=None, help="cuda or cpu; default: cuda when available")
+
+    a = p.add_argument_group("benchmark (--bench): DPO vs TI-DPO step time and memory on random tokens")
+    a.add_argument("--bench", action="store_true", help="time training steps of dpo, tidpo without triplet "
+                   "and full tidpo on the same batches, print a table and a line of ratios")
+    a.add_argument("--bench-steps", type=int, default=20, help="timed steps per variant (after 3 warm-up steps)")
+    a.add_argument("--bench-prompt-length", type=int, default=32)
+    a.add_argument("--bench-response-length", type=int, default=64, help="also the anchors' length")
+    a.add_argument("--bench-hidden", type=int, default=64, help="model width; layers/heads follow below")
+    a.add_argument("--bench-layers", type=int, default=2)
+    a.add_argument("--bench-heads", type=int, default=4)
+    a.add_argument("--bench-vocab", type=int, default=1000)
+    a.add_argument("--bench-variant", default=None, help=argparse.SUPPRESS)  # one variant's memory, in a child process
+    args = p.parse_args(argv)
+    if args.lr is None:
+        args.lr = 1e-6 if args.model else 5e-4
+    return args
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def load_data(args, tokenizer):
+    """Encoded (train, held-out) pairs: lists of data.encode_pair dicts."""
+    if args.data is None:
+        train, heldout = data.builtin_task(seed=args.seed, label_noise=args.label_noise)
+        return (data.encode_builtin(tokenizer, train, args.max_length),
+                data.encode_builtin(tokenizer, heldout, args.max_length))
+
+    def encode(records):
+        return [data.encode_pair(tokenizer, *data.render(tokenizer, r), args.max_length, r["source"])
+                for r in records]
+
+    records = data.load_jsonl(args.data)
+    if args.eval_data:
+        return encode(records), encode(data.load_jsonl(args.eval_data))
+    n_heldout = min(256, max(1, len(records) // 20))
+    if len(records) < 2:
+        raise data.DataError(f"{args.data}: needs at least 2 records (one is held out), or --eval-data")
+    return encode(records[:-n_heldout]), encode(records[-n_heldout:])
+
+
+def batches(pairs, batch_size, pad_id, generator=None):
+    """Collated batches over `pairs`, shuffled by `generator` when one is given."""
+    order = torch.randperm(len(pairs), generator=generator).tolist() if generator else range(len(pairs))
+    order = list(order)
+    for start in range(0, len(order), batch_size):
+        yield data.collate([pairs[i] for i in order[start:start + batch_size]], pad_id)
+
+
+def stack_rows(parts, pad_id):
+    """Concatenate (input_ids, attention_mask, response_mask) triples along the batch, right-padding
+    them to one length, so that chosen, rejected and anchors go through the model in one forward."""
+    length = max(ids.shape[1] for ids, _, _ in parts)
+    out = []
+    for k, fill in ((0, pad_id), (1, 0), (2, 0)):
+        out.append(torch.cat([torch.nn.functional.pad(p[k], (0, length - p[k].shape[1]), value=fill)
+                              for p in parts]))
+    return out
+
+
+def rows(batch, side, device):
+    return tuple(batch[f"{side}_{name}"].to(device) for name in ("input_ids", "attention_mask", "response_mask"))
+
+
+# ----------------------------------------------------------------------------- model
+
+
+def build_models(args, device, tokenizer):
+    """(policy, tokenizer): a hub/local model by name, or a tiny Llama for the built-in task."""
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    if args.model:
+        policy = AutoModelForCausalLM.from_pretrained(args.model)
+    else:
+        config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=192,
+                             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
+                             max_position_embeddings=512, tie_word_embeddings=True,
+                             pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                             eos_token_id=tokenizer.eos_token_id)
+        policy = LlamaForCausalLM(config)
+    # Dropout stays off for good: the attribution and log-probs must be reproducible forwards.
+    return policy.to(device).eval()
+
+
+def load_tokenizer(args):
+    if args.model is None:
+        train, heldout = data.builtin_task(seed=args.seed)
+        texts = [r[k] for r in train + heldout for k in ("prompt", "chosen", "rejected")]
+        return data.build_tokenizer(texts)
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def forward_logits(model, input_ids, attention_mask):
+    return model(input_ids=input_ids, attention_mask=attention_mask,
+                 position_ids=tidpo.position_ids(attention_mask)).logits
+
+
+@torch.no_grad()
+def sample(model, prompt_ids, prompt_mask, tokenizer, args):
+    """Responses sampled from `model` for left-padded prompts, as (input_ids, attention_mask,
+    response_mask) of prompt + response; the response ends at its first end-of-sequence token."""
+    out = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, do_sample=True,
+                         max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                         top_k=args.top_k, top_p=args.top_p, min_new_tokens=args.min_new_tokens,
+                         pad_token_id=tokenizer.pad_token_id,
+                         eos_token_id=tokenizer.eos_token_id)
+    new = out[:, prompt_ids.shape[1]:]
+    is_eos = (new == tokenizer.eos_token_id).long()
+    # keep tokens up to and including the first eos
+    response = ((is_eos.cumsum(-1) - is_eos) == 0).long()
+    new = torch.where(response.bool(), new, torch.full_like(new, tokenizer.pad_token_id))
+    return (torch.cat([prompt_ids, new], 1), torch.cat([prompt_mask, response], 1),
+            torch.cat([torch.zeros_like(prompt_mask), response], 1))
+
+
+# ----------------------------------------------------------------------------- one step
+
+
+def tidpo_step(policy, ref, batch, tokenizer, args, device, autocast):
+    """Loss and metrics of one micro-batch: one policy forward (with attribution), one reference
+    forward under inference_mode, for chosen, rejected and (with the triplet) anchors together."""
+    chosen, rejected = rows(batch, "chosen", device), rows(batch, "rejected", device)
+    n = chosen[0].shape[0]
+    use_anchor = args.loss == "tidpo" and args.gamma != 0
+    parts = [chosen, rejected]
+    if use_anchor:
+        # METHOD.md 5: the anchor is sampled from the current policy, without gradient.
+        with autocast:
+            parts.append(sample(policy, batch["prompt_input_ids"].to(device),
+                                batch["prompt_attention_mask"].to(device), tokenizer, args))
+    input_ids, attention_mask, response_mask = stack_rows(parts, tokenizer.pad_token_id)
+
+    with torch.inference_mode(), autocast:
+        ref_logits = forward_logits(ref, input_ids, attention_mask)
+        ref_logps = tidpo.token_logps(ref_logits, input_ids, response_mask)
+    # inference tensors cannot be saved for backward: clone the few that the loss needs
+    ref_logps = ref_logps.clone()
+
+    with autocast:
+        if args.loss == "tidpo" and args.weights == "hybrid":
+            logits, importance = tidpo.gradient_attribution(policy, input_ids, attention_mask, response_mask)
+        else:
+            logits = forward_logits(policy, input_ids, attention_mask)
+        logps = tidpo.token_logps(logits, input_ids, response_mask)
+
+    mask = response_mask[:2 * n]
+    if args.loss == "dpo" or args.weights == "uniform":
+        weights = mask.float()
+    elif args.weights == "random":
+        weights = tidpo.hybrid_weights(torch.rand(mask.shape, device=device), mask, lam=1.0, scale=args.weight_scale)
+    else:
+        weights = tidpo.hybrid_weights(importance[:2 * n], mask, lam=args.lam, scale=args.weight_scale)
+
+    kl = {}
+    if args.loss == "tidpo" and args.kl_alpha != 0:
+        kl_all = tidpo.sequence_kl(logits[:2 * n], ref_logits[:2 * n].clone(), mask)
+        kl = {"kl_chosen": kl_all[:n], "kl_rejected": kl_all[n:]}
+    anchor_logratio = (logps[2 * n:] - ref_logps[2 * n:]).sum(-1) if use_anchor else None
+    return tidpo.tidpo_loss(
+        logps[:n], logps[n:2 * n], ref_logps[:n], ref_logps[n:2 * n], weights[:n], weights[n:],
+        beta=args.beta, anchor_logratio=anchor_logratio, gamma=args.gamma if args.loss == "tidpo" else 0.0,
+        margin=args.margin, kl_alpha=args.kl_alpha if args.loss == "tidpo" else 0.0, **kl)
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+@torch.inference_mode()
+def evaluate(policy, ref, pairs, tokenizer, args, device, autocast, with_samples):
+    """Held-out preference accuracy and margin by the plain DPO implicit reward (weights 1, so every
+    method is scored alike; ties count half), and the judge's score of sampled responses."""
+    correct, margins = 0.0, []
+    for batch in batches(pairs, args.batch_size, tokenizer.pad_token_id):
+        chosen, rejected = rows(batch, "chosen", device), rows(batch, "rejected", device)
+        n = chosen[0].shape[0]
+        input_ids, attention_mask, response_mask = stack_rows([chosen, rejected], tokenizer.pad_token_id)
+        with autocast:
+            logratio = (tidpo.token_logps(forward_logits(policy, input_ids, attention_mask), input_ids, response_mask)
+                        - tidpo.token_logps(forward_logits(ref, input_ids, attention_mask), input_ids, response_mask))
+        margin = args.beta * (logratio[:n].sum(-1) - logratio[n:].sum(-1))
+        correct += (margin > 0).sum().item() + 0.5 * (margin == 0).sum().item()
+        margins.append(margin.float())
+    result = {"accuracy": correct / len(pairs), "margin": torch.cat(margins).mean().item()}
+    if with_samples:  # the built-in task's judge: safe phrases count up, risky ones down
+        for name, model in (("policy", policy), ("reference", ref)):
+            scores = []
+            for batch in batches(pairs, args.batch_size, tokenizer.pad_token_id):
+                with autocast:
+                    ids, _, response_mask = sample(model, batch["prompt_input_ids"].to(device),
+                                                   batch["prompt_attention_mask"].to(device), tokenizer, args)
+                for row, keep in zip(ids, response_mask.bool()):
+                    scores.append(data.judge(tokenizer.decode(row[keep], skip_special_tokens=True)))
+            result[f"judge/{name}"] = sum(scores) / len(scores)
+    return result
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+def sft(model, pairs, tokenizer, args, device, autocast, log):
+    """Supervised fine-tuning on chosen AND rejected responses, so that the reference built from
+    this model has no preference between them."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.sft_lr)
+    generator = torch.Generator().manual_seed(args.seed)
+    step = 0
+    while step < args.sft_steps:
+        for batch in batches(pairs, args.batch_size, tokenizer.pad_token_id, generator):
+            input_ids, attention_mask, response_mask = stack_rows(
+                [rows(batch, "chosen", device), rows(batch, "rejected", device)], tokenizer.pad_token_id)
+            with autocast:
+                logps = tidpo.token_logps(forward_logits(model, input_ids, attention_mask), input_ids, response_mask)
+            loss = -logps.sum() / response_mask.sum()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            step += 1
+            if step % (args.log_every * 10) == 0 or step == args.sft_steps:
+                log(f"sft step {step}/{args.sft_steps} | loss {loss.item():.4f}")
+            if step == args.sft_steps:
+                break
+
+
+BENCH_VARIANTS = {"dpo": {"loss": "dpo"}, "tidpo_no_triplet": {"loss": "tidpo", "gamma": 0.0},
+                  "tidpo": {"loss": "tidpo"}}
+
+
+def bench_setup(args, device):
+    """A random-weight Llama of the --bench-* size, its frozen copy, and random-token batches."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(args.seed)
+    config = LlamaConfig(vocab_size=args.bench_vocab, hidden_size=args.bench_hidden,
+                         intermediate_size=args.bench_hidden * 3, num_hidden_layers=args.bench_layers,
+                         num_attention_heads=args.bench_heads, num_key_value_heads=args.bench_heads,
+                         max_position_embeddings=4096, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    policy = LlamaForCausalLM(config).to(device).eval()
+    ref = copy.deepcopy(policy).requires_grad_(False)
+    tokenizer = argparse.Namespace(pad_token_id=0, eos_token_id=2)
+
+    def tokens(n):
+        return torch.randint(3, args.bench_vocab, (n,)).tolist()
+
+    batch_list = []
+    for _ in range(4):  # a few distinct batches, cycled
+        pairs = [{"prompt_ids": tokens(args.bench_prompt_length),
+                  "chosen_ids": tokens(args.bench_response_length - 1) + [2],
+                  "rejected_ids": tokens(args.bench_response_length - 1) + [2]} for _ in range(args.batch_size)]
+        batch_list.append(data.collate(pairs, 0))
+    # anchors as long as the responses
+    args.max_new_tokens = args.min_new_tokens = args.bench_response_length
+    return policy, ref, tokenizer, batch_list
+
+
+def bench_step(policy, ref, optimizer, batch, tokenizer, args, device, autocast):
+    """Seconds of one full training step: (anchor sampling,) forwards, backward, optimizer step."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    loss, _ = tidpo_step(policy, ref, batch, tokenizer, args, device, autocast)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def memory_kib():
+    """(current, peak) resident memory of this process in KiB (Linux)."""
+    with open("/proc/self/status") as status:
+        fields = dict(line.split(":", 1) for line in status)
+    return int(fields["VmRSS"].split()[0]), int(fields["VmHWM"].split()[0])
+
+
+def bench(args, argv, device, autocast):
+    import statistics
+    import subprocess
+
+    policy, ref, tokenizer, batch_list = bench_setup(args, device)
+    variants = {}
+    for name, overrides in BENCH_VARIANTS.items():
+        variant_args = argparse.Namespace(**{**vars(args), **overrides})
+        model = copy.deepcopy(policy)
+        variants[name] = (model, torch.optim.AdamW(model.parameters(), lr=1e-5), variant_args)
+    if args.bench_variant:  # child process: this variant's peak memory alone
+        model, optimizer, variant_args = variants.pop(args.bench_variant)
+        variants.clear()
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+            before = torch.cuda.memory_allocated()
+        else:
+            before = memory_kib()[0] * 1024
+        for batch in batch_list[:3]:
+            bench_step(model, ref, optimizer, batch, tokenizer, variant_args, device, autocast)
+        peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else memory_kib()[1] * 1024
+        print(json.dumps({"peak_bytes": peak, "step_bytes": peak - before}))
+        return None
+
+    times = {name: [] for name in variants}
+    for i in range(3 + args.bench_steps):  # 3 warm-up steps, then timed; the variants interleaved
+        for name, (model, optimizer, variant_args) in variants.items():
+            seconds = bench_step(model, ref, optimizer, batch_list[i % len(batch_list)], tokenizer,
+                                 variant_args, device, autocast)
+            if i >= 3:
+                times[name].append(seconds)
+    memory = {}
+    for name in variants:  # each variant in its own process, so one peak cannot hide another
+        child = subprocess.run([sys.executable, os.path.abspath(__file__), *argv, "--bench-variant", name],
+                               capture_output=True, text=True, check=True)
+        memory[name] = json.loads(child.stdout.strip().splitlines()[-1])
+
+    pair_tokens = sum(int(b["chosen_attention_mask"].sum() + b["rejected_attention_mask"].sum())
+                      for b in batch_list) / len(batch_list)
+    n_params = sum(p.numel() for p in policy.parameters())
+    print(f"bench on {device}: {n_params / 1e6:.1f}M-parameter Llama, batch {args.batch_size} pairs, prompt "
+          f"{args.bench_prompt_length} + response {args.bench_response_length} tokens, median of "
+          f"{args.bench_steps} steps")
+    print(f"{'variant':<18}{'s/step':>9}{'x dpo':>8}{'tokens/s':>10}{'peak MiB':>10}{'step MiB':>10}")
+    median = {name: statistics.median(t) for name, t in times.items()}
+    for name in variants:
+        print(f"{name:<18}{median[name]:>9.4f}{median[name] / median['dpo']:>8.2f}"
+              f"{pair_tokens / median[name]:>10.0f}{memory[name]['peak_bytes'] / 2**20:>10.1f}"
+              f"{memory[name]['step_bytes'] / 2**20:>10.1f}")
+    # CUDA: peak allocated; CPU: the growth of resident memory over the steps (the process's
+    # libraries would otherwise dilute the ratio)
+    key = "peak_bytes" if device.type == "cuda" else "step_bytes"
+    ratios = {"no_triplet": median["tidpo_no_triplet"] / median["dpo"], "full": median["tidpo"] / median["dpo"],
+              "mem": memory["tidpo"][key] / memory["dpo"][key]}
+    print(f"bench: tidpo_no_triplet/dpo={ratios['no_triplet']:.2f} tidpo/dpo={ratios['full']:.2f} "
+          f"peak_mem tidpo/dpo={ratios['mem']:.2f}")
+    return ratios
+
+
+def make_output_dir(args):
+    if args.output_dir is None:
+        args.output_dir = os.path.join("runs", f"{args.loss}-{datetime.now():%Y%m%d-%H%M%S}")
+    if os.path.isdir(args.output_dir) and os.listdir(args.output_dir):
+        raise SystemExit(f"error: {args.output_dir} already holds files of an earlier run; "
+                         f"choose another --output-dir (or remove that folder)")
+    os.makedirs(args.output_dir, exist_ok=True)
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parse_args(argv)
+    torch.manual_seed(args.seed)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    # bfloat16 autocast on CUDA; plain float32 on the CPU
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    if args.bench:
+        return bench(args, argv, device, autocast)
+    make_output_dir(args)
+    metrics_file = open(os.path.join(args.output_dir, "metrics.jsonl"), "w")
+
+    def log(line, record=None):
+        print(line, flush=True)
+        if record is not None:
+            metrics_file.write(json.dumps(record) + "\n")
+            metrics_file.flush()
+
+    tokenizer = load_tokenizer(args)
+    train_pairs, heldout_pairs = load_data(args, tokenizer)
+    policy = build_models(args, device, tokenizer)
+    n_params = sum(p.numel() for p in policy.parameters())
+    log(f"model: {args.model or 'tiny Llama (built-in)'}, {n_params / 1e6:.2f}M parameters, on {device}; "
+        f"{len(train_pairs)} training pairs, {len(heldout_pairs)} held-out")
+    if args.model is None:
+        sft(policy, train_pairs, tokenizer, args, device, autocast, log)
+    # Algorithm 1: pi_ref is a frozen copy of the starting policy.
+    ref = copy.deepcopy(policy).requires_grad_(False).eval()
+    judge = args.data is None
+
+    before = evaluate(policy, ref, heldout_pairs, tokenizer, args, device, autocast, with_samples=False)
+    log(f"held-out before: accuracy {before['accuracy']:.3f}, margin {before['margin']:.4f}",
+        {"phase": "eval", "when": "before", **before})
+
+    if args.optimizer == "adamw":
+        optimizer = torch.optim.AdamW(policy.parameters(), lr=args.lr, weight_decay=0.0)
+    else:
+        optimizer = torch.optim.RMSprop(policy.parameters(), lr=args.lr)
+    steps = args.steps or max(1, math.ceil(args.epochs * len(train_pairs) / (args.batch_size * args.grad_accum)))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / (args.warmup_steps + 1)))
+
+    generator = torch.Generator().manual_seed(args.seed)
+    stream = iter(())
+    sums, count, t0 = {}, 0, time.perf_counter()
+    for step in range(1, steps + 1):
+        for _ in range(args.grad_accum):
+            batch = next(stream, None)
+            if batch is None:  # a new epoch
+                stream = batches(train_pairs, args.batch_size, tokenizer.pad_token_id, generator)
+                batch = next(stream)
+            loss, metrics = tidpo_step(policy, ref, batch, tokenizer, args, device, autocast)
+            (loss / args.grad_accum).backward()
+            for name, value in {"loss": loss.detach(), **metrics}.items():
+                sums[name] = sums.get(name, 0) + value  # tensors: no host sync inside the loop
+            count += 1
+        if args.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+
+        if step % args.log_every == 0 or step == steps:
+            means = {name: (value / count).item() for name, value in sums.items()}
+            seconds = (time.perf_counter() - t0) / (count / args.grad_accum)
+            log(f"step {step}/{steps} | loss {means['loss']:.4f} | acc {means['rewards/accuracies']:.2f} | "
+                f"margin {means['rewards/margins']:.4f} | {seconds:.2f} s/step",
+                {"phase": "train", "step": step, "seconds_per_step": seconds, **means})
+            sums, count, t0 = {}, 0, time.perf_counter()
+
+    after = evaluate(policy, ref, heldout_pairs, tokenizer, args, device, autocast, with_samples=judge)
+    line = f"held-out after: accuracy {after['accuracy']:.3f}, margin {after['margin']:.4f}"
+    if judge:
+        line += f"; judge score of samples: policy {after['judge/policy']:+.3f}, reference {after['judge/reference']:+.3f}"
+    log(line, {"phase": "eval", "when": "after", **after})
+
+    policy.save_pretrained(os.path.join(args.output_dir, "policy"))
+    tokenizer.save_pretrained(os.path.join(args.output_dir, "policy"))
+    log(f"saved the policy and tokenizer to {os.path.join(args.output_dir, 'policy')} and the metrics to "
+        f"{metrics_file.name}")
+    metrics_file.close()
+    return {"before": before, "after": after, "output_dir": args.output_dir}
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except data.DataError as error:  # a user's data mistake: the message names file, line and field
+        sys.exit(f"error: {error}")
