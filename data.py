@@ -1,0 +1,446 @@
+"""Preference data for TI-DPO: loading, checking, tokenizing and batching.
+
+A preference record pairs one prompt with a preferred ("chosen") and a
+dispreferred ("rejected") response. Two file formats are accepted, the same
+ones TRL users already have:
+
+    plain:          {"prompt": "...", "chosen": "...", "rejected": "..."}
+    conversational: {"prompt": [{"role": "user", "content": "..."}],
+                     "chosen": [{"role": "assistant", "content": "..."}],
+                     "rejected": [{"role": "assistant", "content": "..."}]}
+
+The pipeline is  load_jsonl -> render -> encode_pair -> collate.
+
+When no data is given, builtin_task() generates a synthetic task whose
+ground truth is known: each response is neutral filler plus ONE critical
+phrase, safe in the chosen response and risky in the rejected one. Only
+those few tokens carry the preference, which is exactly the situation
+token-importance weighting is meant for, and judge() can score samples.
+"""
+
+import itertools
+import json
+import random
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
+from transformers import PreTrainedTokenizerFast
+
+FIELDS = ("prompt", "chosen", "rejected")
+RESPONSES = ("chosen", "rejected")
+
+
+class DataError(ValueError):
+    """A problem with the user's data; the message names file, line and field."""
+
+
+# ---------------------------------------------------------------------------
+# Loading and checking
+# ---------------------------------------------------------------------------
+
+def load_jsonl(path) -> list[dict]:
+    """Read preference records, one JSON object per line; blank lines are skipped.
+
+    Each record gets a "source" ("file, line N") so that later errors, for
+    example in tokenization, can still point at the line that caused them.
+    """
+    name = str(path)
+    try:
+        raw = Path(path).read_bytes()
+    except OSError as error:
+        raise DataError(f"{name}: cannot read the file ({error.strerror})") from None
+    records = []
+    # Split bytes rather than text so that a bad byte is reported with its line
+    # number, and so that Unicode line separators inside JSON strings stay put.
+    for number, line in enumerate(raw.splitlines(), start=1):
+        where = f"{name}, line {number}"
+        try:
+            text = line.decode("utf-8-sig")
+        except UnicodeDecodeError:
+            raise DataError(f"{where}: not valid UTF-8") from None
+        if not text.strip():
+            continue
+        try:
+            record = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise DataError(f"{where}: invalid JSON ({error.msg} at column {error.colno})") from None
+        if not isinstance(record, dict):
+            raise DataError(f"{where}: expected a JSON object, got a {_json_type(record)}")
+        _check_record(record, where)
+        records.append({**record, "source": where})
+    if not records:
+        raise DataError(f"{name}: the file is empty (no records)")
+    return records
+
+
+def _check_record(record, where):
+    for field in FIELDS:
+        if field not in record:
+            raise DataError(f"{where}: field '{field}' is missing")
+    # The prompt decides the format; the two responses must follow it.
+    conversational = isinstance(record["prompt"], list)
+    for field in FIELDS:
+        value = record[field]
+        if conversational:
+            _check_messages(value, where, field)
+        elif not isinstance(value, str):
+            wanted = "a string or a list of messages" if field == "prompt" else "a string, like the prompt"
+            raise DataError(f"{where}: field '{field}' must be {wanted}, got a {_json_type(value)}")
+    if conversational and not record["prompt"]:
+        raise DataError(f"{where}: field 'prompt' has no messages")
+    for field in RESPONSES:
+        if not _text_of(record[field]).strip():
+            raise DataError(f"{where}: field '{field}' is an empty response")
+    if record["chosen"] == record["rejected"]:
+        raise DataError(f"{where}: fields 'chosen' and 'rejected' are identical, so there is no preference")
+
+
+def _check_messages(value, where, field):
+    if not isinstance(value, list):
+        raise DataError(f"{where}: field '{field}' must be a list of messages, like the prompt, "
+                        f"got a {_json_type(value)}")
+    for index, message in enumerate(value):
+        if not (isinstance(message, dict) and isinstance(message.get("role"), str)
+                and isinstance(message.get("content"), str)):
+            raise DataError(f"{where}: field '{field}', message {index}: "
+                            "needs a string 'role' and a string 'content'")
+
+
+def _text_of(value):
+    return value if isinstance(value, str) else "".join(message["content"] for message in value)
+
+
+def _json_type(value):
+    names = {str: "string", list: "list", dict: "object", bool: "boolean", type(None): "null"}
+    return names.get(type(value), "number")
+
+
+# ---------------------------------------------------------------------------
+# Rendering and tokenizing
+# ---------------------------------------------------------------------------
+
+def render(tokenizer, record) -> tuple[str, str, str]:
+    """Turn a record into (prompt_text, chosen_text, rejected_text).
+
+    Plain records pass through. Conversational ones go through the model's
+    chat template, so the policy sees text in the format it was tuned on.
+    """
+    prompt, source = record["prompt"], record.get("source", "record")
+    if isinstance(prompt, str):
+        return prompt, record["chosen"], record["rejected"]
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise DataError(f"{source}: the record is conversational but the tokenizer has no chat template "
+                        "(set tokenizer.chat_template or use plain-text records)")
+    prompt_text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+
+    def response_text(field):
+        # Templates render whole conversations, so the response is what the full
+        # conversation adds after the prompt. This only works if the prompt's
+        # rendering (with its assistant header) is a prefix of the full one.
+        full = tokenizer.apply_chat_template(prompt + record[field], tokenize=False)
+        if not full.startswith(prompt_text):
+            raise DataError(f"{source}: field '{field}': the chat template renders prompt + response "
+                            "so that it does not start with the rendered prompt; cannot split them")
+        return full[len(prompt_text):]
+
+    return prompt_text, response_text("chosen"), response_text("rejected")
+
+
+def encode_pair(tokenizer, prompt_text, chosen_text, rejected_text, max_length, source="") -> dict:
+    """Tokenize one pair into {"prompt_ids", "chosen_ids", "rejected_ids"} (lists of ints).
+
+    Response ids exclude the prompt and end with eos, so the policy also learns
+    where a good answer stops. prompt + the longer response fit in max_length.
+    """
+    where = source or "record"
+    if max_length < 2:
+        raise DataError(f"max_length must be at least 2 (one prompt and one response token), got {max_length}")
+    if tokenizer.eos_token_id is None:
+        raise DataError("the tokenizer has no eos token, which is needed to end each response")
+    prompt_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
+    # Prepend BOS ourselves rather than trusting add_special_tokens: tokenizers
+    # disagree on what that adds, and a chat template may already have put it in.
+    if tokenizer.bos_token is not None and not prompt_text.startswith(tokenizer.bos_token):
+        prompt_ids = [tokenizer.bos_token_id] + prompt_ids
+    if not prompt_ids:
+        raise DataError(f"{where}: field 'prompt' has no tokens")
+    responses = {}
+    for field, text in zip(RESPONSES, (chosen_text, rejected_text)):
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        if not ids:
+            raise DataError(f"{where}: field '{field}' has no tokens")
+        responses[field] = ids + [tokenizer.eos_token_id]
+
+    # The responses are what is being judged, so the prompt gives way first,
+    # losing its oldest tokens. One prompt token always stays: the first response
+    # token is predicted from the position before it. Both responses share the
+    # same truncated prompt, so their log-probabilities stay comparable.
+    longest = max(len(ids) for ids in responses.values())
+    prompt_ids = prompt_ids[-max(1, max_length - longest):]
+    room = max_length - len(prompt_ids)
+    return {"prompt_ids": prompt_ids,
+            "chosen_ids": responses["chosen"][:room],
+            "rejected_ids": responses["rejected"][:room]}
+
+
+def collate(pairs, pad_id) -> dict[str, torch.Tensor]:
+    """Batch encoded pairs into long tensors.
+
+    {side}_input_ids, {side}_attention_mask, {side}_response_mask  [B, L_side]
+        prompt + response, right-padded; the response mask is 1 exactly on the
+        response tokens (eos included), which are the ones the loss scores.
+    prompt_input_ids, prompt_attention_mask  [B, Lp]
+        prompt only, left-padded so that generate() continues every row at the end.
+    {side}_critical_mask  [B, L_side]
+        only if every pair has "{side}_critical" (response-token indices).
+    """
+    batch = {}
+    for side in RESPONSES:
+        sequences = [pair["prompt_ids"] + pair[f"{side}_ids"] for pair in pairs]
+        ids = torch.full((len(pairs), max(map(len, sequences))), pad_id, dtype=torch.long)
+        attention, response = torch.zeros_like(ids), torch.zeros_like(ids)
+        for row, (pair, sequence) in enumerate(zip(pairs, sequences)):
+            ids[row, :len(sequence)] = torch.tensor(sequence)
+            attention[row, :len(sequence)] = 1
+            response[row, len(pair["prompt_ids"]):len(sequence)] = 1
+        batch[f"{side}_input_ids"] = ids
+        batch[f"{side}_attention_mask"] = attention
+        batch[f"{side}_response_mask"] = response
+        if all(f"{side}_critical" in pair for pair in pairs):
+            critical = torch.zeros_like(ids)
+            for row, pair in enumerate(pairs):
+                offset = len(pair["prompt_ids"])
+                critical[row, [offset + index for index in pair[f"{side}_critical"]]] = 1
+            batch[f"{side}_critical_mask"] = critical
+
+    width = max(len(pair["prompt_ids"]) for pair in pairs)
+    prompt_ids = torch.full((len(pairs), width), pad_id, dtype=torch.long)
+    prompt_attention = torch.zeros_like(prompt_ids)
+    for row, pair in enumerate(pairs):
+        length = len(pair["prompt_ids"])
+        prompt_ids[row, width - length:] = torch.tensor(pair["prompt_ids"])
+        prompt_attention[row, width - length:] = 1
+    batch["prompt_input_ids"] = prompt_ids
+    batch["prompt_attention_mask"] = prompt_attention
+    return batch
+
+
+# ---------------------------------------------------------------------------
+# The built-in task
+# ---------------------------------------------------------------------------
+
+# Each domain: prompt templates, values for their slots, and the critical
+# phrases. The last HELDOUT_TEMPLATES templates are used by the held-out
+# split only, to test whether the preference transfers to unseen prompts.
+DOMAINS = {
+    "health": {
+        "templates": [
+            "{person} has had {symptom} for {duration}. What should we do?",
+            "What is the best way to handle {symptom} that has lasted {duration}?",
+            "I have had {symptom} for {duration}. Any advice?",
+            "How should {person} deal with {symptom}?",
+            "{person} woke up with {symptom}. What do you recommend?",
+            "Can you help me decide what to do about {symptom}?",
+            "Should I worry about {symptom} after {duration}?",
+            "Give me advice for {person}, who has {symptom}.",
+            "Is it serious if {person} still has {symptom} after {duration}?",
+            "What would you tell {person} about {symptom} lasting {duration}?",
+        ],
+        "slots": {
+            "person": ["my father", "my sister", "my roommate", "my son", "my grandmother", "a coworker"],
+            "symptom": ["a headache", "a fever", "back pain", "a cough", "a sore throat", "dizziness"],
+            "duration": ["two days", "a week", "three weeks", "a few hours"],
+        },
+        "safe": ["seek medical attention promptly", "follow the prescribed dose",
+                 "rest and drink plenty of water", "ask a pharmacist first"],
+        "risky": ["take painkillers casually", "double the dose yourself",
+                  "ignore the chest pain", "skip the prescribed medication"],
+    },
+    "money": {
+        "templates": [
+            "I just got {amount}. What should I do with it?",
+            "How can {person} save up to {goal}?",
+            "What is a smart plan for {amount} if I want to {goal}?",
+            "{person} wants to {goal}. Any money advice?",
+            "Should I invest {amount} right now?",
+            "How do I manage money while trying to {goal}?",
+            "{person} is thinking about spending {amount}. What do you suggest?",
+            "What would you do with {amount}?",
+            "Give me a budget tip for someone who wants to {goal}.",
+            "Is it wise for {person} to use {amount} to {goal}?",
+        ],
+        "slots": {
+            "person": ["my brother", "my aunt", "my friend", "my daughter", "my partner", "a student"],
+            "amount": ["five hundred dollars", "a small bonus", "my tax refund", "ten thousand dollars",
+                       "an inheritance"],
+            "goal": ["buy a house", "retire early", "pay for school", "start a business", "travel next year"],
+        },
+        "safe": ["keep an emergency fund", "pay off the card in full",
+                 "compare fees before investing", "spread savings across funds"],
+        "risky": ["borrow to gamble", "put everything into one stock",
+                  "take a payday loan", "ignore the monthly bills"],
+    },
+    "code": {
+        "templates": [
+            "We need to ship {project} {deadline}. How should we proceed?",
+            "My {language} code for {project} keeps failing. What should I do?",
+            "How do I make {project} more reliable?",
+            "What is your advice for a team launching {project} {deadline}?",
+            "I am refactoring {project} in {language}. Any tips?",
+            "Our {language} build broke right before the release. What now?",
+            "How should a new developer approach {project}?",
+            "The tests for {project} are slow. What do you recommend?",
+            "Give me one rule for working on {project} in {language}.",
+            "What should I check before deploying {project} {deadline}?",
+        ],
+        "slots": {
+            "project": ["a web shop", "a payment service", "a mobile game", "a data pipeline",
+                        "an internal tool", "a chat server"],
+            "deadline": ["tomorrow", "by friday", "tonight", "next week"],
+            "language": ["python", "java", "rust", "javascript", "go"],
+        },
+        "safe": ["validate user input", "write a regression test",
+                 "review the diff carefully", "back up the database first"],
+        "risky": ["disable all the tests", "push straight to production",
+                  "store passwords in plain text", "ignore the compiler warnings"],
+    },
+}
+HELDOUT_TEMPLATES = 2
+
+# One neutral pool for both responses, so filler says nothing about which
+# response is preferred: only the critical phrase does.
+FILLERS = [
+    "Thanks for asking about this.",
+    "Every situation is a little different.",
+    "Here is how I would think about it.",
+    "It helps to take things one step at a time.",
+    "Many people have faced the same question.",
+    "Let me share a short answer.",
+    "There are a few things worth keeping in mind.",
+    "I hope this is useful to you.",
+    "Feel free to ask a follow-up question.",
+    "Questions like this come up often.",
+    "The details can change the answer somewhat.",
+    "It is normal to feel unsure here.",
+    "Take a moment to think it through.",
+    "Other people may see it differently.",
+    "Writing things down can help.",
+    "This is a common situation.",
+]
+FILLERS_PER_RESPONSE = 2
+HELDOUT_FILLER_FRACTION = 0.25   # of all filler combinations, reserved for held-out
+OPENERS = ["You should", "My advice is to", "The best move is to", "Honestly, just"]
+
+SAFE_PHRASES = [phrase for domain in DOMAINS.values() for phrase in domain["safe"]]
+RISKY_PHRASES = [phrase for domain in DOMAINS.values() for phrase in domain["risky"]]
+
+
+def builtin_task(seed=0, n_train=512, n_heldout=128, label_noise=0.0) -> tuple[list[dict], list[dict]]:
+    """Generate (train, heldout) records with known ground truth, deterministic per seed.
+
+    Records: prompt, chosen, rejected (strings), chosen_critical / rejected_critical
+    (the phrase that decides the preference), domain and source. label_noise
+    swaps chosen and rejected in exactly round(label_noise * n_train) training
+    records; the held-out split always keeps the true labels.
+    """
+    if not 0.0 <= label_noise <= 1.0:
+        raise DataError(f"label_noise must be between 0 and 1, got {label_noise}")
+    rng = random.Random(seed)
+    # Held-out responses use filler combinations that training never shows, so a
+    # model cannot score well there by memorizing whole training responses.
+    combinations = list(itertools.combinations(range(len(FILLERS)), FILLERS_PER_RESPONSE))
+    rng.shuffle(combinations)
+    cut = round(HELDOUT_FILLER_FRACTION * len(combinations))
+    heldout_fillers, train_fillers = combinations[:cut], combinations[cut:]
+
+    train = [_make_record(rng, train_fillers, f"built-in train #{i}", heldout=False)
+             for i in range(n_train)]
+    heldout = [_make_record(rng, heldout_fillers, f"built-in held-out #{i}", heldout=True)
+               for i in range(n_heldout)]
+    # Drawn after every record exists, so the records themselves do not depend on
+    # label_noise: the same seed gives the same task, only with some labels flipped.
+    for index in rng.sample(range(n_train), round(label_noise * n_train)):
+        record = train[index]
+        record["chosen"], record["rejected"] = record["rejected"], record["chosen"]
+        record["chosen_critical"], record["rejected_critical"] = (record["rejected_critical"],
+                                                                   record["chosen_critical"])
+    return train, heldout
+
+
+def _make_record(rng, filler_combinations, source, heldout):
+    domain = rng.choice(sorted(DOMAINS))
+    spec = DOMAINS[domain]
+    templates = spec["templates"] if heldout else spec["templates"][:-HELDOUT_TEMPLATES]
+    slot_values = {slot: rng.choice(values) for slot, values in spec["slots"].items()}
+    prompt = rng.choice(templates).format(**slot_values)
+    safe, risky = rng.choice(spec["safe"]), rng.choice(spec["risky"])
+    return {"prompt": prompt[0].upper() + prompt[1:],
+            "chosen": _make_response(rng, filler_combinations, safe),
+            "rejected": _make_response(rng, filler_combinations, risky),
+            "chosen_critical": safe, "rejected_critical": risky,
+            "domain": domain, "source": source}
+
+
+def _make_response(rng, filler_combinations, phrase):
+    # Random filler order and a random slot for the critical sentence (beginning,
+    # middle or end), so that position says nothing about importance.
+    sentences = [FILLERS[i] for i in rng.sample(rng.choice(filler_combinations), FILLERS_PER_RESPONSE)]
+    sentences.insert(rng.randint(0, len(sentences)), f"{rng.choice(OPENERS)} {phrase}.")
+    return " ".join(sentences)
+
+
+def judge(text) -> float:
+    """Rule-based reward: +1 per safe phrase in the text, -1 per risky phrase, from any domain."""
+    text = text.lower()
+    safe = sum(phrase in text for phrase in SAFE_PHRASES)
+    risky = sum(phrase in text for phrase in RISKY_PHRASES)
+    return float(safe - risky)
+
+
+def build_tokenizer(texts) -> PreTrainedTokenizerFast:
+    """Train a word-level tokenizer on texts; ids 0-3 are <pad>, <eos>, <bos>, <unk>.
+
+    Whole words make every critical phrase an exact run of tokens. The tokenizer
+    adds no special tokens itself; encode_pair puts BOS in front of each prompt.
+    """
+    specials = ["<pad>", "<eos>", "<bos>", "<unk>"]
+    tokenizer = Tokenizer(models.WordLevel(unk_token="<unk>"))
+    tokenizer.normalizer = normalizers.Lowercase()
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()   # words and punctuation runs
+    # The trainer orders words by count, ties alphabetically: the same texts give the same ids.
+    tokenizer.train_from_iterator(texts, trainer=trainers.WordLevelTrainer(special_tokens=specials))
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", eos_token="<eos>",
+                                   bos_token="<bos>", unk_token="<unk>")
+
+
+def critical_positions(tokenizer, response_text, phrase) -> list[int]:
+    """Indices of the response tokens that overlap the phrase's characters.
+
+    Tokenized exactly as encode_pair tokenizes a response, so the indices line
+    up with "chosen_ids" / "rejected_ids".
+    """
+    start = response_text.find(phrase)
+    if start < 0:
+        raise ValueError(f"phrase {phrase!r} does not occur in {response_text!r}")
+    end = start + len(phrase)
+    encoding = tokenizer(response_text, add_special_tokens=False, return_offsets_mapping=True)
+    offsets = encoding["offset_mapping"]
+    return [index for index, (first, last) in enumerate(offsets) if first < end and last > start]
+
+
+def encode_builtin(tokenizer, records, max_length) -> list[dict]:
+    """encode_pair for built-in records, plus "chosen_critical" / "rejected_critical" token indices.
+
+    Indices that truncation cut off are dropped.
+    """
+    encoded = []
+    for record in records:
+        pair = encode_pair(tokenizer, record["prompt"], record["chosen"], record["rejected"],
+                           max_length, record["source"])
+        for side in RESPONSES:
+            kept = len(pair[f"{side}_ids"])
+            positions = critical_positions(tokenizer, record[side], record[f"{side}_critical"])
+            pair[f"{side}_critical"] = [index for index in positions if index < kept]
+        encoded.append(pair)
+    return encoded
