@@ -473,6 +473,7 @@ def main(argv=None):
     generator = torch.Generator().manual_seed(args.seed)
     stream = iter(())
     sums, count, t0 = {}, 0, time.perf_counter()
+    history = []
     for step in range(1, steps + 1):
         for _ in range(args.grad_accum):
             batch = next(stream, None)
@@ -496,6 +497,7 @@ def main(argv=None):
             log(f"step {step}/{steps} | loss {means['loss']:.4f} | acc {means['rewards/accuracies']:.2f} | "
                 f"margin {means['rewards/margins']:.4f} | {seconds:.2f} s/step",
                 {"phase": "train", "step": step, "seconds_per_step": seconds, **means})
+            history.append({"step": step, **means})
             sums, count, t0 = {}, 0, time.perf_counter()
 
     after = evaluate(policy, ref, heldout_pairs, tokenizer, args, device, autocast, with_samples=judge)
@@ -504,12 +506,15 @@ def main(argv=None):
         line += f"; judge score of samples: policy {after['judge/policy']:+.3f}, reference {after['judge/reference']:+.3f}"
     log(line, {"phase": "eval", "when": "after", **after})
 
+    from transformers.utils.logging import disable_progress_bar
+
+    disable_progress_bar()  # the save's progress bar would interleave with the log lines
     policy.save_pretrained(os.path.join(args.output_dir, "policy"))
     tokenizer.save_pretrained(os.path.join(args.output_dir, "policy"))
     log(f"saved the policy and tokenizer to {os.path.join(args.output_dir, 'policy')} and the metrics to "
         f"{metrics_file.name}")
     metrics_file.close()
-    return {"before": before, "after": after, "output_dir": args.output_dir}
+    return {"before": before, "after": after, "history": history, "output_dir": args.output_dir}
 
 
 if __name__ == "__main__":
