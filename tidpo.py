@@ -46,11 +46,13 @@ def token_logps(logits, input_ids, response_mask):
     t - 1. Shifting here, once, lets every other tensor in this file stay aligned with input_ids.
     Token 0 has no predicting position and always gets 0 (it is never a response token).
     """
-    logits = _at_least_float32(logits[:, :-1])
-    targets = input_ids[:, 1:].unsqueeze(-1)
-    # log softmax evaluated only at the target: logit minus log-sum-exp, without a [B, L, V] copy
-    logps = torch.gather(logits, -1, targets).squeeze(-1) - torch.logsumexp(logits, dim=-1)
-    logps = F.pad(logps, (1, 0))  # put token t's score at index t
+    logits = _at_least_float32(logits)
+    next_ids = F.pad(input_ids[:, 1:], (0, 1)).unsqueeze(-1)  # next_ids[b, t] = input_ids[b, t + 1]
+    # log softmax evaluated only at the target: logit minus log-sum-exp. The shift is applied to
+    # these [B, L] results rather than to the [B, L, V] logits, which saves a copy of the logits
+    # (and of their gradient) per call.
+    next_logps = torch.gather(logits, -1, next_ids).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+    logps = F.pad(next_logps[:, :-1], (1, 0))  # put token t's score at index t
     return torch.where(response_mask.bool(), logps, torch.zeros_like(logps))
 
 
@@ -195,11 +197,12 @@ def sequence_kl(policy_logits, ref_logits, response_mask):
         [B] sum over response tokens t of KL(pi_ref(. | x, y_<t) || pi_theta(. | x, y_<t)), the
         full-vocabulary KL of the two distributions that predict token t (logits at t - 1).
     """
-    policy_logps = torch.log_softmax(_at_least_float32(policy_logits[:, :-1]), dim=-1)
-    ref_logps = torch.log_softmax(_at_least_float32(ref_logits[:, :-1]), dim=-1)
-    # KL(p_ref || p_theta) = sum_v p_ref(v) * (log p_ref(v) - log p_theta(v))
+    policy_logps = torch.log_softmax(_at_least_float32(policy_logits), dim=-1)
+    ref_logps = torch.log_softmax(_at_least_float32(ref_logits), dim=-1)
+    # KL(p_ref || p_theta) = sum_v p_ref(v) * (log p_ref(v) - log p_theta(v)); entry t is the KL of
+    # the distributions at position t, which predict token t + 1
     kl = (ref_logps.exp() * (ref_logps - policy_logps)).sum(dim=-1)
-    return (kl * response_mask[:, 1:].to(kl.dtype)).sum(dim=-1)
+    return (kl[:, :-1] * response_mask[:, 1:].to(kl.dtype)).sum(dim=-1)
 
 
 def tidpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,

@@ -28,7 +28,10 @@ import tidpo
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    class Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+        pass  # keeps the description's layout and shows each flag's default
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=Formatter)
     a = p.add_argument_group("model and data")
     a.add_argument("--model", default=None, help="hub name or local folder of a causal LM "
                    "(AutoModelForCausalLM); default: a tiny Llama built from a config, trained on the built-in task")
@@ -58,15 +61,17 @@ def parse_args(argv=None):
                    "authors' release (they use 0.5); 0 is the paper's Eq. 14")
 
     a = p.add_argument_group("anchor sampling (triplet) and evaluation samples")
-    a.add_argument("--max-new-tokens", type=int, default=64)
-    a.add_argument("--temperature", type=float, default=0.8)
-    a.add_argument("--top-k", type=int, default=50)
-    a.add_argument("--top-p", type=float, default=0.95)
+    a.add_argument("--max-new-tokens", type=int, default=64, help="longest sampled response")
+    a.add_argument("--temperature", type=float, default=0.8, help="sampling temperature")
+    a.add_argument("--top-k", type=int, default=50, help="sample among the k most likely tokens")
+    a.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling: the smallest set of "
+                   "tokens whose probability reaches p")
     a.add_argument("--min-new-tokens", type=int, default=0, help="sampled responses are at least this long")
 
     a = p.add_argument_group("optimization")
     a.add_argument("--steps", type=int, default=None, help="optimizer steps (default: --epochs over the data)")
-    a.add_argument("--epochs", type=float, default=1.0)
+    a.add_argument("--epochs", type=float, default=1.0, help="passes over the training pairs, when "
+                   "--steps is not given")
     a.add_argument("--batch-size", type=int, default=16, help="pairs per micro-batch")
     a.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
     a.add_argument("--lr", type=float, default=None, help="default: 5e-4 for the built-in tiny model, 1e-6 "
@@ -76,21 +81,23 @@ def parse_args(argv=None):
     a.add_argument("--warmup-steps", type=int, default=10, help="linear warmup, then constant")
     a.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping (0: off)")
     a.add_argument("--sft-steps", type=int, default=300, help="built-in model only: SFT steps before TI-DPO")
-    a.add_argument("--sft-lr", type=float, default=3e-3)
-    a.add_argument("--seed", type=int, default=0)
-    a.add_argument("--log-every", type=int, default=10)
+    a.add_argument("--sft-lr", type=float, default=3e-3, help="learning rate of that SFT")
+    a.add_argument("--seed", type=int, default=0, help="seeds the model, data order, sampling and the "
+                   "built-in task")
+    a.add_argument("--log-every", type=int, default=10, help="steps per progress line")
     a.add_argument("--device", default=None, help="cuda or cpu; default: cuda when available")
 
     a = p.add_argument_group("benchmark (--bench): DPO vs TI-DPO step time and memory on random tokens")
     a.add_argument("--bench", action="store_true", help="time training steps of dpo, tidpo without triplet "
                    "and full tidpo on the same batches, print a table and a line of ratios")
     a.add_argument("--bench-steps", type=int, default=20, help="timed steps per variant (after 3 warm-up steps)")
-    a.add_argument("--bench-prompt-length", type=int, default=32)
+    a.add_argument("--bench-prompt-length", type=int, default=32, help="tokens per prompt")
     a.add_argument("--bench-response-length", type=int, default=64, help="also the anchors' length")
-    a.add_argument("--bench-hidden", type=int, default=64, help="model width; layers/heads follow below")
-    a.add_argument("--bench-layers", type=int, default=2)
-    a.add_argument("--bench-heads", type=int, default=4)
-    a.add_argument("--bench-vocab", type=int, default=1000)
+    a.add_argument("--bench-hidden", type=int, default=64, help="hidden size of the benchmark's Llama "
+                   "(its MLP is 3x wider)")
+    a.add_argument("--bench-layers", type=int, default=2, help="its layers")
+    a.add_argument("--bench-heads", type=int, default=4, help="its attention heads")
+    a.add_argument("--bench-vocab", type=int, default=1000, help="its vocabulary size")
     a.add_argument("--bench-variant", default=None, help=argparse.SUPPRESS)  # one variant's memory, in a child process
     args = p.parse_args(argv)
     if args.lr is None:
