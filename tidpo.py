@@ -96,7 +96,7 @@ def gradient_attribution(model, input_ids, attention_mask, response_mask):
     # Backward to the embeddings only (not to the weights); keep the graph for the training loss.
     (grad,) = torch.autograd.grad(target, embeddings, retain_graph=logits.requires_grad)
     # Eq. 6: I_i = || dL_target / de_i ||_1, over the embedding dimension
-    importance = grad.float().abs().sum(dim=-1)
+    importance = _at_least_float32(grad).abs().sum(dim=-1)
     importance = torch.where(response_mask.bool(), importance, torch.zeros_like(importance))
     return logits, importance.detach()
 
