@@ -159,7 +159,7 @@ def build_models(args, device, tokenizer):
     from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
     if args.model:
-        policy = AutoModelForCausalLM.from_pretrained(args.model)
+        policy = from_pretrained(AutoModelForCausalLM, args.model)
     else:
         config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=192,
                              num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
@@ -171,6 +171,15 @@ def build_models(args, device, tokenizer):
     return policy.to(device).eval()
 
 
+def from_pretrained(auto_class, name):
+    if name.startswith(("/", ".", "~")) and not os.path.isdir(os.path.expanduser(name)):
+        raise SystemExit(f"error: --model {name}: no such folder (a hub name looks like 'org/name')")
+    try:
+        return auto_class.from_pretrained(name)
+    except (OSError, ValueError) as error:  # no such folder or hub name, no network, not a causal LM
+        raise SystemExit(f"error: --model {name}: cannot load it with {auto_class.__name__}: {error}")
+
+
 def load_tokenizer(args):
     if args.model is None:
         train, heldout = data.builtin_task(seed=args.seed)
@@ -178,7 +187,7 @@ def load_tokenizer(args):
         return data.build_tokenizer(texts)
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    tokenizer = from_pretrained(AutoTokenizer, args.model)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -444,17 +453,17 @@ def main(argv=None):
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
     if args.bench:
         return bench(args, argv, device, autocast)
+    # Everything that can fail on the user's input comes before the output folder is made.
+    tokenizer = load_tokenizer(args)
+    train_pairs, heldout_pairs = load_data(args, tokenizer)
     make_output_dir(args)
-    metrics_file = open(os.path.join(args.output_dir, "metrics.jsonl"), "w")
+    metrics_path = os.path.join(args.output_dir, "metrics.jsonl")
 
     def log(line, record=None):
         print(line, flush=True)
         if record is not None:
-            metrics_file.write(json.dumps(record) + "\n")
-            metrics_file.flush()
-
-    tokenizer = load_tokenizer(args)
-    train_pairs, heldout_pairs = load_data(args, tokenizer)
+            with open(metrics_path, "a") as metrics_file:
+                metrics_file.write(json.dumps(record) + "\n")
     policy = build_models(args, device, tokenizer)
     n_params = sum(p.numel() for p in policy.parameters())
     log(f"model: {args.model or 'tiny Llama (built-in)'}, {n_params / 1e6:.2f}M parameters, on {device}; "
@@ -519,8 +528,7 @@ def main(argv=None):
     policy.save_pretrained(os.path.join(args.output_dir, "policy"))
     tokenizer.save_pretrained(os.path.join(args.output_dir, "policy"))
     log(f"saved the policy and tokenizer to {os.path.join(args.output_dir, 'policy')} and the metrics to "
-        f"{metrics_file.name}")
-    metrics_file.close()
+        f"{metrics_path}")
     return {"before": before, "after": after, "history": history, "output_dir": args.output_dir}
 
 

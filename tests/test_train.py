@@ -1,0 +1,361 @@
+"""End-to-end tests of train.py: whole runs of main() on tiny models, in-process and on the CPU.
+
+Every run is small (a 0.13M-parameter Llama, a few dozen steps), so the file takes well under a
+minute. Torch is held to one thread here: the models are far too small to gain from more, and
+with other work on the machine, spinning thread pools slow these runs down many times over.
+"""
+
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+import data  # noqa: E402
+import train  # noqa: E402
+
+# Small but long enough for a reliable effect: with seeds 0-4 the held-out accuracy after
+# TI-DPO was 0.97-1.0 and the last logged loss 0.08-0.24 below the first (DPO, seeds 0-2: 0.99-1.0).
+BUILTIN = ["--sft-steps", "60", "--steps", "30", "--batch-size", "16", "--log-every", "10",
+           "--max-new-tokens", "8", "--seed", "0"]
+# For runs on a small JSONL through --model: a handful of steps, every one logged.
+SMALL = ["--steps", "3", "--batch-size", "4", "--log-every", "1", "--max-new-tokens", "4", "--seed", "0"]
+CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }} : {{ m['content'] }} {% endfor %}"
+                 "{% if add_generation_prompt %}assistant :{% endif %}")
+N_RECORDS, N_EVAL = 45, 5
+LOG2 = math.log(2.0)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread(one_thread, monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # for child processes
+
+
+def run(argv, output_dir):
+    return train.main([*argv, "--output-dir", str(output_dir)])
+
+
+def assert_finite_history(history, steps, log_every=1):
+    assert [h["step"] for h in history] == list(range(log_every, steps + 1, log_every))
+    for entry in history:
+        for name, value in entry.items():
+            assert math.isfinite(value), (entry["step"], name, value)
+
+
+def builtin_texts(seed=0):
+    train_records, heldout = data.builtin_task(seed=seed)
+    return [r[k] for r in train_records + heldout for k in data.FIELDS]
+
+
+def write_jsonl(path, records):
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def pair_counts(stdout):
+    """(training pairs, held-out pairs) from the first line that main() prints."""
+    match = re.search(r"(\d+) training pairs, (\d+) held-out", stdout)
+    assert match, stdout
+    return int(match[1]), int(match[2])
+
+
+# ----------------------------------------------------------------------------- shared runs
+
+
+@pytest.fixture(scope="module")
+def builtin_run(tmp_path_factory, one_thread):
+    """The default job (TI-DPO with the triplet) on the built-in task, with the trained policy
+    object kept for comparison and every warning recorded."""
+    output_dir = tmp_path_factory.mktemp("builtin") / "run"
+    built = []
+
+    def build_models(*args, **kwargs):
+        model = original(*args, **kwargs)
+        built.append(model)
+        return model
+
+    original = train.build_models
+    with pytest.MonkeyPatch.context() as patch, warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        patch.setattr(train, "build_models", build_models)
+        result = run(BUILTIN, output_dir)
+    assert len(built) == 1
+    return {"result": result, "output_dir": output_dir, "policy": built[0], "warnings": caught}
+
+
+@pytest.fixture(scope="module")
+def dpo_run(tmp_path_factory, one_thread):
+    return run([*BUILTIN, "--loss", "dpo"], tmp_path_factory.mktemp("dpo") / "run")
+
+
+@pytest.fixture(scope="module")
+def model_dirs(tmp_path_factory):
+    """Two saved tiny Llamas with the same weights and a word-level tokenizer whose vocabulary
+    covers the built-in task and the chat template's words: one without and one with a chat
+    template."""
+    tokenizer = data.build_tokenizer(builtin_texts() + ["user assistant :"])
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
+                         max_position_embeddings=256, pad_token_id=tokenizer.pad_token_id,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    plain, chat = tmp_path_factory.mktemp("model-plain"), tmp_path_factory.mktemp("model-chat")
+    model.save_pretrained(plain)
+    tokenizer.save_pretrained(plain)
+    model.save_pretrained(chat)
+    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer.save_pretrained(chat)
+    return {"plain": plain, "chat": chat}
+
+
+@pytest.fixture(scope="module")
+def records():
+    """Plain-string records from the built-in task: N_RECORDS for training, N_EVAL held out."""
+    train_records, heldout = data.builtin_task(seed=0)
+    keep = [{k: r[k] for k in data.FIELDS} for r in train_records[:N_RECORDS] + heldout[:N_EVAL]]
+    return keep[:N_RECORDS], keep[N_RECORDS:]
+
+
+@pytest.fixture(scope="module")
+def plain_jsonl(tmp_path_factory, records):
+    folder = tmp_path_factory.mktemp("jsonl")
+    return write_jsonl(folder / "train.jsonl", records[0]), write_jsonl(folder / "eval.jsonl", records[1])
+
+
+# ----------------------------------------------------------------------------- 1. built-in task
+
+
+def test_builtin_tidpo_lowers_the_loss_and_learns_the_preference(builtin_run):
+    result = builtin_run["result"]
+    history = result["history"]
+    assert_finite_history(history, steps=30, log_every=10)
+    assert history[-1]["loss"] < history[0]["loss"] - 0.02
+    # policy == reference before training: every margin is 0 and ties count half
+    assert result["before"] == {"accuracy": 0.5, "margin": 0.0}
+    assert result["after"]["accuracy"] >= result["before"]["accuracy"] + 0.3
+    assert result["after"]["margin"] > 0
+    assert set(result["after"]) == {"accuracy", "margin", "judge/policy", "judge/reference"}
+    assert all(math.isfinite(v) for v in result["after"].values())
+    assert result["output_dir"] == str(builtin_run["output_dir"])
+
+
+def test_builtin_metrics_file_matches_the_returned_numbers(builtin_run):
+    result = builtin_run["result"]
+    lines = (builtin_run["output_dir"] / "metrics.jsonl").read_text().splitlines()
+    records = [json.loads(line) for line in lines]
+    train_records = [r for r in records if r["phase"] == "train"]
+    eval_records = [r for r in records if r["phase"] == "eval"]
+    assert len(train_records) + len(eval_records) == len(records)
+
+    assert len(train_records) == len(result["history"])
+    for record, entry in zip(train_records, result["history"]):
+        assert record["seconds_per_step"] > 0
+        assert {k: v for k, v in record.items() if k not in ("phase", "seconds_per_step")} == entry
+
+    assert [r["when"] for r in eval_records] == ["before", "after"]
+    for record in eval_records:
+        assert {k: v for k, v in record.items() if k not in ("phase", "when")} == result[record["when"]]
+
+
+def test_builtin_saved_policy_loads_back_with_the_same_logits_and_tokens(builtin_run):
+    folder = builtin_run["output_dir"] / "policy"
+    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+
+    text = "My sister has had a fever for two days. You should seek medical attention promptly."
+    expected_ids = data.build_tokenizer(builtin_texts(seed=0))(text, add_special_tokens=False)["input_ids"]
+    assert tokenizer(text, add_special_tokens=False)["input_ids"] == expected_ids
+    assert expected_ids and data.build_tokenizer(["x"]).unk_token_id not in expected_ids
+    assert (tokenizer.pad_token_id, tokenizer.eos_token_id, tokenizer.bos_token_id) == (0, 1, 2)
+
+    ids = torch.tensor([[tokenizer.bos_token_id] + expected_ids])
+    with torch.inference_mode():
+        loaded = model(input_ids=ids).logits
+        trained = builtin_run["policy"](input_ids=ids).logits
+    torch.testing.assert_close(loaded, trained, rtol=0, atol=0)
+
+
+def test_builtin_run_gives_no_deprecation_warnings(builtin_run):
+    def ours(w):
+        name = w.filename.replace("\\", "/")
+        return str(ROOT) in name or any(f"/{pkg}/" in name for pkg in ("torch", "transformers", "tokenizers"))
+
+    bad = [f"{w.category.__name__} at {w.filename}:{w.lineno}: {w.message}"
+           for w in builtin_run["warnings"]
+           if issubclass(w.category, (DeprecationWarning, PendingDeprecationWarning, FutureWarning)) and ours(w)]
+    assert not bad, "\n".join(bad)
+
+
+# ----------------------------------------------------------------------------- 2. and 8. DPO, ablations
+
+
+def test_dpo_learns_the_preference(dpo_run):
+    assert_finite_history(dpo_run["history"], steps=30, log_every=10)
+    assert dpo_run["history"][-1]["loss"] < dpo_run["history"][0]["loss"] - 0.02
+    assert all(h["loss/triplet"] == 0 for h in dpo_run["history"])
+    assert dpo_run["before"]["accuracy"] == 0.5
+    assert dpo_run["after"]["accuracy"] >= dpo_run["before"]["accuracy"] + 0.3
+    assert dpo_run["after"]["margin"] > 0
+
+
+def test_uniform_weights_without_triplet_reproduce_dpo_exactly(dpo_run, tmp_path):
+    uniform = run([*BUILTIN, "--weights", "uniform", "--gamma", "0"], tmp_path / "run")
+    assert uniform["history"] == dpo_run["history"]
+    assert uniform["before"] == dpo_run["before"]
+    assert uniform["after"] == dpo_run["after"]
+
+
+@pytest.mark.parametrize("flags", [["--weights", "random"], ["--kl-alpha", "0.5"],
+                                   ["--optimizer", "rmsprop"], ["--grad-accum", "2"]],
+                         ids=["random-weights", "kl-alpha", "rmsprop", "grad-accum"])
+def test_ablation_flags_train_with_finite_losses(flags, model_dirs, plain_jsonl, tmp_path):
+    result = run(["--model", str(model_dirs["plain"]), "--data", str(plain_jsonl[0]), *SMALL,
+                  "--lr", "1e-3", *flags], tmp_path / "run")
+    history = result["history"]
+    assert_finite_history(history, steps=3)
+    # Step 1 starts from policy == reference: every log-ratio is 0, whatever the token weights
+    # or the KL term, so the weighted DPO loss is log 2 and the triplet loss its margin alpha.
+    assert history[0]["loss/dpo_w"] == pytest.approx(LOG2, abs=1e-5)
+    assert history[0]["loss/triplet"] == pytest.approx(0.01, abs=1e-5)
+    assert history[0]["loss"] == pytest.approx(LOG2 + 0.1 * 0.01, abs=1e-5)
+    # ... and after two updates the policy has moved away from the reference
+    assert history[-1]["loss/dpo_w"] != pytest.approx(LOG2, abs=1e-6)
+
+
+# ----------------------------------------------------------------------------- 3. and 4. --model
+
+
+def test_local_model_with_plain_jsonl_holds_out_the_last_5_percent(model_dirs, plain_jsonl, tmp_path, capsys):
+    result = run(["--model", str(model_dirs["plain"]), "--data", str(plain_jsonl[0]), *SMALL], tmp_path / "run")
+    n_heldout = max(1, N_RECORDS // 20)
+    assert pair_counts(capsys.readouterr().out) == (N_RECORDS - n_heldout, n_heldout)
+    assert_finite_history(result["history"], steps=3)
+    assert result["history"][0]["loss"] == pytest.approx(LOG2 + 0.1 * 0.01, abs=1e-5)
+    assert set(result["after"]) == {"accuracy", "margin"}  # the judge is for the built-in task only
+    assert all(math.isfinite(v) for v in result["after"].values())
+    # accuracy is counted in halves over the held-out pairs
+    assert (result["after"]["accuracy"] * n_heldout * 2) % 1 == 0
+    assert (tmp_path / "run" / "policy" / "config.json").is_file()
+
+
+def test_local_model_honours_eval_data(model_dirs, plain_jsonl, tmp_path, capsys):
+    result = run(["--model", str(model_dirs["plain"]), "--data", str(plain_jsonl[0]),
+                  "--eval-data", str(plain_jsonl[1]), *SMALL], tmp_path / "run")
+    assert pair_counts(capsys.readouterr().out) == (N_RECORDS, N_EVAL)
+    assert_finite_history(result["history"], steps=3)
+    assert (result["after"]["accuracy"] * N_EVAL * 2) % 1 == 0
+
+
+def test_local_model_with_chat_template_trains_on_conversational_jsonl(model_dirs, records, tmp_path, capsys):
+    tokenizer = AutoTokenizer.from_pretrained(model_dirs["chat"])
+    assert tokenizer.chat_template == CHAT_TEMPLATE
+    conversations = [{"prompt": [{"role": "user", "content": r["prompt"]}],
+                      "chosen": [{"role": "assistant", "content": r["chosen"]}],
+                      "rejected": [{"role": "assistant", "content": r["rejected"]}]}
+                     for r in records[0][:20]]
+    # the template renders to words of the vocabulary: nothing becomes <unk>
+    prompt_text, chosen_text, _ = data.render(tokenizer, conversations[0])
+    assert prompt_text.startswith("user : ") and prompt_text.endswith(" assistant :")
+    assert chosen_text.strip() == records[0][0]["chosen"]
+    assert tokenizer.unk_token_id not in tokenizer(prompt_text + chosen_text)["input_ids"]
+
+    path = write_jsonl(tmp_path / "chat.jsonl", conversations)
+    result = run(["--model", str(model_dirs["chat"]), "--data", str(path), *SMALL], tmp_path / "run")
+    assert pair_counts(capsys.readouterr().out) == (19, 1)
+    assert_finite_history(result["history"], steps=3)
+    assert result["history"][0]["loss"] == pytest.approx(LOG2 + 0.1 * 0.01, abs=1e-5)
+    assert result["after"]["accuracy"] in (0.0, 0.5, 1.0)
+
+
+# ----------------------------------------------------------------------------- 5. bad inputs
+
+
+GOOD = {"prompt": "How do I make a web shop more reliable?", "chosen": "You should write a regression test.",
+        "rejected": "You should disable all the tests."}
+BAD_INPUTS = {
+    "bad-json": ([json.dumps(GOOD), '{"prompt": "a", "chosen": '], 2, "invalid JSON"),
+    "missing-field": ([json.dumps(GOOD), json.dumps({k: GOOD[k] for k in ("prompt", "chosen")})], 2,
+                      "field 'rejected' is missing"),
+    "identical": ([json.dumps(GOOD)] * 2 + [json.dumps({**GOOD, "rejected": GOOD["chosen"]})], 3,
+                  "fields 'chosen' and 'rejected' are identical"),
+    "empty-response": ([json.dumps({**GOOD, "chosen": "  "}), json.dumps(GOOD)], 1,
+                       "field 'chosen' is an empty response"),
+    "no-chat-template": ([json.dumps({"prompt": [{"role": "user", "content": GOOD["prompt"]}],
+                                      "chosen": [{"role": "assistant", "content": GOOD["chosen"]}],
+                                      "rejected": [{"role": "assistant", "content": GOOD["rejected"]}]})] * 2,
+                         1, "no chat template"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INPUTS))
+def test_bad_data_is_reported_with_file_line_and_field(case, tmp_path):
+    lines, line_number, problem = BAD_INPUTS[case]
+    path = tmp_path / f"{case}.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(data.DataError) as error:
+        run(["--data", str(path), *SMALL], tmp_path / "run")
+    message = str(error.value)
+    assert message.startswith(f"{path}, line {line_number}: "), message
+    assert problem in message
+
+
+def test_bad_data_on_the_command_line_exits_with_a_message_and_no_traceback(tmp_path):
+    path = tmp_path / "broken.jsonl"
+    path.write_text(json.dumps(GOOD) + "\n" + json.dumps({"prompt": "a", "chosen": "b"}) + "\n")
+    child = subprocess.run([sys.executable, "train.py", "--data", str(path), "--output-dir", str(tmp_path / "run")],
+                           cwd=ROOT, capture_output=True, text=True, timeout=120,
+                           env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert child.returncode != 0
+    assert "error:" in child.stderr
+    assert f"{path}, line 2" in child.stderr and "'rejected'" in child.stderr
+    assert "Traceback" not in child.stderr
+
+
+# ----------------------------------------------------------------------------- 6. output folder
+
+
+def test_second_run_into_a_used_output_dir_stops_and_leaves_it_alone(builtin_run):
+    folder = builtin_run["output_dir"]
+
+    def snapshot():
+        return {str(p.relative_to(folder)): (p.read_bytes(), p.stat().st_mtime_ns)
+                for p in sorted(folder.rglob("*")) if p.is_file()}
+
+    before = snapshot()
+    assert "metrics.jsonl" in before and "policy/config.json" in before
+    with pytest.raises(SystemExit, match=re.escape(str(folder))):
+        run(BUILTIN, folder)
+    assert snapshot() == before
+
+
+# ----------------------------------------------------------------------------- 7. --bench
+
+
+def test_bench_prints_the_ratio_line(capsys):
+    ratios = train.main(["--bench", "--bench-steps", "2", "--bench-hidden", "16", "--bench-layers", "1",
+                         "--bench-heads", "2", "--bench-vocab", "50", "--bench-prompt-length", "4",
+                         "--bench-response-length", "6", "--batch-size", "2"])
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert re.fullmatch(r"bench: tidpo_no_triplet/dpo=\d+\.\d\d tidpo/dpo=\d+\.\d\d "
+                        r"peak_mem tidpo/dpo=\d+\.\d\d", last), last
+    assert set(ratios) == {"no_triplet", "full", "mem"}
+    for value in ratios.values():
+        assert isinstance(value, float) and math.isfinite(value) and value > 0
