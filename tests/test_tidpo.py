@@ -1,0 +1,920 @@
+"""Tests for tidpo.py, in the order of METHOD.md.
+
+Each part starts with numbers small enough to check by hand (the arithmetic is in the comments),
+then compares random inputs with a float64 reference written here with plain loops, so that a
+reader can check the reference against the equation without reading tidpo.py.
+
+Run: python -m pytest -q tests/test_tidpo.py
+"""
+
+import math
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch import nn
+from torch.testing import assert_close
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import tidpo  # noqa: E402
+
+EXACT = dict(rtol=1e-12, atol=1e-12)  # float64 arithmetic against a float64 reference
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers: random batches and plain-Python references
+# ---------------------------------------------------------------------------------------------
+
+def randint(gen, low, high):
+    """One integer in [low, high)."""
+    return int(torch.randint(low, high, (1,), generator=gen))
+
+
+def random_masks(gen, batch, length):
+    """Attention and response masks [B, L]: a prompt of >= 1 token, then a response of >= 1 token,
+    padding on the right for even rows and on the left for odd rows."""
+    attention_mask = torch.zeros(batch, length, dtype=torch.long)
+    response_mask = torch.zeros(batch, length, dtype=torch.long)
+    for b in range(batch):
+        real = randint(gen, 2, length + 1)
+        prompt = randint(gen, 1, real)
+        start = length - real if b % 2 else 0
+        attention_mask[b, start:start + real] = 1
+        response_mask[b, start + prompt:start + real] = 1
+    return attention_mask, response_mask
+
+
+def random_logps(gen, response_mask):
+    """Per-token log-probs as token_logps returns them: negative on the response, 0 elsewhere."""
+    return -3 * torch.rand(response_mask.shape, generator=gen, dtype=torch.float64) * response_mask
+
+
+def random_weights(gen, response_mask):
+    """Positive per-token weights on the response, 0 elsewhere (shaped like hybrid_weights)."""
+    return (0.2 + 2 * torch.rand(response_mask.shape, generator=gen, dtype=torch.float64)) * response_mask
+
+
+def softplus(x):
+    """log(1 + exp(x)) = -log sigmoid(-x), without overflow."""
+    return x + math.log1p(math.exp(-x)) if x > 0 else math.log1p(math.exp(x))
+
+
+def sigmoid(x):
+    return 1 / (1 + math.exp(-x))
+
+
+def response_positions(response_mask_row):
+    return [t for t, m in enumerate(response_mask_row.tolist()) if m]
+
+
+def reference_logsoftmax(logits_row, index):
+    """log softmax(logits_row)[index] with math, in float64."""
+    values = [float(v) for v in logits_row]
+    top = max(values)
+    return values[index] - top - math.log(sum(math.exp(v - top) for v in values))
+
+
+# ---------------------------------------------------------------------------------------------
+# token_logps: token t is scored by the logits at t - 1, only on the response
+# ---------------------------------------------------------------------------------------------
+
+def test_token_logps_hand_case():
+    # V = 3, L = 3. Position 0 has logits [0, 1, 2]: log softmax = [0, 1, 2] - log(1 + e + e^2),
+    # log(1 + e + e^2) = log(11.107337927) = 2.40760596444438.
+    # Position 1 has logits log([0.6, 0.3, 0.1]) + 5: log softmax = log([0.6, 0.3, 0.1]).
+    # Position 2 predicts what follows the sequence, so its logits are never used.
+    logits = torch.tensor([[[0.0, 1.0, 2.0],
+                            [math.log(0.6) + 5, math.log(0.3) + 5, math.log(0.1) + 5],
+                            [100.0, -100.0, 0.0]]], dtype=torch.float64)
+    input_ids = torch.tensor([[2, 0, 1]])
+    response_mask = torch.tensor([[0, 1, 1]])
+    # token 1 (id 0) by position 0: 0 - 2.40760596444438; token 2 (id 1) by position 1: log 0.3
+    expected = torch.tensor([[0.0, -2.40760596444438, math.log(0.3)]], dtype=torch.float64)
+    assert_close(tidpo.token_logps(logits, input_ids, response_mask), expected, **EXACT)
+    # Off the response, 0: here token 1 becomes a prompt token.
+    expected_short = torch.tensor([[0.0, 0.0, math.log(0.3)]], dtype=torch.float64)
+    assert_close(tidpo.token_logps(logits, input_ids, torch.tensor([[0, 0, 1]])), expected_short, **EXACT)
+
+
+def test_token_logps_shift_convention():
+    gen = torch.Generator().manual_seed(0)
+    batch, length, vocab = 2, 5, 4
+    logits = torch.randn(batch, length, vocab, generator=gen, dtype=torch.float64)
+    input_ids = torch.randint(0, vocab, (batch, length), generator=gen)
+    response_mask = torch.tensor([[0, 1, 1, 1, 1], [0, 0, 1, 1, 1]])
+    base = tidpo.token_logps(logits, input_ids, response_mask)
+    for t in range(1, length):
+        # Changing the logits at t - 1 changes the score of token t and of no other token.
+        changed = logits.clone()
+        changed[:, t - 1] += torch.tensor([3.0, -1.0, 0.5, 2.0], dtype=torch.float64)
+        diff = (tidpo.token_logps(changed, input_ids, response_mask) - base).abs() > 1e-9
+        assert torch.equal(diff[:, t], response_mask[:, t].bool())
+        diff[:, t] = False
+        assert not diff.any()
+    # The logits at the last position predict nothing in the sequence.
+    changed = logits.clone()
+    changed[:, -1] = 50.0 * torch.randn(batch, vocab, generator=gen, dtype=torch.float64)
+    assert torch.equal(tidpo.token_logps(changed, input_ids, response_mask), base)
+
+
+def test_token_logps_bfloat16_logits_give_float32():
+    gen = torch.Generator().manual_seed(1)
+    logits = torch.randn(3, 6, 7, generator=gen)
+    input_ids = torch.randint(0, 7, (3, 6), generator=gen)
+    response_mask = torch.tensor([[0, 0, 1, 1, 1, 1], [0, 1, 1, 0, 0, 0], [0, 0, 0, 0, 1, 1]])
+    out = tidpo.token_logps(logits.bfloat16(), input_ids, response_mask)
+    assert out.dtype == torch.float32
+    # The arithmetic is float32 on the bfloat16 values ...
+    assert_close(out, tidpo.token_logps(logits.bfloat16().float(), input_ids, response_mask),
+                 rtol=1e-6, atol=1e-6)
+    # ... and only the rounding of the logits (bfloat16 has 8 bits of mantissa) separates it
+    # from the float32 result.
+    assert_close(out, tidpo.token_logps(logits, input_ids, response_mask), rtol=0, atol=5e-2)
+
+
+def test_token_logps_random_vs_loop_reference():
+    gen = torch.Generator().manual_seed(2)
+    batch, length, vocab = 4, 7, 5
+    logits = 3 * torch.randn(batch, length, vocab, generator=gen, dtype=torch.float64)
+    input_ids = torch.randint(0, vocab, (batch, length), generator=gen)
+    _, response_mask = random_masks(gen, batch, length)
+    expected = torch.zeros(batch, length, dtype=torch.float64)
+    for b in range(batch):
+        for t in response_positions(response_mask[b]):
+            expected[b, t] = reference_logsoftmax(logits[b, t - 1], int(input_ids[b, t]))
+    out = tidpo.token_logps(logits, input_ids, response_mask)
+    assert out.dtype == torch.float64
+    assert_close(out, expected, **EXACT)
+
+
+# ---------------------------------------------------------------------------------------------
+# gaussian_prior (Eq. 7): exp(-0.5 ((t - mu) / sigma)^2), mu = (T - 1) / 2, sigma = T / 4
+# ---------------------------------------------------------------------------------------------
+
+def test_gaussian_prior_five_tokens():
+    # T = 5: mu = 2, sigma = 1.25; t = 0: exp(-0.5 * (2 / 1.25)^2) = exp(-1.28) = 0.2780,
+    # t = 1: exp(-0.5 * (1 / 1.25)^2) = exp(-0.32) = 0.7261, t = 2: 1.
+    expected = torch.tensor([0.2780, 0.7261, 1.0, 0.7261, 0.2780])
+    assert_close(tidpo.gaussian_prior(5), expected, rtol=0, atol=1e-4)
+    assert_close(tidpo.gaussian_prior(5, dtype=torch.float64),
+                 torch.tensor([math.exp(-1.28), math.exp(-0.32), 1.0, math.exp(-0.32), math.exp(-1.28)],
+                              dtype=torch.float64), **EXACT)
+
+
+def test_gaussian_prior_one_token():
+    assert_close(tidpo.gaussian_prior(1), torch.tensor([1.0]), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("length", range(2, 13))
+def test_gaussian_prior_symmetric_with_peak_in_the_middle(length):
+    prior = tidpo.gaussian_prior(length, dtype=torch.float64)
+    assert prior.shape == (length,)
+    assert_close(prior, prior.flip(0), **EXACT)
+    middle = (length - 1) // 2  # for even T the peak lies between positions middle and middle + 1
+    assert prior[middle] == prior.max()
+    assert (prior[1:middle + 1] > prior[:middle]).all()  # rising up to the middle
+    assert (prior <= 1).all() and (prior > 0).all()
+    if length % 2:
+        assert prior[middle] == 1.0
+
+
+def test_gaussian_prior_random_lengths_vs_closed_form():
+    gen = torch.Generator().manual_seed(3)
+    for _ in range(10):
+        length = randint(gen, 1, 200)
+        mu, sigma = (length - 1) / 2, length / 4
+        expected = torch.tensor([math.exp(-0.5 * ((t - mu) / sigma) ** 2) for t in range(length)],
+                                dtype=torch.float64)
+        prior = tidpo.gaussian_prior(length, dtype=torch.float64)
+        assert prior.dtype == torch.float64
+        assert_close(prior, expected, **EXACT)
+
+
+# ---------------------------------------------------------------------------------------------
+# hybrid_weights (Eq. 8): lambda I / sum(I) + (1 - lambda) P / sum(P), per row's response
+# ---------------------------------------------------------------------------------------------
+
+def reference_hybrid_weights(importance, response_mask, lam, scale):
+    out = torch.zeros(importance.shape, dtype=torch.float64)
+    for b in range(importance.shape[0]):
+        positions = response_positions(response_mask[b])
+        length = len(positions)
+        scores = [float(importance[b, t]) for t in positions]
+        total = sum(scores)
+        mu, sigma = (length - 1) / 2, length / 4
+        prior = [math.exp(-0.5 * ((k - mu) / sigma) ** 2) for k in range(length)]
+        for k, t in enumerate(positions):
+            prior_norm = prior[k] / sum(prior)
+            weight = lam * scores[k] / total + (1 - lam) * prior_norm if total > 0 else prior_norm
+            out[b, t] = weight * length if scale == "mean" else weight
+    return out
+
+
+def test_hybrid_weights_hand_case():
+    # Two prompt tokens, a 3-token response with importance [1, 2, 3], one padding token.
+    # The 9s sit off the response and must be ignored.
+    importance = torch.tensor([[9.0, 9.0, 1.0, 2.0, 3.0, 9.0]], dtype=torch.float64)
+    response_mask = torch.tensor([[0, 0, 1, 1, 1, 0]])
+    # I_norm = [1, 2, 3] / 6.
+    # Prior, T = 3: mu = 1, sigma = 0.75: [exp(-8/9), 1, exp(-8/9)] = [0.411112, 1, 0.411112],
+    # sum 1.822225, P_norm = [0.225610, 0.548780, 0.225610].
+    # W = 0.7 * [0.166667, 0.333333, 0.5] + 0.3 * P_norm = [0.184350, 0.397967, 0.417683] (sums to 1)
+    edge = math.exp(-8 / 9)
+    prior_norm = [edge / (1 + 2 * edge), 1 / (1 + 2 * edge), edge / (1 + 2 * edge)]
+    summed = [0.7 * i / 6 + 0.3 * p for i, p in zip([1, 2, 3], prior_norm)]
+    expected_sum = torch.tensor([[0, 0, *summed, 0]], dtype=torch.float64)
+    weights = tidpo.hybrid_weights(importance, response_mask, lam=0.7, scale="sum")
+    assert_close(weights, expected_sum, **EXACT)
+    assert_close(weights[0, 2:5], torch.tensor([0.184350, 0.397967, 0.417683], dtype=torch.float64),
+                 rtol=0, atol=1e-6)
+    # "mean" = "sum" * T = [0.553049, 1.193902, 1.253049], mean weight 1.
+    weights = tidpo.hybrid_weights(importance, response_mask, lam=0.7, scale="mean")
+    assert_close(weights, 3 * expected_sum, **EXACT)
+    assert weights[0, 2:5].mean().item() == pytest.approx(1.0, abs=1e-12)
+
+
+def test_hybrid_weights_mean_scale_is_sum_scale_times_length():
+    gen = torch.Generator().manual_seed(4)
+    _, response_mask = random_masks(gen, 6, 9)
+    importance = torch.rand(6, 9, generator=gen, dtype=torch.float64)
+    summed = tidpo.hybrid_weights(importance, response_mask, lam=0.7, scale="sum")
+    mean = tidpo.hybrid_weights(importance, response_mask, lam=0.7, scale="mean")
+    lengths = response_mask.sum(-1, keepdim=True)
+    assert_close(mean, summed * lengths, **EXACT)
+    assert_close(summed.sum(-1), torch.ones(6, dtype=torch.float64), **EXACT)
+    assert_close(mean.sum(-1) / lengths.squeeze(-1), torch.ones(6, dtype=torch.float64), **EXACT)
+
+
+def test_hybrid_weights_lambda_extremes():
+    gen = torch.Generator().manual_seed(5)
+    _, response_mask = random_masks(gen, 4, 8)
+    importance = torch.rand(4, 8, generator=gen, dtype=torch.float64)
+    for b in range(4):
+        positions = response_positions(response_mask[b])
+        length = len(positions)
+        prior = tidpo.gaussian_prior(length, dtype=torch.float64)
+        scores = importance[b, positions]
+        # lambda = 0: the prior alone; lambda = 1: the attribution alone ("mean" scale, times T).
+        only_prior = tidpo.hybrid_weights(importance, response_mask, lam=0.0)
+        assert_close(only_prior[b, positions], prior / prior.sum() * length, **EXACT)
+        only_importance = tidpo.hybrid_weights(importance, response_mask, lam=1.0)
+        assert_close(only_importance[b, positions], scores / scores.sum() * length, **EXACT)
+
+
+def test_hybrid_weights_without_attribution_use_the_prior():
+    # Row 1 has importance only off its response: it counts as no attribution at all.
+    importance = torch.tensor([[0.0, 1.0, 5.0, 2.0, 0.0],
+                               [7.0, 0.0, 0.0, 0.0, 0.0],
+                               [0.0, 0.0, 0.0, 0.0, 0.0]], dtype=torch.float64)
+    response_mask = torch.tensor([[0, 1, 1, 1, 0], [0, 1, 1, 1, 0], [0, 0, 1, 1, 1]])
+    weights = tidpo.hybrid_weights(importance, response_mask, lam=0.7)
+    # Prior, T = 3, "mean" scale: 3 * [0.225610, 0.548780, 0.225610] (see the hand case above).
+    edge = math.exp(-8 / 9)
+    prior_weights = torch.tensor([3 * edge, 3, 3 * edge], dtype=torch.float64) / (1 + 2 * edge)
+    assert_close(weights[1, 1:4], prior_weights, **EXACT)
+    assert_close(weights[2, 2:5], prior_weights, **EXACT)
+    assert torch.isfinite(weights).all()
+    # Row 0 is not touched by its neighbours: the same as on its own.
+    alone = tidpo.hybrid_weights(importance[:1], response_mask[:1], lam=0.7)
+    assert_close(weights[0], alone[0], **EXACT)
+    assert weights[0, 2] > weights[0, 1]  # its attribution counts
+
+
+def test_hybrid_weights_one_token_response():
+    response_mask = torch.tensor([[0, 0, 1, 0], [0, 1, 0, 0]])
+    for importance in (torch.tensor([[3.0, 1.0, 0.25, 8.0], [0.0, 0.0, 0.0, 0.0]]),
+                       torch.zeros(2, 4)):
+        expected = response_mask.float()
+        assert_close(tidpo.hybrid_weights(importance, response_mask, scale="mean"), expected,
+                     rtol=1e-6, atol=1e-6)
+        assert_close(tidpo.hybrid_weights(importance, response_mask, scale="sum"), expected,
+                     rtol=1e-6, atol=1e-6)
+
+
+def test_hybrid_weights_zero_off_the_response():
+    gen = torch.Generator().manual_seed(6)
+    _, response_mask = random_masks(gen, 5, 10)
+    importance = torch.rand(5, 10, generator=gen) + 1  # nonzero everywhere, prompt and padding too
+    for scale in ("mean", "sum"):
+        weights = tidpo.hybrid_weights(importance, response_mask, scale=scale)
+        assert (weights[response_mask == 0] == 0).all()
+        assert (weights[response_mask == 1] > 0).all()
+
+
+def test_hybrid_weights_do_not_depend_on_padding():
+    scores = torch.tensor([0.5, 2.0, 1.0, 4.0], dtype=torch.float64)
+    # The same response after a 1-token prompt with 4 padding tokens on the right, after a 3-token
+    # prompt with 2 on the right, and after a 2-token prompt with 3 on the left. Off the
+    # response, the scores are 0.75 (they must not count).
+    starts = [1, 3, 5]
+    importance = torch.full((3, 9), 0.75, dtype=torch.float64)
+    response_mask = torch.zeros(3, 9, dtype=torch.long)
+    for row, start in enumerate(starts):
+        importance[row, start:start + 4] = scores
+        response_mask[row, start:start + 4] = 1
+    for scale in ("mean", "sum"):
+        weights = tidpo.hybrid_weights(importance, response_mask, scale=scale)
+        for row, start in enumerate(starts[1:], 1):
+            assert_close(weights[row, start:start + 4], weights[0, 1:5], **EXACT)
+        # and the first row without its padding
+        unpadded = tidpo.hybrid_weights(importance[:1, :5], response_mask[:1, :5], scale=scale)
+        assert_close(weights[0, :5], unpadded[0], **EXACT)
+
+
+@pytest.mark.parametrize("scale", ["mean", "sum"])
+def test_hybrid_weights_random_rows_vs_reference(scale):
+    gen = torch.Generator().manual_seed(7)
+    batch, length = 8, 12
+    _, response_mask = random_masks(gen, batch, length)
+    importance = 10 * torch.rand(batch, length, generator=gen, dtype=torch.float64)
+    importance[3] = 0.0  # one row without attribution
+    for lam in (0.0, 0.3, 0.7, 1.0):
+        expected = reference_hybrid_weights(importance, response_mask, lam, scale)
+        weights = tidpo.hybrid_weights(importance, response_mask, lam=lam, scale=scale)
+        assert weights.dtype == torch.float64
+        assert_close(weights, expected, **EXACT)
+
+
+def test_hybrid_weights_rejects_an_unknown_scale():
+    with pytest.raises(ValueError):
+        tidpo.hybrid_weights(torch.ones(1, 3), torch.tensor([[0, 1, 1]]), scale="total")
+
+
+# ---------------------------------------------------------------------------------------------
+# weighted_logratio (Eq. 11, one side): sum_t w_t (log pi_theta - log pi_ref)
+# ---------------------------------------------------------------------------------------------
+
+def reference_weighted_logratio(policy_logps, ref_logps, weights, response_mask):
+    return torch.tensor([sum(float(weights[b, t]) * (float(policy_logps[b, t]) - float(ref_logps[b, t]))
+                             for t in response_positions(response_mask[b]))
+                         for b in range(policy_logps.shape[0])], dtype=torch.float64)
+
+
+def test_weighted_logratio_hand_case():
+    # One prompt token, two response tokens, one padding token.
+    # log-ratios: -1.0 - (-1.5) = 0.5 and -2.0 - (-1.0) = -1.0
+    # weighted: 0.5 * 0.5 + 1.5 * (-1.0) = -1.25; unweighted (all ones): 0.5 - 1.0 = -0.5
+    policy_logps = torch.tensor([[0.0, -1.0, -2.0, 0.0]], dtype=torch.float64)
+    ref_logps = torch.tensor([[0.0, -1.5, -1.0, 0.0]], dtype=torch.float64)
+    weights = torch.tensor([[0.0, 0.5, 1.5, 0.0]], dtype=torch.float64)
+    assert_close(tidpo.weighted_logratio(policy_logps, ref_logps, weights),
+                 torch.tensor([-1.25], dtype=torch.float64), **EXACT)
+    assert_close(tidpo.weighted_logratio(policy_logps, ref_logps, torch.ones(1, 4)),
+                 torch.tensor([-0.5], dtype=torch.float64), **EXACT)
+
+
+def test_weighted_logratio_random_vs_reference():
+    gen = torch.Generator().manual_seed(8)
+    _, response_mask = random_masks(gen, 6, 10)
+    policy_logps, ref_logps = random_logps(gen, response_mask), random_logps(gen, response_mask)
+    weights = random_weights(gen, response_mask)
+    expected = reference_weighted_logratio(policy_logps, ref_logps, weights, response_mask)
+    assert_close(tidpo.weighted_logratio(policy_logps, ref_logps, weights), expected, **EXACT)
+    # bfloat16 log-probs are summed in float32
+    out = tidpo.weighted_logratio(policy_logps.bfloat16(), ref_logps.bfloat16(), weights.bfloat16())
+    assert out.dtype == torch.float32
+    rounded = reference_weighted_logratio(policy_logps.bfloat16(), ref_logps.bfloat16(),
+                                          weights.bfloat16(), response_mask)
+    assert_close(out.double(), rounded, rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# triplet_loss (Eq. 13): max(0, (d - b)^2 - (c - d)^2 + alpha), and its gradient (Eq. 38)
+# ---------------------------------------------------------------------------------------------
+
+def test_triplet_loss_both_sides_of_the_hinge():
+    # Row 0: d = 1, b = 3, c = 2, alpha = 0.5: (1 - 3)^2 - (2 - 1)^2 + 0.5 = 4 - 1 + 0.5 = 3.5
+    # Row 1: d = 1, b = 2, c = 4, alpha = 0.5: (1 - 2)^2 - (4 - 1)^2 + 0.5 = 1 - 9 + 0.5 = -7.5 -> 0
+    anchor = torch.tensor([1.0, 1.0], dtype=torch.float64, requires_grad=True)
+    chosen = torch.tensor([3.0, 2.0], dtype=torch.float64, requires_grad=True)
+    rejected = torch.tensor([2.0, 4.0], dtype=torch.float64, requires_grad=True)
+    loss = tidpo.triplet_loss(anchor, chosen, rejected, margin=0.5)
+    assert_close(loss, torch.tensor([3.5, 0.0], dtype=torch.float64), **EXACT)
+    # Eq. 38, row 0: d/dd = 2(d - b) + 2(c - d) = -4 + 2 = -2, d/db = -2(d - b) = 4,
+    # d/dc = -2(c - d) = -2. Row 1 is clamped: no gradient at all.
+    grads = torch.autograd.grad(loss.sum(), (anchor, chosen, rejected))
+    assert_close(grads[0], torch.tensor([-2.0, 0.0], dtype=torch.float64), **EXACT)
+    assert_close(grads[1], torch.tensor([4.0, 0.0], dtype=torch.float64), **EXACT)
+    assert_close(grads[2], torch.tensor([-2.0, 0.0], dtype=torch.float64), **EXACT)
+
+
+def test_triplet_loss_random_vs_reference_and_eq38():
+    gen = torch.Generator().manual_seed(9)
+    batch, margin = 32, 0.3
+    anchor, chosen, rejected = (torch.randn(batch, generator=gen, dtype=torch.float64).requires_grad_()
+                                for _ in range(3))
+    loss = tidpo.triplet_loss(anchor, chosen, rejected, margin)
+    expected, active = [], []
+    for d, b, c in zip(anchor.tolist(), chosen.tolist(), rejected.tolist()):
+        value = (d - b) ** 2 - (c - d) ** 2 + margin
+        expected.append(max(0.0, value))
+        active.append(value > 0)
+    assert 0 < sum(active) < batch  # both sides of the hinge are exercised
+    assert_close(loss, torch.tensor(expected, dtype=torch.float64), **EXACT)
+
+    grads = torch.autograd.grad(loss.sum(), (anchor, chosen, rejected))
+    expected_grads = torch.zeros(3, batch, dtype=torch.float64)
+    for i, (d, b, c) in enumerate(zip(anchor.tolist(), chosen.tolist(), rejected.tolist())):
+        if active[i]:  # Eq. 38 at sequence level
+            expected_grads[:, i] = torch.tensor([2 * (d - b) + 2 * (c - d), -2 * (d - b), -2 * (c - d)],
+                                                dtype=torch.float64)
+    for grad, expected_grad in zip(grads, expected_grads):
+        assert_close(grad, expected_grad, **EXACT)
+
+
+# ---------------------------------------------------------------------------------------------
+# tidpo_loss (Eq. 12-14, and the release's KL term)
+# ---------------------------------------------------------------------------------------------
+
+def make_pairs(seed, batch=6, length=9):
+    """Random chosen/rejected log-probs, weights and masks, float64."""
+    gen = torch.Generator().manual_seed(seed)
+    _, chosen_mask = random_masks(gen, batch, length)
+    _, rejected_mask = random_masks(gen, batch, length)
+    return SimpleNamespace(
+        gen=gen, chosen_mask=chosen_mask, rejected_mask=rejected_mask,
+        policy_chosen=random_logps(gen, chosen_mask), ref_chosen=random_logps(gen, chosen_mask),
+        policy_rejected=random_logps(gen, rejected_mask), ref_rejected=random_logps(gen, rejected_mask),
+        chosen_weights=random_weights(gen, chosen_mask), rejected_weights=random_weights(gen, rejected_mask))
+
+
+def reference_rows(p, beta, anchor=None, gamma=0.0, margin=0.0, kl_chosen=None, kl_rejected=None,
+                   kl_alpha=0.0):
+    """Per row: the weighted log-ratios, Delta, the DPO-w loss and the triplet loss, in float64."""
+    p = SimpleNamespace(**{name: value.detach() if torch.is_tensor(value) else value
+                           for name, value in vars(p).items()})
+    rows = []
+    for b in range(p.policy_chosen.shape[0]):
+        chosen_pos, rejected_pos = response_positions(p.chosen_mask[b]), response_positions(p.rejected_mask[b])
+        lr_chosen = [float(p.policy_chosen[b, t] - p.ref_chosen[b, t]) for t in chosen_pos]
+        lr_rejected = [float(p.policy_rejected[b, t] - p.ref_rejected[b, t]) for t in rejected_pos]
+        chosen_weighted = sum(float(p.chosen_weights[b, t]) * lr for t, lr in zip(chosen_pos, lr_chosen))
+        rejected_weighted = sum(float(p.rejected_weights[b, t]) * lr for t, lr in zip(rejected_pos, lr_rejected))
+        delta = chosen_weighted - rejected_weighted  # Eq. 11
+        if kl_alpha:
+            delta -= kl_alpha * (kl_rejected[b].item() - kl_chosen[b].item())
+        row = SimpleNamespace(chosen_weighted=chosen_weighted, rejected_weighted=rejected_weighted,
+                              delta=delta, dpo_w=softplus(-beta * delta),  # Eq. 12
+                              chosen_sum=sum(float(p.policy_chosen[b, t]) for t in chosen_pos),
+                              rejected_sum=sum(float(p.policy_rejected[b, t]) for t in rejected_pos),
+                              triplet=0.0, active=False)
+        if anchor is not None:
+            d, chosen_point, rejected_point = anchor[b].item(), sum(lr_chosen), sum(lr_rejected)
+            value = (d - chosen_point) ** 2 - (rejected_point - d) ** 2 + margin  # Eq. 13
+            row.triplet, row.active = max(0.0, value), value > 0
+            row.d, row.b, row.c = d, chosen_point, rejected_point
+        rows.append(row)
+    return rows
+
+
+def call_loss(p, **kwargs):
+    return tidpo.tidpo_loss(p.policy_chosen, p.policy_rejected, p.ref_chosen, p.ref_rejected,
+                            p.chosen_weights, p.rejected_weights, **kwargs)
+
+
+def anchors_on_both_sides(p):
+    """An anchor near the rejected point for even rows (hinge active), near the chosen point
+    for odd rows (hinge clamped, given |b - c| > 0.12)."""
+    chosen_point = (p.policy_chosen - p.ref_chosen).sum(-1)
+    rejected_point = (p.policy_rejected - p.ref_rejected).sum(-1)
+    near_rejected = rejected_point + 0.1 * (chosen_point - rejected_point)
+    near_chosen = chosen_point + 0.1 * (rejected_point - chosen_point)
+    even = torch.arange(len(chosen_point)) % 2 == 0
+    return torch.where(even, near_rejected, near_chosen).detach()
+
+
+def test_dpo_hand_case():
+    # One response token each side. Chosen log-ratio: -1.0 - (-1.5) = 0.5; rejected: -2.0 - (-1.8) = -0.2.
+    # Delta = 0.7, beta = 0.1: loss = -log sigmoid(0.07) = log(1 + exp(-0.07)) = 0.6587595555486971.
+    loss, metrics = tidpo.tidpo_loss(
+        torch.tensor([[0.0, -1.0]], dtype=torch.float64), torch.tensor([[0.0, -2.0]], dtype=torch.float64),
+        torch.tensor([[0.0, -1.5]], dtype=torch.float64), torch.tensor([[0.0, -1.8]], dtype=torch.float64),
+        torch.ones(1, 2), torch.ones(1, 2), beta=0.1)
+    assert loss.item() == pytest.approx(0.6587595555486971, abs=1e-12)
+    # rewards: 0.1 * 0.5 = 0.05 and 0.1 * (-0.2) = -0.02, margin 0.07, chosen ahead
+    assert metrics["rewards/chosen"].item() == pytest.approx(0.05, abs=1e-12)
+    assert metrics["rewards/rejected"].item() == pytest.approx(-0.02, abs=1e-12)
+    assert metrics["rewards/margins"].item() == pytest.approx(0.07, abs=1e-12)
+    assert metrics["rewards/accuracies"].item() == 1.0
+
+
+def test_tidpo_loss_with_uniform_weights_is_dpo():
+    p = make_pairs(10)
+    beta = 0.1
+    # Eq. 3, written out independently: -log sigmoid(beta ((sum pc - sum rc) - (sum pr - sum rr)))
+    expected = 0.0
+    for b in range(p.policy_chosen.shape[0]):
+        chosen = float(p.policy_chosen[b].sum() - p.ref_chosen[b].sum())
+        rejected = float(p.policy_rejected[b].sum() - p.ref_rejected[b].sum())
+        expected += softplus(-beta * (chosen - rejected)) / p.policy_chosen.shape[0]
+    ones = torch.ones_like(p.policy_chosen)
+    args = (p.policy_chosen, p.policy_rejected, p.ref_chosen, p.ref_rejected, ones, ones)
+    loss, _ = tidpo.tidpo_loss(*args, beta=beta)
+    assert loss.item() == pytest.approx(expected, abs=1e-12)
+    # gamma = 0 switches the triplet off even with an anchor; kl_alpha = 0 ignores the KL tensors.
+    anchor = torch.randn(p.policy_chosen.shape[0], generator=p.gen, dtype=torch.float64)
+    kl = torch.rand(p.policy_chosen.shape[0], generator=p.gen, dtype=torch.float64)
+    loss, _ = tidpo.tidpo_loss(*args, beta=beta, anchor_logratio=anchor, gamma=0.0,
+                               kl_chosen=kl, kl_rejected=2 * kl, kl_alpha=0.0)
+    assert loss.item() == pytest.approx(expected, abs=1e-12)
+    # The "mean" scale makes uniform attribution with lambda = 1 exactly these unit weights.
+    chosen_weights = tidpo.hybrid_weights(torch.ones_like(ones), p.chosen_mask, lam=1.0)
+    rejected_weights = tidpo.hybrid_weights(torch.ones_like(ones), p.rejected_mask, lam=1.0)
+    loss, _ = tidpo.tidpo_loss(p.policy_chosen, p.policy_rejected, p.ref_chosen, p.ref_rejected,
+                               chosen_weights, rejected_weights, beta=beta)
+    assert loss.item() == pytest.approx(expected, abs=1e-12)
+
+
+def test_tidpo_loss_full_objective_vs_reference():
+    p = make_pairs(11)
+    beta, gamma, margin = 0.3, 0.2, 0.05
+    anchor = anchors_on_both_sides(p)
+    rows = reference_rows(p, beta, anchor=anchor, gamma=gamma, margin=margin)
+    assert any(r.active for r in rows) and not all(r.active for r in rows)
+    expected = sum(r.dpo_w + gamma * r.triplet for r in rows) / len(rows)  # Eq. 14, batch mean
+    loss, metrics = call_loss(p, beta=beta, anchor_logratio=anchor, gamma=gamma, margin=margin)
+    assert loss.dtype == torch.float64
+    assert loss.item() == pytest.approx(expected, abs=1e-12)
+    assert metrics["loss/dpo_w"].item() == pytest.approx(sum(r.dpo_w for r in rows) / len(rows), abs=1e-12)
+    assert metrics["loss/triplet"].item() == pytest.approx(sum(r.triplet for r in rows) / len(rows), abs=1e-12)
+    assert metrics["loss/triplet"].item() > 0
+
+
+def test_tidpo_loss_metrics():
+    p = make_pairs(12, batch=8)
+    beta = 0.5
+    p.policy_chosen.requires_grad_(True)
+    p.policy_rejected.requires_grad_(True)
+    rows = reference_rows(p, beta)
+    mean = lambda values: sum(values) / len(values)  # noqa: E731
+    wins = [beta * r.chosen_weighted > beta * r.rejected_weighted for r in rows]
+    assert 0 < sum(wins) < len(rows)  # the accuracy is a real fraction here
+    expected = {
+        "rewards/chosen": mean([beta * r.chosen_weighted for r in rows]),
+        "rewards/rejected": mean([beta * r.rejected_weighted for r in rows]),
+        "rewards/margins": mean([beta * (r.chosen_weighted - r.rejected_weighted) for r in rows]),
+        "rewards/accuracies": sum(wins) / len(rows),
+        "logps/chosen": mean([r.chosen_sum for r in rows]),
+        "logps/rejected": mean([r.rejected_sum for r in rows]),
+        "loss/dpo_w": mean([r.dpo_w for r in rows]),
+        "loss/triplet": 0.0,  # no anchor
+    }
+    loss, metrics = call_loss(p, beta=beta)
+    assert loss.requires_grad
+    assert set(metrics) == set(expected)
+    for name, value in metrics.items():
+        assert value.dim() == 0, name
+        assert not value.requires_grad and value.grad_fn is None, name
+        assert value.item() == pytest.approx(expected[name], abs=1e-12), name
+
+
+@pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-5), (torch.bfloat16, 1e-5), (torch.float64, 1e-12)],
+                         ids=["float32", "bfloat16", "float64"])
+def test_tidpo_loss_dtypes_agree(dtype, tolerance):
+    p = make_pairs(13)
+    anchor = anchors_on_both_sides(p)
+    kwargs = dict(beta=0.1, gamma=0.1, margin=0.01)
+    exact, _ = call_loss(p, anchor_logratio=anchor, **kwargs)
+
+    def cast(x):
+        return x.to(dtype)
+
+    q = SimpleNamespace(**{name: cast(value) if torch.is_tensor(value) and value.is_floating_point() else value
+                           for name, value in vars(p).items()})
+    loss, metrics = call_loss(q, anchor_logratio=cast(anchor), **kwargs)
+    assert loss.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    assert metrics["rewards/chosen"].dtype == loss.dtype
+    # The arithmetic runs in at least float32: only the rounding of the inputs differs from float64 ...
+    rounded = SimpleNamespace(**{name: value.double() if torch.is_tensor(value) and value.is_floating_point()
+                                 else value for name, value in vars(q).items()})
+    rounded_loss, _ = call_loss(rounded, anchor_logratio=cast(anchor).double(), **kwargs)
+    assert loss.item() == pytest.approx(rounded_loss.item(), abs=tolerance)
+    # ... and that rounding moves the loss by little (bfloat16 keeps 8 significant bits).
+    assert loss.item() == pytest.approx(exact.item(), abs=5e-2 if dtype == torch.bfloat16 else tolerance)
+
+
+def test_tidpo_loss_kl_needs_its_tensors():
+    p = make_pairs(14)
+    kl = torch.rand(p.policy_chosen.shape[0], dtype=torch.float64)
+    with pytest.raises(ValueError):
+        call_loss(p, kl_alpha=0.5)
+    with pytest.raises(ValueError):
+        call_loss(p, kl_alpha=0.5, kl_chosen=kl)
+    with pytest.raises(ValueError):
+        call_loss(p, kl_alpha=0.5, kl_rejected=kl)
+
+
+def test_tidpo_loss_kl_term_value_and_stop_gradient():
+    p = make_pairs(15)
+    batch, beta, kl_alpha = p.policy_chosen.shape[0], 0.1, 0.5
+    kl_chosen = (3 * torch.rand(batch, generator=p.gen, dtype=torch.float64)).requires_grad_()
+    kl_rejected = (3 * torch.rand(batch, generator=p.gen, dtype=torch.float64)).requires_grad_()
+    # -log sigmoid(beta (Delta - a (KL_l - KL_w)))
+    rows = reference_rows(p, beta, kl_chosen=kl_chosen, kl_rejected=kl_rejected, kl_alpha=kl_alpha)
+    loss, _ = call_loss(p, beta=beta, kl_chosen=kl_chosen, kl_rejected=kl_rejected, kl_alpha=kl_alpha)
+    assert loss.item() == pytest.approx(sum(r.dpo_w for r in rows) / batch, abs=1e-12)
+    without_kl, _ = call_loss(p, beta=beta)
+    assert abs(loss.item() - without_kl.item()) > 1e-3  # the term does something here
+
+    grad_chosen, grad_rejected = torch.autograd.grad(loss, (kl_chosen, kl_rejected), allow_unused=True)
+    # stop-gradient on KL_{y_w}: nothing flows into kl_chosen
+    assert grad_chosen is None or (grad_chosen == 0).all()
+    # d/dKL_l of -log sigmoid(beta (Delta - a KL_l + ...)) / B = beta a (1 - sigmoid(beta Delta')) / B
+    expected = torch.tensor([beta * kl_alpha * (1 - sigmoid(beta * r.delta)) / batch for r in rows],
+                            dtype=torch.float64)
+    assert_close(grad_rejected, expected, **EXACT)
+
+
+def test_dpo_w_gradient_matches_eq33():
+    p = make_pairs(16)
+    batch, beta = p.policy_chosen.shape[0], 0.4
+    for tensor in (p.policy_chosen, p.policy_rejected, p.ref_chosen, p.ref_rejected):
+        tensor.requires_grad_(True)
+    loss, _ = call_loss(p, beta=beta)
+    grads = torch.autograd.grad(loss, (p.policy_chosen, p.policy_rejected, p.ref_chosen, p.ref_rejected))
+    # Eq. 33: d loss / d log pi(y_w,t) = -(beta / B) (1 - sigmoid(beta Delta)) w^w_t,
+    #         d loss / d log pi(y_l,t) = +(beta / B) (1 - sigmoid(beta Delta)) w^l_t
+    rows = reference_rows(p, beta)
+    scale = torch.tensor([beta / batch * (1 - sigmoid(beta * r.delta)) for r in rows], dtype=torch.float64)
+    expected_chosen = -scale[:, None] * p.chosen_weights
+    expected_rejected = scale[:, None] * p.rejected_weights
+    assert_close(grads[0], expected_chosen, **EXACT)
+    assert_close(grads[1], expected_rejected, **EXACT)
+    # the reference model enters the log-ratio with the opposite sign
+    assert_close(grads[2], -expected_chosen, **EXACT)
+    assert_close(grads[3], -expected_rejected, **EXACT)
+
+
+def test_tidpo_loss_gradient_matches_eq33_plus_eq38():
+    p = make_pairs(17)
+    batch, beta, gamma, margin = p.policy_chosen.shape[0], 0.2, 0.3, 0.01
+    anchor = anchors_on_both_sides(p).requires_grad_(True)
+    p.policy_chosen.requires_grad_(True)
+    p.policy_rejected.requires_grad_(True)
+    loss, _ = call_loss(p, beta=beta, anchor_logratio=anchor, gamma=gamma, margin=margin)
+    grad_chosen, grad_rejected, grad_anchor = torch.autograd.grad(
+        loss, (p.policy_chosen, p.policy_rejected, anchor))
+    rows = reference_rows(p, beta, anchor=anchor, gamma=gamma, margin=margin)
+    assert [r.active for r in rows] == [b % 2 == 0 for b in range(batch)]
+    for b, r in enumerate(rows):
+        dpo = beta / batch * (1 - sigmoid(beta * r.delta))  # Eq. 33
+        hinge = gamma / batch if r.active else 0.0  # Eq. 38, only where the hinge is active
+        chosen_pos, rejected_pos = response_positions(p.chosen_mask[b]), response_positions(p.rejected_mask[b])
+        # b and c are UNWEIGHTED sums: every response token gets the same triplet gradient.
+        expected_chosen = -dpo * p.chosen_weights[b, chosen_pos] + hinge * (-2 * (r.d - r.b))
+        expected_rejected = dpo * p.rejected_weights[b, rejected_pos] + hinge * (-2 * (r.c - r.d))
+        assert_close(grad_chosen[b, chosen_pos], expected_chosen, **EXACT)
+        assert_close(grad_rejected[b, rejected_pos], expected_rejected, **EXACT)
+        assert grad_anchor[b].item() == pytest.approx(hinge * (2 * (r.d - r.b) + 2 * (r.c - r.d)), abs=1e-12)
+
+
+# ---------------------------------------------------------------------------------------------
+# sequence_kl (METHOD.md 7): sum over response tokens of KL(pi_ref || pi_theta), logits at t - 1
+# ---------------------------------------------------------------------------------------------
+
+def test_sequence_kl_hand_case():
+    # V = 2, L = 3, response = tokens 1 and 2, so the logits at positions 0 and 1 count.
+    # Position 0: policy [0, 0] -> p = [1/2, 1/2]; ref [log 3, 0] -> q = [3/4, 1/4]
+    #   KL(q || p) = 3/4 log(3/2) + 1/4 log(1/2) = 0.130812035941137
+    #   (the other direction, KL(p || q), would be 0.143841036225890)
+    # Position 1: policy [log 3, 0] -> p = [3/4, 1/4]; ref [0, 0] -> q = [1/2, 1/2]
+    #   KL(q || p) = 1/2 log(2/3) + 1/2 log(2) = 0.143841036225890
+    # Position 2 predicts nothing in the sequence: its (very different) logits do not count.
+    policy_logits = torch.tensor([[[0.0, 0.0], [math.log(3), 0.0], [9.0, -9.0]]], dtype=torch.float64)
+    ref_logits = torch.tensor([[[math.log(3), 0.0], [0.0, 0.0], [-9.0, 9.0]]], dtype=torch.float64)
+    both = tidpo.sequence_kl(policy_logits, ref_logits, torch.tensor([[0, 1, 1]]))
+    assert both.item() == pytest.approx(0.130812035941137 + 0.143841036225890, abs=1e-12)
+    only_token_1 = tidpo.sequence_kl(policy_logits, ref_logits, torch.tensor([[0, 1, 0]]))
+    assert only_token_1.item() == pytest.approx(0.130812035941137, abs=1e-12)
+    only_token_2 = tidpo.sequence_kl(policy_logits, ref_logits, torch.tensor([[0, 0, 1]]))
+    assert only_token_2.item() == pytest.approx(0.143841036225890, abs=1e-12)
+
+
+def test_sequence_kl_zero_for_identical_models():
+    gen = torch.Generator().manual_seed(18)
+    logits = 4 * torch.randn(3, 6, 5, generator=gen, dtype=torch.float64)
+    _, response_mask = random_masks(gen, 3, 6)
+    assert_close(tidpo.sequence_kl(logits, logits.clone(), response_mask),
+                 torch.zeros(3, dtype=torch.float64), rtol=0, atol=1e-14)
+
+
+def test_sequence_kl_random_vs_reference():
+    gen = torch.Generator().manual_seed(19)
+    batch, length, vocab = 4, 8, 6
+    policy_logits = 2 * torch.randn(batch, length, vocab, generator=gen, dtype=torch.float64)
+    ref_logits = 2 * torch.randn(batch, length, vocab, generator=gen, dtype=torch.float64)
+    _, response_mask = random_masks(gen, batch, length)
+    expected = torch.zeros(batch, dtype=torch.float64)
+    for b in range(batch):
+        for t in response_positions(response_mask[b]):
+            for v in range(vocab):
+                log_q = reference_logsoftmax(ref_logits[b, t - 1], v)
+                log_p = reference_logsoftmax(policy_logits[b, t - 1], v)
+                expected[b] += math.exp(log_q) * (log_q - log_p)
+    assert_close(tidpo.sequence_kl(policy_logits, ref_logits, response_mask), expected, **EXACT)
+    # bfloat16 logits: computed in float32
+    out = tidpo.sequence_kl(policy_logits.bfloat16(), ref_logits.bfloat16(), response_mask)
+    assert out.dtype == torch.float32
+    assert_close(out.double(), expected, rtol=0.05, atol=0.05)
+
+
+# ---------------------------------------------------------------------------------------------
+# gradient_attribution (Eq. 5-6): I_i = || d max_v logits[last response position, v] / d e_i ||_1
+# ---------------------------------------------------------------------------------------------
+
+def test_position_ids_count_real_tokens_only():
+    attention_mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    positions = tidpo.position_ids(attention_mask)
+    # Each row's real tokens are numbered 0, 1, 2, ... whatever padding sits around them.
+    assert positions[0, 2:].tolist() == [0, 1, 2]
+    assert positions[1, :3].tolist() == [0, 1, 2]
+    assert positions[2].tolist() == [0, 1, 2, 3, 4]
+
+
+class CumulativeLM(nn.Module):
+    """A causal 'LM' simple enough to differentiate by hand: the logits at position t are the
+    sum of the (unmasked) embeddings up to t, times a fixed matrix W [E, V]. The logit of token v
+    at the last position is then linear in every earlier embedding, with gradient W[:, v]."""
+
+    def __init__(self, embedding_table, readout):
+        super().__init__()
+        self.embed = nn.Embedding.from_pretrained(embedding_table, freeze=False)
+        self.readout = nn.Parameter(readout)
+
+    def get_input_embeddings(self):
+        return self.embed
+
+    def forward(self, inputs_embeds, attention_mask, position_ids=None):
+        hidden = (inputs_embeds * attention_mask[..., None]).cumsum(dim=1)
+        return SimpleNamespace(logits=hidden @ self.readout)
+
+
+def cumulative_lm():
+    # token 0 (padding): [5, 5], masked out by the attention mask; token 1: [1, 0]; token 2: [0, 1]
+    table = torch.tensor([[5.0, 5.0], [1.0, 0.0], [0.0, 1.0]])
+    readout = torch.tensor([[1.0, -2.0, 0.5],
+                            [-1.0, 2.0, 1.0]])
+    return CumulativeLM(table, readout)
+
+
+def test_attribution_hand_case():
+    model = cumulative_lm()
+    # Row 0: [1 | 2 2 1] + right padding. Last response position 3: hidden = [2, 2],
+    #   logits = 2 * [1, -2, 0.5] + 2 * [-1, 2, 1] = [0, 0, 3] -> v* = 2, W[:, 2] = [0.5, 1], I = 1.5.
+    # Row 1: left padding + [1 | 1 1 1]. Last response position 4: hidden = [4, 0],
+    #   logits = [4, -8, 2] -> v* = 0, W[:, 0] = [1, -1], I = 2.
+    input_ids = torch.tensor([[1, 2, 2, 1, 0], [0, 1, 1, 1, 1]])
+    attention_mask = torch.tensor([[1, 1, 1, 1, 0], [0, 1, 1, 1, 1]])
+    response_mask = torch.tensor([[0, 1, 1, 1, 0], [0, 0, 1, 1, 1]])
+    logits, importance = tidpo.gradient_attribution(model, input_ids, attention_mask, response_mask)
+    # The prompt tokens have the same gradient, but only response tokens keep a score.
+    assert torch.equal(importance, torch.tensor([[0.0, 1.5, 1.5, 1.5, 0.0], [0.0, 0.0, 2.0, 2.0, 2.0]]))
+    assert not importance.requires_grad
+    # The returned logits are those of a plain forward pass.
+    assert torch.equal(logits[0, 3], torch.tensor([0.0, 0.0, 3.0]))
+    assert torch.equal(logits[1, 4], torch.tensor([4.0, -8.0, 2.0]))
+    plain = model(inputs_embeds=model.embed(input_ids), attention_mask=attention_mask).logits
+    assert torch.equal(logits.detach(), plain.detach())
+    # Attribution does not write gradients into the weights.
+    assert all(parameter.grad is None for parameter in model.parameters())
+
+    # A frozen model is attributed all the same (to its inputs).
+    model.requires_grad_(False)
+    _, frozen_importance = tidpo.gradient_attribution(model, input_ids, attention_mask, response_mask)
+    assert torch.equal(frozen_importance, importance)
+
+
+def tiny_llama(seed, dtype=torch.float64):
+    # SDPA attention (the default): in transformers 5.24, eager attention already yields NaN for
+    # left-padded float64 rows in a plain forward pass, with or without TI-DPO.
+    config = LlamaConfig(vocab_size=13, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=32,
+                         initializer_range=0.3)
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(config).to(dtype).eval()
+
+
+def tiny_gpt2(seed, dtype=torch.float64):
+    # Absolute position embeddings: a shift in positions would change its numbers.
+    config = GPT2Config(vocab_size=13, n_embd=16, n_layer=2, n_head=2, n_positions=32,
+                        initializer_range=0.3, bos_token_id=0, eos_token_id=0)
+    torch.manual_seed(seed)
+    return GPT2LMHeadModel(config).to(dtype).eval()
+
+
+# GPT-2 computes in float64 throughout, so central differences with a small step are accurate
+# to ~1e-10, far below the tolerance. Llama's RMSNorm normalizes in float32 even in a
+# float64 model: below a step of ~1e-3 the differences drown in float32 rounding (measured: 3e-5
+# relative at step 1e-3), so it takes a larger step and a looser tolerance.
+@pytest.mark.parametrize("make_model, step, rtol", [(tiny_gpt2, 1e-5, 1e-8), (tiny_llama, 1e-3, 3e-4)],
+                         ids=["gpt2", "llama"])
+def test_attribution_matches_finite_differences(make_model, step, rtol):
+    model = make_model(seed=0)
+    # 2 prompt tokens, 4 response tokens, 2 padding tokens: the last response position is 5, not L - 1.
+    input_ids = torch.tensor([[5, 7, 1, 9, 3, 11, 0, 0]])
+    attention_mask = torch.tensor([[1, 1, 1, 1, 1, 1, 0, 0]])
+    response_mask = torch.tensor([[0, 0, 1, 1, 1, 1, 0, 0]])
+    _, importance = tidpo.gradient_attribution(model, input_ids, attention_mask, response_mask)
+
+    embeddings = model.get_input_embeddings()(input_ids).detach()
+    length, width = embeddings.shape[1], embeddings.shape[2]
+    # One batch holding every perturbation e_i +- step * unit_k, for the 6 real positions i.
+    perturbed = embeddings.repeat(2 * 6 * width, 1, 1)
+    for i in range(6):
+        for k in range(width):
+            row = 2 * (i * width + k)
+            perturbed[row, i, k] += step
+            perturbed[row + 1, i, k] -= step
+    with torch.no_grad():
+        logits = model(inputs_embeds=perturbed, attention_mask=attention_mask.expand(len(perturbed), length)).logits
+    target = logits[:, 5].max(dim=-1).values  # Eq. 5 at the last response position
+    gradient = ((target[0::2] - target[1::2]) / (2 * step)).reshape(6, width)
+    finite_difference_importance = gradient.abs().sum(dim=-1)  # Eq. 6
+
+    assert_close(importance[0, 2:6].double(), finite_difference_importance[2:6], rtol=rtol, atol=0)
+    # The prompt tokens do influence the target; they are left out on purpose.
+    assert (finite_difference_importance[:2] > 1e-3).all()
+    assert (importance[0, :2] == 0).all() and (importance[0, 6:] == 0).all()
+
+
+# Same numbers up to rounding: float64 rounding for GPT-2, float32 rounding (RMSNorm) for Llama.
+SAME_SCORES = {tiny_gpt2: dict(rtol=1e-10, atol=1e-12), tiny_llama: dict(rtol=1e-6, atol=1e-9)}
+
+
+@pytest.mark.parametrize("make_model", [tiny_llama, tiny_gpt2], ids=["llama", "gpt2"])
+def test_attribution_does_not_depend_on_padding(make_model):
+    model = make_model(seed=1)
+    row = torch.tensor([3, 4, 5, 6, 7, 8])
+    row_response = torch.tensor([0, 0, 1, 1, 1, 1])
+    _, alone = tidpo.gradient_attribution(model, row[None], torch.ones(1, 6, dtype=torch.long),
+                                          row_response[None])
+    for side in ("left", "right"):
+        span = slice(2, 8) if side == "left" else slice(0, 6)
+        # The other row is unpadded (length 8) and has its own prompt and response.
+        input_ids = torch.tensor([[0] * 8, [1, 2, 12, 4, 10, 6, 7, 8]])
+        attention_mask = torch.tensor([[0] * 8, [1] * 8])
+        response_mask = torch.tensor([[0] * 8, [0, 0, 0, 1, 1, 1, 1, 1]])
+        input_ids[0, span], attention_mask[0, span], response_mask[0, span] = row, 1, row_response
+        _, importance = tidpo.gradient_attribution(model, input_ids, attention_mask, response_mask)
+        assert torch.isfinite(importance).all()
+        assert_close(importance[0, span], alone[0], **SAME_SCORES[make_model])
+        assert (importance[0][attention_mask[0] == 0] == 0).all()
+
+
+def test_attribution_uses_one_forward_pass():
+    model = tiny_llama(seed=2, dtype=torch.float32)
+    calls = {"model": 0, "layers": 0}
+
+    def count(name):
+        def hook(module, args):
+            calls[name] += 1
+        return hook
+
+    model.register_forward_pre_hook(count("model"))
+    for layer in model.model.layers:
+        layer.register_forward_pre_hook(count("layers"))
+    input_ids = torch.tensor([[2, 3, 4, 5, 6, 0], [7, 8, 9, 10, 11, 12]])
+    attention_mask = torch.tensor([[1, 1, 1, 1, 1, 0], [1, 1, 1, 1, 1, 1]])
+    response_mask = torch.tensor([[0, 0, 1, 1, 1, 0], [0, 1, 1, 1, 1, 1]])
+    logits, importance = tidpo.gradient_attribution(model, input_ids, attention_mask, response_mask)
+    assert not importance.requires_grad
+    assert logits.requires_grad
+    assert all(parameter.grad is None for parameter in model.parameters())
+    # The training loss is built from the same logits and reaches every parameter.
+    loss = -tidpo.token_logps(logits, input_ids, response_mask).sum()
+    loss.backward()
+    assert calls == {"model": 1, "layers": len(model.model.layers)}
+    for name, parameter in model.named_parameters():
+        assert parameter.grad is not None and parameter.grad.abs().sum() > 0, name
+    # Those logits are the ones of a plain forward pass.
+    with torch.no_grad():
+        plain = model(input_ids=input_ids, attention_mask=attention_mask).logits
+    real = attention_mask.bool()
+    assert_close(logits.detach()[real], plain[real], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("make_model", [tiny_llama, tiny_gpt2], ids=["llama", "gpt2"])
+def test_attribution_scores_are_per_row(make_model):
+    model = make_model(seed=3)
+    input_ids = torch.tensor([[1, 2, 3, 4, 5, 6, 7], [8, 9, 10, 11, 12, 1, 2], [3, 5, 7, 9, 11, 4, 6]])
+    attention_mask = torch.ones_like(input_ids)
+    response_mask = torch.tensor([[0, 0, 1, 1, 1, 1, 1], [0, 0, 0, 0, 1, 1, 1], [0, 1, 1, 1, 1, 1, 1]])
+    _, batched = tidpo.gradient_attribution(model, input_ids, attention_mask, response_mask)
+    for b in range(3):
+        _, alone = tidpo.gradient_attribution(model, input_ids[b:b + 1], attention_mask[b:b + 1],
+                                              response_mask[b:b + 1])
+        assert_close(batched[b], alone[0], **SAME_SCORES[make_model])
+        assert (batched[b][response_mask[b] == 1] > 0).all()
+
+
+def test_attribution_keeps_float64():
+    # The file's convention (_at_least_float32): float32 or better, float64 when float64 came in.
+    # A float64 model should give float64 scores, not scores rounded to float32.
+    model = tiny_llama(seed=4)
+    input_ids = torch.tensor([[1, 2, 3, 4]])
+    _, importance = tidpo.gradient_attribution(model, input_ids, torch.ones_like(input_ids),
+                                               torch.tensor([[0, 1, 1, 1]]))
+    assert importance.dtype == torch.float64
