@@ -359,3 +359,78 @@ def test_bench_prints_the_ratio_line(capsys):
     assert set(ratios) == {"no_triplet", "full", "mem"}
     for value in ratios.values():
         assert isinstance(value, float) and math.isfinite(value) and value > 0
+
+
+# ----------------------------------------------------------------------------- anchor sampling
+
+
+def sampling_model(seed=0):
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=40, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=2, pad_token_id=0, bos_token_id=1,
+                         eos_token_id=2)
+    model = LlamaForCausalLM(config).eval()
+    # left-padded prompts of lengths 4 and 2
+    prompt_ids = torch.tensor([[1, 5, 6, 7], [0, 0, 1, 9]])
+    prompt_mask = torch.tensor([[1, 1, 1, 1], [0, 0, 1, 1]])
+    tokenizer = argparse_namespace(pad_token_id=0, eos_token_id=2)
+    return model, prompt_ids, prompt_mask, tokenizer
+
+
+def argparse_namespace(**values):
+    import argparse
+
+    return argparse.Namespace(**values)
+
+
+def sampling_args(**overrides):
+    values = dict(max_new_tokens=6, min_new_tokens=0, temperature=0.8, top_k=50, top_p=0.95)
+    return argparse_namespace(**{**values, **overrides})
+
+
+@pytest.mark.parametrize("settings", [dict(temperature=0.0), dict(top_k=1), dict(top_p=1e-6)])
+def test_sampler_greedy_limits_match_generate(settings):
+    # temperature 0, top-k 1 and a tiny top-p all leave one token: generate()'s greedy choice
+    model, prompt_ids, prompt_mask, tokenizer = sampling_model()
+    expected = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, do_sample=False,
+                              max_new_tokens=6, pad_token_id=0, eos_token_id=2)
+    input_ids, attention_mask, response_mask = train.sample(model, prompt_ids, prompt_mask, tokenizer,
+                                                            sampling_args(**settings))
+    new = expected[:, 4:]
+    assert torch.equal(input_ids[:, :4], prompt_ids)
+    assert torch.equal(attention_mask[:, :4], prompt_mask)
+    assert torch.equal(response_mask[:, :4], torch.zeros_like(prompt_mask))
+    # generate() pads after eos; so does the sampler, and the response mask stops after the eos
+    assert torch.equal(input_ids[:, 4:4 + new.shape[1]], new)
+
+
+def test_sampler_masks_end_at_the_first_eos_and_honour_min_new_tokens():
+    model, prompt_ids, prompt_mask, tokenizer = sampling_model()
+    # make eos (id 2) by far the likeliest token: every response is [eos] alone...
+    eos_bias = torch.zeros(40)
+    eos_bias[2] = 100.0
+    model.lm_head.register_forward_hook(lambda module, inputs, output: output + eos_bias)
+    ids, attention_mask, response_mask = train.sample(model, prompt_ids, prompt_mask, tokenizer,
+                                                      sampling_args())
+    assert response_mask[:, 4:].sum(-1).tolist() == [1, 1]
+    assert ids[:, 4].tolist() == [2, 2]
+    assert (ids[:, 5:] == 0).all() and (attention_mask[:, 5:] == 0).all()
+    # ...unless min_new_tokens forbids it: then eos comes exactly after 3 tokens
+    ids, attention_mask, response_mask = train.sample(model, prompt_ids, prompt_mask, tokenizer,
+                                                      sampling_args(min_new_tokens=3))
+    assert response_mask[:, 4:].sum(-1).tolist() == [4, 4]
+    assert ids[:, 7].tolist() == [2, 2] and not (ids[:, 4:7] == 2).any()
+    assert torch.equal(attention_mask[:, 4:], response_mask[:, 4:])
+
+
+def test_sampler_follows_top_k():
+    # with top-k 3, every sampled token is among the 3 likeliest at its step (checked by a forward)
+    model, prompt_ids, prompt_mask, tokenizer = sampling_model(seed=1)
+    torch.manual_seed(0)
+    ids, attention_mask, response_mask = train.sample(model, prompt_ids, prompt_mask, tokenizer,
+                                                      sampling_args(top_k=3, temperature=2.0, top_p=1.0))
+    logits = train.forward_logits(model, ids, attention_mask)
+    for b in range(2):
+        for t in range(4, ids.shape[1]):
+            if response_mask[b, t]:
+                assert ids[b, t] in logits[b, t - 1].topk(3).indices
