@@ -20,6 +20,7 @@ from contextlib import nullcontext
 from datetime import datetime
 
 import torch
+from torch.profiler import record_function  # labels the phases of a step for --bench-profile
 
 import data
 import tidpo
@@ -98,6 +99,8 @@ def parse_args(argv=None):
     a.add_argument("--bench-layers", type=int, default=2, help="its layers")
     a.add_argument("--bench-heads", type=int, default=4, help="its attention heads")
     a.add_argument("--bench-vocab", type=int, default=1000, help="its vocabulary size")
+    a.add_argument("--bench-profile", action="store_true", help="also profile the full tidpo step with "
+                   "torch.profiler and print where its time goes")
     a.add_argument("--bench-variant", default=None, help=argparse.SUPPRESS)  # one variant's memory, in a child process
     args = p.parse_args(argv)
     if args.lr is None:
@@ -266,17 +269,19 @@ def tidpo_step(policy, ref, batch, tokenizer, args, device, autocast):
     if tidpo_on and args.gamma != 0:
         # METHOD.md 5: the anchor is sampled from the current policy, without gradient, and its
         # log-ratio d is then computed with gradient.
-        with autocast:
+        with autocast, record_function("sample anchors"):
             anchor = sample(policy, batch["prompt_input_ids"].to(device), batch["prompt_attention_mask"].to(device),
                             tokenizer, args)
+        with autocast, record_function("anchor forwards"):
             anchor_logps = tidpo.token_logps(forward_logits(policy, *anchor[:2]), anchor[0], anchor[2])
-        anchor_logratio = (anchor_logps - reference_logps(ref, *anchor, autocast)[1]).sum(-1)
+            anchor_logratio = (anchor_logps - reference_logps(ref, *anchor, autocast)[1]).sum(-1)
     else:
         anchor_logratio = None
 
     input_ids, attention_mask, response_mask = stack_rows([chosen, rejected], tokenizer.pad_token_id)
-    ref_logits, ref_logps = reference_logps(ref, input_ids, attention_mask, response_mask, autocast)
-    with autocast:
+    with record_function("reference forward"):
+        ref_logits, ref_logps = reference_logps(ref, input_ids, attention_mask, response_mask, autocast)
+    with autocast, record_function("policy forward (+ attribution)"):
         if tidpo_on and args.weights == "hybrid":
             logits, importance = tidpo.gradient_attribution(policy, input_ids, attention_mask, response_mask)
         else:
@@ -396,13 +401,38 @@ def bench_step(policy, ref, optimizer, batch, tokenizer, args, device, autocast)
         torch.cuda.synchronize()
     start = time.perf_counter()
     loss, _ = tidpo_step(policy, ref, batch, tokenizer, args, device, autocast)
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+    with record_function("backward"):
+        loss.backward()
+    with record_function("clip + optimizer step"):
+        torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
     if device.type == "cuda":
         torch.cuda.synchronize()
     return time.perf_counter() - start
+
+
+def bench_profile(variant, ref, batch_list, tokenizer, device, autocast):
+    """Print the share of a full TI-DPO step spent in each labelled phase (torch.profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    model, optimizer, variant_args = variant
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as profiler:
+        total = sum(bench_step(model, ref, optimizer, batch, tokenizer, variant_args, device, autocast)
+                    for batch in batch_list)
+    phases = {event.key: event for event in profiler.key_averages() if event.key in PHASES}
+    print(f"where the full tidpo step's time goes ({len(batch_list)} profiled steps, {total / len(batch_list):.4f} s/step):")
+    for name in PHASES:
+        if name in phases:
+            seconds = phases[name].cpu_time_total / 1e6  # wall time of the labelled region, host side
+            if device.type == "cuda":
+                seconds = max(seconds, phases[name].device_time_total / 1e6)
+            print(f"  {name:<32}{seconds / len(batch_list):>9.4f} s {100 * seconds / total:>5.1f}%")
+
+
+PHASES = ["sample anchors", "anchor forwards", "reference forward", "policy forward (+ attribution)",
+          "backward", "clip + optimizer step"]
 
 
 def memory_kib():
@@ -443,6 +473,8 @@ def bench(args, argv, device, autocast):
                                  variant_args, device, autocast)
             if i >= 3:
                 times[name].append(seconds)
+    if args.bench_profile:
+        bench_profile(variants["tidpo"], ref, batch_list, tokenizer, device, autocast)
     memory = {}
     for name in variants:  # each variant in its own process, so one peak cannot hide another
         child = subprocess.run([sys.executable, os.path.abspath(__file__), *argv, "--bench-variant", name],
