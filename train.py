@@ -102,6 +102,36 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.lr is None:
         args.lr = 1e-6 if args.model else 5e-4
+    # Refused here rather than as a crash (or a silently wrong run) later.
+    world_size = int(os.environ.get("WORLD_SIZE", 1))  # set by torchrun
+    for wrong, message in [
+        (args.steps is not None and args.steps < 1, f"--steps must be at least 1, got {args.steps}"),
+        (not args.epochs > 0, f"--epochs must be positive, got {args.epochs}"),
+        (args.batch_size < 1, f"--batch-size must be at least 1, got {args.batch_size}"),
+        (args.batch_size < world_size, f"--batch-size {args.batch_size} is smaller than the {world_size} "
+                                       "processes: each process needs at least one pair of every micro-batch"),
+        (args.grad_accum < 1, f"--grad-accum must be at least 1, got {args.grad_accum}"),
+        (not args.lr > 0, f"--lr must be positive, got {args.lr}"),
+        (not args.beta > 0, f"--beta must be positive, got {args.beta}"),
+        (not 0 <= args.lam <= 1, f"--lam must be between 0 and 1, got {args.lam}"),
+        (not args.gamma >= 0, f"--gamma must be at least 0, got {args.gamma}"),
+        (not args.margin >= 0, f"--margin must be at least 0, got {args.margin}"),
+        (not args.kl_alpha >= 0, f"--kl-alpha must be at least 0, got {args.kl_alpha}"),
+        (not 0 <= args.label_noise <= 1, f"--label-noise must be between 0 and 1, got {args.label_noise}"),
+        (args.max_length < 2, f"--max-length must be at least 2 (a prompt and a response token), got "
+                              f"{args.max_length}"),
+        (args.max_new_tokens < 1, f"--max-new-tokens must be at least 1, got {args.max_new_tokens}"),
+        (not 0 <= args.min_new_tokens <= args.max_new_tokens, f"--min-new-tokens must be between 0 and "
+                                                              f"--max-new-tokens, got {args.min_new_tokens}"),
+        (not args.temperature >= 0, f"--temperature must be at least 0 (0: greedy), got {args.temperature}"),
+        (not 0 < args.top_p <= 1, f"--top-p must be in (0, 1], got {args.top_p}"),
+        (not args.warmup_steps >= 0, f"--warmup-steps must be at least 0, got {args.warmup_steps}"),
+        (not args.max_grad_norm >= 0, f"--max-grad-norm must be at least 0, got {args.max_grad_norm}"),
+        (args.sft_steps < 0, f"--sft-steps must be at least 0, got {args.sft_steps}"),
+        (args.log_every < 1, f"--log-every must be at least 1, got {args.log_every}"),
+    ]:
+        if wrong:
+            p.error(message)
     return args
 
 
