@@ -730,7 +730,8 @@ def main(argv=None):
     tokenizer = load_tokenizer(args)
     train_pairs, heldout_pairs = load_data(args, tokenizer)
     if len(train_pairs) < world_size:
-        raise SystemExit(f"error: {len(train_pairs)} training pairs cannot be split across {world_size} processes")
+        raise SystemExit(f"error: too few training pairs ({len(train_pairs)}) for {world_size} processes: each "
+                         f"process needs at least one")
     resume_path = find_resume_checkpoint(args) if args.resume else None
     resume = load_checkpoint(resume_path, args, world_size) if resume_path else None
     make_output_dir(args, resume_path, rank, world_size)

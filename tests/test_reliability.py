@@ -492,3 +492,15 @@ def test_tokenizer_without_eos_is_reported(model_dir, jsonl, tmp_path):
     assert PreTrainedTokenizerFast.from_pretrained(folder).eos_token_id is None
     with pytest.raises(data.DataError, match="the tokenizer has no eos token"):
         run(["--model", str(folder), "--data", str(jsonl)], tmp_path / "run")
+
+
+def test_fewer_training_pairs_than_processes_is_refused(model_dir, tmp_path, monkeypatch):
+    records = [{"prompt": "a b", "chosen": "seek medical attention", "rejected": "ignore it"}] * 2
+    path = tmp_path / "two.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    # as if under torchrun with 2 processes (no process group is needed before this check)
+    monkeypatch.setattr(train, "setup_distributed", lambda device: (0, 2, device))
+    with pytest.raises(SystemExit) as stop:
+        run(["--model", str(model_dir), "--data", str(path), "--batch-size", "2"], tmp_path / "run")
+    assert stop.value.code == "error: too few training pairs (1) for 2 processes: each process needs at least one"
+    assert not (tmp_path / "run").exists()
