@@ -3,23 +3,30 @@
     python train.py                                  # built-in task, tiny model, offline
     python train.py --model Qwen/Qwen2.5-0.5B-Instruct --data prefs.jsonl
 
+    torchrun --nproc_per_node=2 train.py ...         # DistributedDataParallel, one process per GPU/CPU share
+
 The default run builds a tiny Llama from a config, trains a tokenizer on the built-in preference
 task, fine-tunes the model on chosen and rejected responses alike (SFT, so the reference has no
 preference between safe and risky), freezes a copy as pi_ref and trains the policy with TI-DPO.
 It evaluates on held-out pairs before and after and saves the policy with save_pretrained.
+With --save-every N it also writes checkpoints, and --resume latest continues a stopped run.
 """
 
 import argparse
+import atexit
 import copy
 import json
 import math
 import os
+import re
 import sys
 import time
 from contextlib import nullcontext
 from datetime import datetime
 
 import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 from torch.profiler import record_function  # labels the phases of a step for --bench-profile
 
 import data
@@ -44,8 +51,8 @@ def parse_args(argv=None):
                    "from the left first, then the response")
     a.add_argument("--label-noise", type=float, default=0.0, help="built-in task: fraction of training pairs "
                    "with chosen and rejected swapped")
-    a.add_argument("--output-dir", default=None, help="where the policy, tokenizer and metrics go; must not "
-                   "hold an earlier run; default: runs/<loss>-<date-time>")
+    a.add_argument("--output-dir", default=None, help="where the policy, tokenizer, metrics and checkpoints go; "
+                   "must not hold an earlier run unless --resume continues it; default: runs/<loss>-<date-time>")
 
     a = p.add_argument_group("loss")
     a.add_argument("--loss", choices=["tidpo", "dpo"], default="tidpo", help="tidpo: Eq. 14; dpo: Eq. 3")
@@ -73,7 +80,8 @@ def parse_args(argv=None):
     a.add_argument("--steps", type=int, default=None, help="optimizer steps (default: --epochs over the data)")
     a.add_argument("--epochs", type=float, default=1.0, help="passes over the training pairs, when "
                    "--steps is not given")
-    a.add_argument("--batch-size", type=int, default=16, help="pairs per micro-batch")
+    a.add_argument("--batch-size", type=int, default=16, help="pairs per micro-batch, all processes together: "
+                   "under torchrun each process takes its share of every micro-batch (at least one pair)")
     a.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
     a.add_argument("--lr", type=float, default=None, help="default: 5e-4 for the built-in tiny model, 1e-6 "
                    "with --model")
@@ -87,6 +95,17 @@ def parse_args(argv=None):
                    "built-in task")
     a.add_argument("--log-every", type=int, default=10, help="steps per progress line")
     a.add_argument("--device", default=None, help="cuda or cpu; default: cuda when available")
+    a.add_argument("--fp32", action="store_true", help="CUDA: compute in float32 instead of bfloat16 autocast "
+                   "(slower; for runs whose numbers overflow in bfloat16)")
+
+    a = p.add_argument_group("checkpoints")
+    a.add_argument("--save-every", type=int, default=0, help="write a checkpoint (policy, optimizer, scheduler, "
+                   "random states, data position) to <output-dir>/checkpoints every N steps and at the last "
+                   "step (0: none)")
+    a.add_argument("--keep-last", type=int, default=2, help="checkpoints kept; older ones are deleted")
+    a.add_argument("--resume", default=None, metavar="PATH|latest", help="continue a run from a checkpoint "
+                   "file, or from the newest one in --output-dir ('latest'); the run's other flags must be "
+                   "the same, except " + ", ".join("--" + name.replace("_", "-") for name in MAY_CHANGE_ON_RESUME))
 
     a = p.add_argument_group("benchmark (--bench): DPO vs TI-DPO step time and memory on random tokens")
     a.add_argument("--bench", action="store_true", help="time training steps of dpo, tidpo without triplet "
@@ -105,6 +124,38 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.lr is None:
         args.lr = 1e-6 if args.model else 5e-4
+    # Refused here rather than as a crash (or a silently wrong run) later.
+    world_size = int(os.environ.get("WORLD_SIZE", 1))  # set by torchrun
+    for wrong, message in [
+        (args.steps is not None and args.steps < 1, f"--steps must be at least 1, got {args.steps}"),
+        (not args.epochs > 0, f"--epochs must be positive, got {args.epochs}"),
+        (args.batch_size < 1, f"--batch-size must be at least 1, got {args.batch_size}"),
+        (args.batch_size < world_size, f"--batch-size {args.batch_size} is smaller than the {world_size} "
+                                       "processes: each process needs at least one pair of every micro-batch"),
+        (args.grad_accum < 1, f"--grad-accum must be at least 1, got {args.grad_accum}"),
+        (not args.lr > 0, f"--lr must be positive, got {args.lr}"),
+        (not args.beta > 0, f"--beta must be positive, got {args.beta}"),
+        (not 0 <= args.lam <= 1, f"--lam must be between 0 and 1, got {args.lam}"),
+        (not args.gamma >= 0, f"--gamma must be at least 0, got {args.gamma}"),
+        (not args.margin >= 0, f"--margin must be at least 0, got {args.margin}"),
+        (not args.kl_alpha >= 0, f"--kl-alpha must be at least 0, got {args.kl_alpha}"),
+        (not 0 <= args.label_noise <= 1, f"--label-noise must be between 0 and 1, got {args.label_noise}"),
+        (args.max_length < 2, f"--max-length must be at least 2 (a prompt and a response token), got "
+                              f"{args.max_length}"),
+        (args.max_new_tokens < 1, f"--max-new-tokens must be at least 1, got {args.max_new_tokens}"),
+        (not 0 <= args.min_new_tokens <= args.max_new_tokens, f"--min-new-tokens must be between 0 and "
+                                                              f"--max-new-tokens, got {args.min_new_tokens}"),
+        (not args.temperature >= 0, f"--temperature must be at least 0 (0: greedy), got {args.temperature}"),
+        (not 0 < args.top_p <= 1, f"--top-p must be in (0, 1], got {args.top_p}"),
+        (not args.warmup_steps >= 0, f"--warmup-steps must be at least 0, got {args.warmup_steps}"),
+        (not args.max_grad_norm >= 0, f"--max-grad-norm must be at least 0, got {args.max_grad_norm}"),
+        (args.sft_steps < 0, f"--sft-steps must be at least 0, got {args.sft_steps}"),
+        (args.log_every < 1, f"--log-every must be at least 1, got {args.log_every}"),
+        (args.save_every < 0, f"--save-every must be at least 0, got {args.save_every}"),
+        (args.keep_last < 1, f"--keep-last must be at least 1, got {args.keep_last}"),
+    ]:
+        if wrong:
+            p.error(message)
     return args
 
 
@@ -131,12 +182,21 @@ def load_data(args, tokenizer):
     return encode(records[:-n_heldout]), encode(records[-n_heldout:])
 
 
-def batches(pairs, batch_size, pad_id, generator=None):
-    """Collated batches over `pairs`, shuffled by `generator` when one is given."""
+def batches(pairs, batch_size, pad_id, generator=None, skip=0):
+    """Collated batches over `pairs`, shuffled by `generator` when one is given; the first `skip`
+    batches of that order are left out (a resumed run continues its epoch)."""
     order = torch.randperm(len(pairs), generator=generator).tolist() if generator else range(len(pairs))
     order = list(order)
-    for start in range(0, len(order), batch_size):
+    for start in range(skip * batch_size, len(order), batch_size):
         yield data.collate([pairs[i] for i in order[start:start + batch_size]], pad_id)
+
+
+def shard(batch, rank, world_size):
+    """This process's rows of a collated batch, and their share of the batch's pairs. The rows are
+    cut from the whole collated batch, so they keep the padding they would have in one process."""
+    n = len(batch["chosen_input_ids"])
+    start, end = n * rank // world_size, n * (rank + 1) // world_size
+    return {name: value[start:end] for name, value in batch.items()}, (end - start) / n
 
 
 def stack_rows(parts, pad_id):
@@ -262,7 +322,14 @@ def tidpo_step(policy, ref, batch, tokenizer, args, device, autocast):
     Chosen and rejected go through each model in one forward. The policy's forward also gives the
     attribution (one backward to the embeddings, no second forward). Anchors, when the triplet is
     on, are sampled first and get a forward of their own: they need log-probs, not attribution.
+
+    `policy` may be a DistributedDataParallel wrapper. The forward of chosen and rejected (with
+    the attribution) goes through it, so that DDP's hooks average the gradients over the processes
+    in the backward; sampling and the anchors' forward use the module itself, since DDP expects one
+    forward per backward. The anchors' gradients are not lost: autograd adds up all of a
+    parameter's gradient in the backward before DDP's hook for that parameter fires.
     """
+    module = policy.module if isinstance(policy, DistributedDataParallel) else policy
     chosen, rejected = rows(batch, "chosen", device), rows(batch, "rejected", device)
     n = chosen[0].shape[0]
     tidpo_on = args.loss == "tidpo"
@@ -270,10 +337,10 @@ def tidpo_step(policy, ref, batch, tokenizer, args, device, autocast):
         # METHOD.md 5: the anchor is sampled from the current policy, without gradient, and its
         # log-ratio d is then computed with gradient.
         with autocast, record_function("sample anchors"):
-            anchor = sample(policy, batch["prompt_input_ids"].to(device), batch["prompt_attention_mask"].to(device),
+            anchor = sample(module, batch["prompt_input_ids"].to(device), batch["prompt_attention_mask"].to(device),
                             tokenizer, args)
         with autocast, record_function("anchor forwards"):
-            anchor_logps = tidpo.token_logps(forward_logits(policy, *anchor[:2]), anchor[0], anchor[2])
+            anchor_logps = tidpo.token_logps(forward_logits(module, *anchor[:2]), anchor[0], anchor[2])
             anchor_logratio = (anchor_logps - reference_logps(ref, *anchor, autocast)[1]).sum(-1)
     else:
         anchor_logratio = None
@@ -300,10 +367,13 @@ def tidpo_step(policy, ref, batch, tokenizer, args, device, autocast):
     if tidpo_on and args.kl_alpha != 0:
         kl_both = tidpo.sequence_kl(logits, ref_logits.clone(), response_mask)
         kl = {"kl_chosen": kl_both[:n], "kl_rejected": kl_both[n:]}
-    return tidpo.tidpo_loss(
+    loss, metrics = tidpo.tidpo_loss(
         logps[:n], logps[n:], ref_logps[:n], ref_logps[n:], weights[:n], weights[n:], beta=args.beta,
         anchor_logratio=anchor_logratio, gamma=args.gamma if tidpo_on else 0.0, margin=args.margin,
         kl_alpha=args.kl_alpha if tidpo_on else 0.0, **kl)
+    if kl:  # the KL term sits inside loss/dpo_w; logged apart, so that a bad KL can be told from a bad margin
+        metrics["loss/kl"] = (args.kl_alpha * (kl["kl_rejected"] - kl["kl_chosen"])).detach().mean()
+    return loss, metrics
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -503,13 +573,178 @@ def bench(args, argv, device, autocast):
     return ratios
 
 
-def make_output_dir(args):
+# ----------------------------------------------------------------------------- processes, checkpoints, failures
+
+
+def setup_distributed(device):
+    """(rank, world_size, device). Under torchrun (WORLD_SIZE > 1) this process joins the group that
+    torchrun's environment variables describe: NCCL on CUDA, one GPU per process, else gloo. A plain
+    `python train.py` is one process, with no group."""
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    if world_size == 1:
+        return 0, 1, device
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+        dist.init_process_group("nccl", device_id=device)
+    else:
+        dist.init_process_group("gloo")
+    atexit.register(dist.destroy_process_group)
+    return dist.get_rank(), world_size, device
+
+
+# A checkpoint continues the run that wrote it: these flags may differ on --resume, the rest may not.
+MAY_CHANGE_ON_RESUME = ("steps", "epochs", "lr", "fp32", "device", "log_every", "save_every", "keep_last",
+                        "output_dir", "resume")
+CHECKPOINT_FORMAT = "tidpo train.py checkpoint, version 1"
+CHECKPOINT_NAME = re.compile(r"step-(\d+)\.pt")
+
+
+def saved_checkpoints(run_dir):
+    """[(step, path)] of the checkpoints in a run folder, oldest first."""
+    folder = os.path.join(run_dir, "checkpoints")
+    names = os.listdir(folder) if os.path.isdir(folder) else []
+    return sorted((int(m[1]), os.path.join(folder, m[0])) for m in map(CHECKPOINT_NAME.fullmatch, names) if m)
+
+
+def save_atomically(obj, path):
+    """torch.save to a temporary name in the same folder, then rename: a crash while writing leaves
+    the previous file whole, never a torn one (os.replace is atomic within a file system)."""
+    temporary = path + ".tmp"
+    with open(temporary, "wb") as file:
+        torch.save(obj, file)
+        file.flush()
+        os.fsync(file.fileno())  # on disk before the rename makes it the checkpoint
+    os.replace(temporary, path)
+
+
+def save_checkpoint(state, run_dir, keep_last):
+    """Write checkpoints/step-N.pt and delete all but the newest `keep_last`; returns its path."""
+    path = os.path.join(run_dir, "checkpoints", f"step-{state['step']:06d}.pt")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    save_atomically(state, path)
+    for _, old in saved_checkpoints(run_dir)[:-keep_last]:
+        os.remove(old)
+    return path
+
+
+def random_states(device, world_size):
+    """Every process's random-number states (a collective call under torchrun): anchors are sampled
+    from them, so a resumed run draws what the uninterrupted run would have drawn."""
+    state = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
+    if world_size == 1:
+        return [state]
+    states = [None] * world_size
+    dist.all_gather_object(states, state)
+    return states
+
+
+def find_resume_checkpoint(args):
+    """The checkpoint file that --resume names. Without --output-dir, the run continues in the folder
+    of the run that wrote it."""
+    if args.resume == "latest":
+        if args.output_dir is None:
+            raise SystemExit("error: --resume latest needs --output-dir, the folder of the run to continue")
+        saved = saved_checkpoints(args.output_dir)
+        if not saved:
+            raise SystemExit(f"error: --resume latest: {args.output_dir} holds no checkpoints "
+                             f"({os.path.join(args.output_dir, 'checkpoints', 'step-N.pt')}); a run writes them "
+                             f"with --save-every N")
+        return saved[-1][1]
+    if not os.path.exists(args.resume):
+        raise SystemExit(f"error: --resume {args.resume}: no such file")
+    if os.path.isdir(args.resume):
+        raise SystemExit(f"error: --resume {args.resume}: is a folder; name a checkpoint file "
+                         f"(<run>/checkpoints/step-N.pt), or use --resume latest --output-dir <run>")
+    if args.output_dir is None:
+        args.output_dir = run_dir_of(args.resume)
+    return args.resume
+
+
+def run_dir_of(checkpoint_path):
+    return os.path.dirname(os.path.dirname(os.path.abspath(checkpoint_path)))  # <run>/checkpoints/step-N.pt
+
+
+def load_checkpoint(path, args, world_size):
+    """The checkpoint's state, with the frozen reference's weights under "reference", after checking
+    that it continues this run."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # not a torch file, a truncated one, a pickle of something else
+        raise SystemExit(f"error: --resume {path}: cannot be read as a checkpoint "
+                         f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''})") from None
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise SystemExit(f"error: --resume {path}: not a checkpoint written by train.py")
+    saved, now = state["args"], vars(args)
+    changed = [f"--{name.replace('_', '-')} {saved[name]} (now {now[name]})" for name in saved
+               if name in now and name not in MAY_CHANGE_ON_RESUME and not name.startswith("bench")
+               and saved[name] != now[name]]
+    if changed:
+        raise SystemExit(f"error: --resume {path}: that run had {', '.join(changed)}; resume with the run's "
+                         f"own flags, or start a new run in another --output-dir")
+    if state["world_size"] != world_size:
+        raise SystemExit(f"error: --resume {path}: it was written by a run of world size {state['world_size']}, "
+                         f"this one has world size {world_size}; resume with torchrun "
+                         f"--nproc_per_node={state['world_size']} (each process continues its own random stream)")
+    reference = os.path.join(os.path.dirname(path), "reference.pt")
+    if not os.path.isfile(reference):
+        raise SystemExit(f"error: --resume {path}: {reference}, the frozen reference of that run, is missing")
+    state["reference"] = torch.load(reference, map_location="cpu", weights_only=True)
+    return state
+
+
+def load_weights(model, state_dict, checkpoint_path):
+    try:
+        model.load_state_dict(state_dict)
+    except RuntimeError as error:  # missing or extra tensors, other shapes: the model is not the run's
+        raise SystemExit(f"error: --resume {checkpoint_path}: its weights do not fit this model "
+                         f"({str(error).splitlines()[0]})") from None
+
+
+def make_output_dir(args, resume_path=None, rank=0, world_size=1):
+    """Create --output-dir. It must be new or empty, unless --resume continues the run that lives there."""
     if args.output_dir is None:
         args.output_dir = os.path.join("runs", f"{args.loss}-{datetime.now():%Y%m%d-%H%M%S}")
-    if os.path.isdir(args.output_dir) and os.listdir(args.output_dir):
-        raise SystemExit(f"error: {args.output_dir} already holds files of an earlier run; "
-                         f"choose another --output-dir (or remove that folder)")
-    os.makedirs(args.output_dir, exist_ok=True)
+        if world_size > 1:  # rank 0's clock names the folder of every process
+            name = [args.output_dir]
+            dist.broadcast_object_list(name)
+            args.output_dir = name[0]
+    held = sorted(os.listdir(args.output_dir)) if os.path.isdir(args.output_dir) else []
+    own_run = bool(held and resume_path) and os.path.samefile(run_dir_of(resume_path), args.output_dir)
+    if held and not own_run:
+        saved = saved_checkpoints(args.output_dir)
+        if saved:
+            how = (f"to continue that run from its checkpoint of step {saved[-1][0]}, add --resume latest; to "
+                   f"start a new one, choose another --output-dir")
+        else:
+            how = "it has no checkpoints to continue from; choose another --output-dir (or remove that folder)"
+        raise SystemExit(f"error: --output-dir {args.output_dir} already holds an earlier run "
+                         f"({', '.join(held)}); {how}")
+    if world_size > 1:
+        dist.barrier()  # every process has looked at the folder before rank 0 writes to it
+    if rank == 0:
+        os.makedirs(args.output_dir, exist_ok=True)
+
+
+def non_finite_message(step, values, args, device, checkpoint):
+    terms = {"dpo_w": "loss/dpo_w", "triplet": "loss/triplet", "kl": "loss/kl"}
+    bad = [term for term, name in terms.items() if name in values and not math.isfinite(values[name])]
+    if bad:
+        what = f"the loss is {values['loss']} (not finite in: {', '.join(bad)})"
+    else:
+        what = f"the gradient norm is {values['grad_norm']} while the loss is finite ({values['loss']:.4g})"
+    terms_now = ", ".join(f"{term} {values[name]:.4g}" for term, name in terms.items() if name in values)
+    advice = [f"a lower --lr (now {args.lr:g})", "a check of the training data (very long or degenerate "
+              "responses, the same text as chosen and rejected)"]
+    if device.type == "cuda" and not args.fp32:
+        advice.append("--fp32 (bfloat16 overflows sooner)")
+    if checkpoint:
+        where = (f"the last checkpoint, {checkpoint}, is intact: continue from it with --resume latest "
+                 f"--output-dir {args.output_dir} (a new --lr is allowed)")
+    else:
+        where = "no checkpoint was written (--save-every N writes them)"
+    return (f"error: step {step}: {what}; loss terms: {terms_now}; grad_norm {values['grad_norm']:.4g}. The run "
+            f"stopped before applying this update; {where}. Try {'; '.join(advice)}.")
 
 
 def main(argv=None):
@@ -517,72 +752,158 @@ def main(argv=None):
     args = parse_args(argv)
     torch.manual_seed(args.seed)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    # bfloat16 autocast on CUDA; plain float32 on the CPU
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    # bfloat16 autocast on CUDA (unless --fp32); plain float32 on the CPU
+    use_bf16 = device.type == "cuda" and not args.fp32
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 else nullcontext()
     if args.bench:
         return bench(args, argv, device, autocast)
+    rank, world_size, device = setup_distributed(device)
     # Everything that can fail on the user's input comes before the output folder is made.
     tokenizer = load_tokenizer(args)
     train_pairs, heldout_pairs = load_data(args, tokenizer)
-    make_output_dir(args)
+    if len(train_pairs) < world_size:
+        raise SystemExit(f"error: too few training pairs ({len(train_pairs)}) for {world_size} processes: each "
+                         f"process needs at least one")
+    resume_path = find_resume_checkpoint(args) if args.resume else None
+    resume = load_checkpoint(resume_path, args, world_size) if resume_path else None
+    make_output_dir(args, resume_path, rank, world_size)
     metrics_path = os.path.join(args.output_dir, "metrics.jsonl")
 
     def log(line, record=None):
+        if rank != 0:  # every process computes the same numbers; one of them reports
+            return
         print(line, flush=True)
         if record is not None:
             with open(metrics_path, "a") as metrics_file:
                 metrics_file.write(json.dumps(record) + "\n")
     policy = build_models(args, device, tokenizer)
     n_params = sum(p.numel() for p in policy.parameters())
-    log(f"model: {args.model or 'tiny Llama (built-in)'}, {n_params / 1e6:.2f}M parameters, on {device}; "
+    log(f"model: {args.model or 'tiny Llama (built-in)'}, {n_params / 1e6:.2f}M parameters, on {device}"
+        f"{f' x {world_size} processes' if world_size > 1 else ''}; "
         f"{len(train_pairs)} training pairs, {len(heldout_pairs)} held-out")
-    if args.model is None:
+    if resume:
+        load_weights(policy, resume["policy"], resume_path)
+    elif args.model is None:
         sft(policy, train_pairs, tokenizer, args, device, autocast, log)
+    # The training step runs the policy through DDP, which averages the gradients over the
+    # processes; its constructor also gives every process rank 0's weights.
+    train_policy = policy
+    if world_size > 1:
+        train_policy = DistributedDataParallel(policy, device_ids=[device] if device.type == "cuda" else None,
+                                               forward_sync_buffers=False)  # the buffers are constants (rotary)
+        # gradient_attribution takes the embedding layer from the model it runs: lend it the module's
+        train_policy.get_input_embeddings = policy.get_input_embeddings
     # Algorithm 1: pi_ref is a frozen copy of the starting policy.
     ref = copy.deepcopy(policy).requires_grad_(False).eval()
+    if resume:  # the starting policy of the run that wrote the checkpoint (for the built-in task, after SFT)
+        load_weights(ref, resume["reference"], resume_path)
     judge = args.data is None
 
-    before = evaluate(policy, ref, heldout_pairs, tokenizer, args, device, autocast, with_samples=False)
-    log(f"held-out before: accuracy {before['accuracy']:.3f}, margin {before['margin']:.4f}",
-        {"phase": "eval", "when": "before", **before})
+    if resume:
+        before = resume["before"]
+    else:
+        before = evaluate(policy, ref, heldout_pairs, tokenizer, args, device, autocast, with_samples=False)
+        log(f"held-out before: accuracy {before['accuracy']:.3f}, margin {before['margin']:.4f}",
+            {"phase": "eval", "when": "before", **before})
 
     if args.optimizer == "adamw":
         optimizer = torch.optim.AdamW(policy.parameters(), lr=args.lr, weight_decay=0.0)
     else:
         optimizer = torch.optim.RMSprop(policy.parameters(), lr=args.lr)
     steps = args.steps or max(1, math.ceil(args.epochs * len(train_pairs) / (args.batch_size * args.grad_accum)))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min(1.0, (s + 1) / (args.warmup_steps + 1)))
+
+    def warmup(s):
+        return min(1.0, (s + 1) / (args.warmup_steps + 1))
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup)
 
     generator = torch.Generator().manual_seed(args.seed)
+    # The data position: the generator's state when this epoch's order was drawn, and how many of
+    # the epoch's batches were taken. A checkpoint keeps both, and a resumed run redraws the same
+    # order and skips what was taken.
+    epoch_start, taken = None, 0
     stream = iter(())
-    sums, count, t0 = {}, 0, time.perf_counter()
-    history = []
-    for step in range(1, steps + 1):
-        for _ in range(args.grad_accum):
+    sums, count, history, first_step = {}, 0, [], 1
+    torch.manual_seed(args.seed + rank)  # each process samples its anchors from a stream of its own
+    reference_path = os.path.join(args.output_dir, "checkpoints", "reference.pt")
+    checkpoint = None  # the newest checkpoint this run wrote or resumed from
+    if resume:
+        optimizer.load_state_dict(resume["optimizer"])
+        scheduler.load_state_dict(resume["scheduler"])
+        if args.lr != resume["args"]["lr"]:  # a new learning rate from here on (say, after a non-finite loss)
+            scheduler.base_lrs = [args.lr for _ in optimizer.param_groups]
+            for group in optimizer.param_groups:
+                group["initial_lr"], group["lr"] = args.lr, args.lr * warmup(scheduler.last_epoch)
+        generator.set_state(resume["data"]["epoch_start"])
+        epoch_start, taken = resume["data"]["epoch_start"], resume["data"]["taken"]
+        stream = batches(train_pairs, args.batch_size, tokenizer.pad_token_id, generator, skip=taken)
+        torch.set_rng_state(resume["random"][rank]["cpu"])
+        if device.type == "cuda" and resume["random"][rank]["cuda"] is not None:
+            torch.cuda.set_rng_state(resume["random"][rank]["cuda"], device)
+        sums, count, history = resume["window"]["sums"], resume["window"]["count"], resume["history"]
+        first_step, checkpoint = resume["step"] + 1, resume_path
+        log(f"resumed from {resume_path}: step {resume['step']} of {steps} done",
+            {"phase": "resume", "step": resume["step"], "checkpoint": resume_path})
+    if args.save_every and rank == 0 and not os.path.exists(reference_path):
+        os.makedirs(os.path.dirname(reference_path), exist_ok=True)
+        save_atomically(ref.state_dict(), reference_path)  # once: every checkpoint of this run needs it
+    t0 = time.perf_counter()
+    for step in range(first_step, steps + 1):
+        step_sums = {}
+        for micro_step in range(args.grad_accum):
             batch = next(stream, None)
-            if batch is None:  # a new epoch
+            # A new epoch. A last batch with fewer pairs than processes is left out (never in one process).
+            if batch is None or len(batch["chosen_input_ids"]) < world_size:
+                epoch_start, taken = generator.get_state(), 0
                 stream = batches(train_pairs, args.batch_size, tokenizer.pad_token_id, generator)
                 batch = next(stream)
-            loss, metrics = tidpo_step(policy, ref, batch, tokenizer, args, device, autocast)
-            (loss / args.grad_accum).backward()
+            taken += 1
+            batch, share = shard(batch, rank, world_size)
+            # DDP reduces the gradients only at the last micro-batch of a step.
+            last = micro_step == args.grad_accum - 1
+            with train_policy.no_sync() if world_size > 1 and not last else nullcontext():
+                loss, metrics = tidpo_step(train_policy, ref, batch, tokenizer, args, device, autocast)
+                # DDP averages the processes' gradients. Weighting each process's batch-mean loss by
+                # its share of the pairs times the number of processes makes that average the
+                # gradient of the whole batch's mean loss, however the pairs split.
+                (loss * (share * world_size / args.grad_accum)).backward()
             for name, value in {"loss": loss.detach(), **metrics}.items():
-                sums[name] = sums.get(name, 0) + value  # tensors: no host sync inside the loop
-            count += 1
+                step_sums[name] = step_sums.get(name, 0) + value * (share / args.grad_accum)
+        names = list(step_sums)
+        values = torch.stack([step_sums[name] for name in names])
+        if world_size > 1:
+            dist.all_reduce(values)  # the shares add up to the whole batch's means
         if args.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm)
+            grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm)
+        else:
+            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in policy.parameters() if p.grad is not None])
+        # The step's one wait for the device: its numbers, checked before the update is applied.
+        values = dict(zip([*names, "grad_norm"], torch.cat([values, grad_norm.reshape(1).to(values)]).tolist()))
+        if not all(math.isfinite(value) for value in values.values()):
+            raise SystemExit(non_finite_message(step, values, args, device, checkpoint))
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
+        for name, value in values.items():
+            sums[name] = sums.get(name, 0.0) + value
+        count += 1
 
         if step % args.log_every == 0 or step == steps:
-            means = {name: (value / count).item() for name, value in sums.items()}
-            seconds = (time.perf_counter() - t0) / (count / args.grad_accum)
+            means = {name: value / count for name, value in sums.items()}
+            seconds = (time.perf_counter() - t0) / count
             log(f"step {step}/{steps} | loss {means['loss']:.4f} | acc {means['rewards/accuracies']:.2f} | "
                 f"margin {means['rewards/margins']:.4f} | {seconds:.2f} s/step",
                 {"phase": "train", "step": step, "seconds_per_step": seconds, **means})
             history.append({"step": step, **means})
             sums, count, t0 = {}, 0, time.perf_counter()
+        if args.save_every and (step % args.save_every == 0 or step == steps):
+            state = {"format": CHECKPOINT_FORMAT, "step": step, "args": vars(args), "world_size": world_size,
+                     "policy": policy.state_dict(), "optimizer": optimizer.state_dict(),
+                     "scheduler": scheduler.state_dict(), "random": random_states(device, world_size),
+                     "data": {"epoch_start": epoch_start, "taken": taken},
+                     "window": {"sums": sums, "count": count}, "history": history, "before": before}
+            if rank == 0:
+                checkpoint = save_checkpoint(state, args.output_dir, args.keep_last)
 
     after = evaluate(policy, ref, heldout_pairs, tokenizer, args, device, autocast, with_samples=judge)
     line = f"held-out after: accuracy {after['accuracy']:.3f}, margin {after['margin']:.4f}"
@@ -593,8 +914,9 @@ def main(argv=None):
     from transformers.utils.logging import disable_progress_bar
 
     disable_progress_bar()  # the save's progress bar would interleave with the log lines
-    policy.save_pretrained(os.path.join(args.output_dir, "policy"))
-    tokenizer.save_pretrained(os.path.join(args.output_dir, "policy"))
+    if rank == 0:
+        policy.save_pretrained(os.path.join(args.output_dir, "policy"))
+        tokenizer.save_pretrained(os.path.join(args.output_dir, "policy"))
     log(f"saved the policy and tokenizer to {os.path.join(args.output_dir, 'policy')} and the metrics to "
         f"{metrics_path}")
     return {"before": before, "after": after, "history": history, "output_dir": args.output_dir}
@@ -604,4 +926,7 @@ if __name__ == "__main__":
     try:
         main()
     except data.DataError as error:  # a user's data mistake: the message names file, line and field
-        sys.exit(f"error: {error}")
+        sys.exit(f"error: {error}" if int(os.environ.get("RANK", 0)) == 0 else 1)
+    except SystemExit as error:
+        # Under torchrun every process meets the same error; one message is enough.
+        sys.exit(error.code if int(os.environ.get("RANK", 0)) == 0 or not isinstance(error.code, str) else 1)
