@@ -349,9 +349,11 @@ def sft(model, pairs, tokenizer, args, device, autocast, log):
             with autocast:
                 logps = tidpo.token_logps(forward_logits(model, input_ids, attention_mask), input_ids, response_mask)
             loss = -logps.sum() / response_mask.sum()
-            optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            # cleared after the step, so that the last SFT gradient is not added to the first
+            # preference step's (that loop only clears after its own steps)
+            optimizer.zero_grad(set_to_none=True)
             step += 1
             if step % (args.log_every * 10) == 0 or step == args.sft_steps:
                 log(f"sft step {step}/{args.sft_steps} | loss {loss.item():.4f}")

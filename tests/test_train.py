@@ -204,6 +204,19 @@ def test_builtin_run_gives_no_deprecation_warnings(builtin_run):
     assert not bad, "\n".join(bad)
 
 
+def test_sft_leaves_no_gradient_behind_for_the_first_preference_step(one_thread):
+    # The preference loop clears gradients after its steps only: a gradient left by the SFT would be
+    # added to its first one.
+    from contextlib import nullcontext
+
+    args = train.parse_args(["--sft-steps", "2", "--batch-size", "4"])
+    tokenizer = train.load_tokenizer(args)
+    model = train.build_models(args, torch.device("cpu"), tokenizer)
+    train.sft(model, train.load_data(args, tokenizer)[0][:8], tokenizer, args, torch.device("cpu"), nullcontext(),
+              lambda line: None)
+    assert all(parameter.grad is None for parameter in model.parameters())
+
+
 # ----------------------------------------------------------------------------- 2. and 8. DPO, ablations
 
 
