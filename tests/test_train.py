@@ -149,10 +149,14 @@ def test_builtin_tidpo_lowers_the_loss_and_learns_the_preference(builtin_run):
     assert_finite_history(history, steps=30, log_every=10)
     assert history[-1]["loss"] < history[0]["loss"] - 0.02
     # policy == reference before training: every margin is 0 and ties count half
-    assert result["before"] == {"accuracy": 0.5, "margin": 0.0}
+    assert {k: result["before"][k] for k in ("accuracy", "margin")} == {"accuracy": 0.5, "margin": 0.0}
     assert result["after"]["accuracy"] >= result["before"]["accuracy"] + 0.3
     assert result["after"]["margin"] > 0
-    assert set(result["after"]) == {"accuracy", "margin", "judge/policy", "judge/reference"}
+    placement = {f"weights/{kind}/{side}/{metric}" for kind in ("attribution", "hybrid", "prior", "uniform")
+                 for side in ("chosen", "rejected") for metric in ("share", "top_k")}
+    assert set(result["before"]) == {"accuracy", "margin"} | placement
+    assert set(result["after"]) == {"accuracy", "margin", "judge/policy", "judge/reference", "win_rate", "distinct_2",
+                                    "distinct_4", "token_entropy", "self_bleu"} | placement
     assert all(math.isfinite(v) for v in result["after"].values())
     assert result["output_dir"] == str(builtin_run["output_dir"])
 
