@@ -408,7 +408,7 @@ def parse_args(argv):
     w.add_argument("--lam", type=float, default=0.7, help="lambda of Eq. 8 for the hybrid weight")
     w.add_argument("--seed", type=int, default=0, help="built-in task and SFT reference seed")
     w.add_argument("--sft-steps", type=int, default=300, help="SFT steps of the built-in reference")
-    w.add_argument("--max-length", type=int, default=256, help="prompt + response tokens (--data)")
+    w.add_argument("--max-length", type=int, default=256, help="prompt + response tokens, as in train.py")
     w.add_argument("--output-dir", default=os.path.join("runs", "weights"), help="where the JSON and HTML go")
     args, rest = p.parse_known_args(argv)
     if args.command == "weights" and rest:
