@@ -149,10 +149,14 @@ def test_builtin_tidpo_lowers_the_loss_and_learns_the_preference(builtin_run):
     assert_finite_history(history, steps=30, log_every=10)
     assert history[-1]["loss"] < history[0]["loss"] - 0.02
     # policy == reference before training: every margin is 0 and ties count half
-    assert result["before"] == {"accuracy": 0.5, "margin": 0.0}
+    assert {k: result["before"][k] for k in ("accuracy", "margin")} == {"accuracy": 0.5, "margin": 0.0}
     assert result["after"]["accuracy"] >= result["before"]["accuracy"] + 0.3
     assert result["after"]["margin"] > 0
-    assert set(result["after"]) == {"accuracy", "margin", "judge/policy", "judge/reference"}
+    placement = {f"weights/{kind}/{side}/{metric}" for kind in ("attribution", "hybrid", "prior", "uniform")
+                 for side in ("chosen", "rejected") for metric in ("share", "top_k")}
+    assert set(result["before"]) == {"accuracy", "margin"} | placement
+    assert set(result["after"]) == {"accuracy", "margin", "judge/policy", "judge/reference", "win_rate", "distinct_2",
+                                    "distinct_4", "token_entropy", "self_bleu"} | placement
     assert all(math.isfinite(v) for v in result["after"].values())
     assert result["output_dir"] == str(builtin_run["output_dir"])
 
@@ -202,6 +206,19 @@ def test_builtin_run_gives_no_deprecation_warnings(builtin_run):
            for w in builtin_run["warnings"]
            if issubclass(w.category, (DeprecationWarning, PendingDeprecationWarning, FutureWarning)) and ours(w)]
     assert not bad, "\n".join(bad)
+
+
+def test_sft_leaves_no_gradient_behind_for_the_first_preference_step(one_thread):
+    # The preference loop clears gradients after its steps only: a gradient left by the SFT would be
+    # added to its first one.
+    from contextlib import nullcontext
+
+    args = train.parse_args(["--sft-steps", "2", "--batch-size", "4"])
+    tokenizer = train.load_tokenizer(args)
+    model = train.build_models(args, torch.device("cpu"), tokenizer)
+    train.sft(model, train.load_data(args, tokenizer)[0][:8], tokenizer, args, torch.device("cpu"), nullcontext(),
+              lambda line: None)
+    assert all(parameter.grad is None for parameter in model.parameters())
 
 
 # ----------------------------------------------------------------------------- 2. and 8. DPO, ablations

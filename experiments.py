@@ -1,0 +1,430 @@
+"""Experiments on top of train.py: a grid of methods x label noise x seeds, and token weights to look at.
+
+    python experiments.py grid                                   # the default grid, see --help for its size
+    python experiments.py grid --methods dpo tidpo --noise 0 0.4 --seeds 0 1 --steps 64
+    python experiments.py weights --pair 3                       # a held-out pair of the built-in task
+    python experiments.py weights --model runs/x/policy --data prefs.jsonl --index 0
+
+grid runs train.main once per (method, label noise, seed) on the built-in task and prints held-out
+accuracy in the shape of the paper's Table B8 (one row per method, one column per noise level, mean
+and standard deviation over seeds), then the other held-out metrics of train.evaluate at the lowest
+noise level. It writes OUTPUT/table.csv, table.md, summary.md, runs.csv (every metric of every
+run), curves.png and accuracy_vs_noise.png, and each run's folder and log under OUTPUT/runs/.
+Flags it does not know go to every train.py run (e.g. --sft-steps 60); a method's own flags win.
+
+weights shows each response token of one pair shaded by its hybrid weight (Eq. 8): in the terminal
+and as an HTML file, with the raw attribution (Eq. 6), the Gaussian prior (Eq. 7) and the hybrid
+weight of every token written as JSON.
+"""
+
+import argparse
+import copy
+import csv
+import html
+import json
+import multiprocessing
+import os
+import statistics
+import sys
+import time
+from contextlib import redirect_stdout, nullcontext
+from datetime import datetime
+from unittest import mock
+
+import torch
+
+import data
+import tidpo
+import train
+
+# Paper Table 2 and the baselines: each is a set of train.py flags on top of the same defaults.
+METHODS = {
+    "dpo": ["--loss", "dpo"],
+    "tidpo": ["--loss", "tidpo"],
+    "tidpo_no_triplet": ["--loss", "tidpo", "--gamma", "0"],
+    "uniform_weights": ["--loss", "tidpo", "--weights", "uniform"],
+    "random_weights": ["--loss", "tidpo", "--weights", "random"],
+    "no_prior": ["--loss", "tidpo", "--lam", "1"],
+    "prior_only": ["--loss", "tidpo", "--lam", "0"],
+    "tdpo2_kl": ["--loss", "tidpo", "--kl-alpha", "0.5"],
+}
+NOISE = [0.0, 0.1, 0.2, 0.4]  # Table B8's noise levels
+SEEDS = [0, 1, 2]
+STEPS = 128  # 4 epochs of the 512 built-in training pairs at batch 16
+
+
+# ----------------------------------------------------------------------------- grid: running
+
+
+def run_group(job):
+    """Every method at one (label noise, seed), one after the other, on one thread.
+
+    The SFT is done by the group's first run only; the others load a copy of its weights.
+    That gives the same numbers as separate runs: the SFT depends on the seed, the label noise
+    (it reorders each batch's rows, which changes the float sums) and the shared flags, never on
+    a method's flags, and it leaves nothing behind but the weights (no gradient, no draw from the
+    global random generator). Across noise levels it cannot be shared, for the float sums' sake.
+
+    One thread, because the model is tiny (two one-thread runs side by side beat one two-thread run
+    by far) and a run's numbers depend on the thread count: `OMP_NUM_THREADS=1 python train.py ...`
+    with a run's flags (its "argv") gives that run's numbers.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    sft_weights = {}
+    first_sft = train.sft
+
+    def sft_once(model, *args):
+        if sft_weights:
+            model.load_state_dict(sft_weights)
+        else:
+            first_sft(model, *args)
+            sft_weights.update(copy.deepcopy(model.state_dict()))
+
+    records = []
+    try:
+        with mock.patch.object(train, "sft", sft_once):
+            for method in job["methods"]:
+                name = f"{method}-noise{job['noise']}-seed{job['seed']}"
+                run_dir = os.path.join(job["output_dir"], "runs", name)
+                argv = [*job["train_args"], *METHODS[method], "--label-noise", str(job["noise"]),
+                        "--seed", str(job["seed"]), "--output-dir", run_dir]
+                start = time.perf_counter()
+                with open(run_dir + ".log", "w") as log, redirect_stdout(log):
+                    result = train.main(argv)
+                seconds = time.perf_counter() - start
+                print(f"{name}: held-out accuracy {result['after']['accuracy']:.3f} ({seconds:.1f} s)", flush=True)
+                records.append({"method": method, "noise": job["noise"], "seed": job["seed"], "seconds": seconds,
+                                "argv": argv, **result})
+    finally:
+        torch.set_num_threads(threads)
+    return records
+
+
+def run_grid(methods, noise_levels, seeds, train_args, output_dir, jobs):
+    """Records of every run (train.main's result plus method, noise, seed, seconds, argv), in the
+    order methods x noise x seeds."""
+    os.makedirs(os.path.join(output_dir, "runs"), exist_ok=True)
+    groups = [{"methods": methods, "noise": noise, "seed": seed, "train_args": train_args, "output_dir": output_dir}
+              for noise in noise_levels for seed in seeds]
+    if jobs == 1:
+        results = [run_group(group) for group in groups]
+    else:
+        # spawn: a forked child would inherit torch's thread pools in whatever state they are
+        with multiprocessing.get_context("spawn").Pool(jobs) as pool:
+            results = pool.map(run_group, groups, chunksize=1)
+    return sorted((r for records in results for r in records),
+                  key=lambda r: (methods.index(r["method"]), noise_levels.index(r["noise"]), seeds.index(r["seed"])))
+
+
+# ----------------------------------------------------------------------------- grid: tables and plots
+
+
+def mean_and_spread(values):
+    """(mean, sample standard deviation); the spread is None for a single value."""
+    return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else None)
+
+
+def cell(values, digits=3):
+    mean, spread = mean_and_spread(values)
+    return f"{mean:.{digits}f}" if spread is None else f"{mean:.{digits}f} ± {spread:.{digits}f}"
+
+
+def values_of(records, metric, **where):
+    return [r["after"][metric] for r in records if all(r[k] == v for k, v in where.items())]
+
+
+def markdown(header, rows):
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows]) + "\n"
+
+
+def noise_label(noise):
+    return f"{100 * noise:g}%"
+
+
+def write_tables(records, methods, noise_levels, output_dir):
+    """Table B8 as table.csv and table.md, the other metrics as summary.md, every run as runs.csv.
+    Returns the text printed for the user."""
+    n_seeds = len({r["seed"] for r in records})
+    seeds = f"mean ± standard deviation over {n_seeds} seeds" if n_seeds > 1 else "1 seed"
+    title = f"Held-out preference accuracy by label noise ({seeds})"
+    header = ["method"] + [f"noise {noise_label(n)}" for n in noise_levels]
+    rows = [[m] + [cell(values_of(records, "accuracy", method=m, noise=n)) for n in noise_levels] for m in methods]
+    table = markdown(header, rows)
+    with open(os.path.join(output_dir, "table.md"), "w") as f:
+        f.write(f"{title}\n\n{table}")
+    with open(os.path.join(output_dir, "table.csv"), "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["method"] + [f"{kind}@{noise_label(n)}" for n in noise_levels for kind in ("mean", "sd")])
+        for m in methods:
+            row = [m]
+            for n in noise_levels:
+                mean, sd = mean_and_spread(values_of(records, "accuracy", method=m, noise=n))
+                row += [mean, "" if sd is None else sd]
+            writer.writerow(row)
+
+    # At the lowest noise level: the preference, the judge, the diversity (Table B9) and where the
+    # hybrid weights of the trained policy go, next to uniform weights' share (the chance level).
+    low = min(noise_levels)
+    columns = {"accuracy": "accuracy", "margin": "margin", "judge/policy": "judge", "win_rate": "win rate",
+               "distinct_2": "distinct-2", "distinct_4": "distinct-4", "token_entropy": "entropy (bits)",
+               "self_bleu": "self-BLEU", "weights/hybrid/chosen/share": "hybrid share (chosen)",
+               "weights/hybrid/chosen/top_k": "hybrid top-k (chosen)",
+               "weights/uniform/chosen/share": "uniform share (chosen)"}
+    summary_title = f"Other held-out metrics at noise {noise_label(low)} ({seeds})"
+    summary = markdown(["method", *columns.values()],
+                       [[m] + [cell(values_of(records, c, method=m, noise=low)) for c in columns] for m in methods])
+    kinds = ["attribution", "hybrid", "prior", "uniform"]
+    placement_method = "tidpo" if "tidpo" in methods else methods[0]
+    placement_title = (f"Where the weights go: {placement_method} policies at noise {noise_label(low)}; share of "
+                       f"the weight on the critical phrase and top-k hit rate (k = its length)")
+    placement = markdown(["weights", "share (chosen)", "share (rejected)", "top-k (chosen)", "top-k (rejected)"],
+                         [[k] + [cell(values_of(records, f"weights/{k}/{side}/{metric}", method=placement_method,
+                                                noise=low))
+                                 for metric in ("share", "top_k") for side in ("chosen", "rejected")]
+                          for k in kinds])
+    with open(os.path.join(output_dir, "summary.md"), "w") as f:
+        f.write(f"{summary_title}\n\n{summary}\n{placement_title}\n\n{placement}")
+
+    metrics = list(records[0]["after"])
+    with open(os.path.join(output_dir, "runs.csv"), "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["method", "noise", "seed", "seconds", *metrics])
+        for r in records:
+            writer.writerow([r["method"], r["noise"], r["seed"], r["seconds"], *(r["after"][m] for m in metrics)])
+    return f"{title}\n\n{table}\n{summary_title}\n\n{summary}\n{placement_title}\n\n{placement}"
+
+
+def write_plots(records, methods, noise_levels, output_dir):
+    """curves.png: training loss (mean over seeds) by step, one panel per noise level;
+    accuracy_vs_noise.png: held-out accuracy against label noise, mean and spread over seeds."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display needed
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(noise_levels), figsize=(4.5 * len(noise_levels), 4), squeeze=False, sharey=True)
+    for ax, noise in zip(axes[0], noise_levels):
+        for method in methods:
+            histories = [r["history"] for r in records if r["method"] == method and r["noise"] == noise]
+            steps = [h["step"] for h in histories[0]]
+            ax.plot(steps, [statistics.mean(h[i]["loss"] for h in histories) for i in range(len(steps))], label=method)
+        ax.set_title(f"label noise {noise_label(noise)}")
+        ax.set_xlabel("step")
+    axes[0][0].set_ylabel("training loss (mean over seeds)")
+    axes[0][-1].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(os.path.join(output_dir, "curves.png"), dpi=120)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for method in methods:
+        stats = [mean_and_spread(values_of(records, "accuracy", method=method, noise=n)) for n in noise_levels]
+        ax.errorbar([100 * n for n in noise_levels], [mean for mean, _ in stats],
+                    yerr=[spread or 0.0 for _, spread in stats], label=method, marker="o", capsize=3)
+    ax.set_xlabel("label noise (%)")
+    ax.set_ylabel("held-out accuracy")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(os.path.join(output_dir, "accuracy_vs_noise.png"), dpi=120)
+    plt.close(fig)
+
+
+def cpu_name():
+    with open("/proc/cpuinfo") as cpuinfo:
+        return next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")), "unknown CPU")
+
+
+def grid(args, train_args):
+    train.parse_args(train_args)  # a mistyped train.py flag stops here, not in the first worker
+    output_dir = args.output_dir or os.path.join("runs", f"grid-{datetime.now():%Y%m%d-%H%M%S}")
+    train_args = [*train_args, "--steps", str(args.steps)]
+    n_runs = len(args.methods) * len(args.noise) * len(args.seeds)
+    print(f"grid: {len(args.methods)} methods x {len(args.noise)} noise levels x {len(args.seeds)} seeds = {n_runs} "
+          f"runs of {args.steps} steps, {args.jobs} at a time, into {output_dir}", flush=True)
+    start = time.perf_counter()
+    records = run_grid(args.methods, args.noise, args.seeds, train_args, output_dir, args.jobs)
+    print("\n" + write_tables(records, args.methods, args.noise, output_dir))
+    write_plots(records, args.methods, args.noise, output_dir)
+    seconds = time.perf_counter() - start
+    print(f"wrote table.csv, table.md, summary.md, runs.csv, curves.png, accuracy_vs_noise.png to {output_dir}")
+    print(f"grid took {seconds // 60:.0f} min {seconds % 60:.0f} s wall-clock for {n_runs} runs ({args.jobs} at a "
+          f"time) on {cpu_name()}, {os.cpu_count()} cores")
+    return records
+
+
+# ----------------------------------------------------------------------------- token weights
+
+
+# 256-colour backgrounds from white to red (the colour cube's (5, g, g) diagonal): heavier is redder
+SHADES = [231, 224, 217, 210, 203, 196]
+# Hybrid weights average 1 over a response (scale "mean"), so shading is on that fixed scale rather
+# than relative to the largest weight, which one dominant token (often the end of sequence) would
+# set: white at 0, full red at twice the average or more.
+FULL_SHADE = 2.0
+
+
+def load_pair(args):
+    """(policy, tokenizer, encoded pair, name) as the weights command's flags ask for."""
+    flags = ["--seed", str(args.seed), "--sft-steps", str(args.sft_steps), "--max-length", str(args.max_length)]
+    train_args = train.parse_args([*flags, "--model", args.model] if args.model else flags)
+    device = torch.device("cpu")
+    torch.manual_seed(args.seed)
+    from transformers.utils.logging import disable_progress_bar
+
+    disable_progress_bar()  # the loading bar would stand above the shaded tokens
+    tokenizer = train.load_tokenizer(train_args)
+    policy = train.build_models(train_args, device, tokenizer)
+    if not args.model:  # the built-in SFT reference, made as train.py makes it
+        train.sft(policy, train.load_data(train_args, tokenizer)[0], tokenizer, train_args, device, nullcontext(),
+                  lambda line: None)
+    if args.data:
+        records = data.load_jsonl(args.data)
+        if not 0 <= args.index < len(records):
+            raise SystemExit(f"error: --index {args.index}: {args.data} has records 0 to {len(records) - 1}")
+        record = records[args.index]
+        pair = data.encode_pair(tokenizer, *data.render(tokenizer, record), args.max_length, record["source"])
+        name = f"{os.path.splitext(os.path.basename(args.data))[0]}-{args.index}"
+    else:
+        heldout = train.load_data(train_args, tokenizer)[1]
+        if not 0 <= args.pair < len(heldout):
+            raise SystemExit(f"error: --pair {args.pair}: the built-in held-out set has pairs 0 to {len(heldout) - 1}")
+        pair, name = heldout[args.pair], f"builtin-heldout-{args.pair}"
+    return policy, tokenizer, pair, name
+
+
+def token_weights(policy, tokenizer, pair, lam):
+    """{"prompt": text, "lam": lam, "chosen": [...], "rejected": [...]}: one entry per response
+    token with its text, raw attribution I (Eq. 6), Gaussian prior P_prior (Eq. 7, peak 1), hybrid
+    weight W (Eq. 8, mean 1 over the response) and, where the pair knows it (built-in task),
+    whether it belongs to the critical phrase."""
+    batch = data.collate([pair], tokenizer.pad_token_id)
+    result = {"prompt": tokenizer.decode(pair["prompt_ids"], skip_special_tokens=True), "lam": lam}
+    for side in data.RESPONSES:
+        input_ids, attention_mask, response_mask = train.rows(batch, side, torch.device("cpu"))
+        _, importance = tidpo.gradient_attribution(policy, input_ids, attention_mask, response_mask)
+        hybrid = tidpo.hybrid_weights(importance, response_mask, lam=lam)
+        keep = response_mask[0].bool()
+        ids = pair[f"{side}_ids"]
+        # Each token's text is what it adds to the decoded response, spaces included, so that the
+        # pieces put together read like the response for word-level and sub-word tokenizers alike.
+        texts = [tokenizer.decode(ids[:i + 1]) for i in range(len(ids))]
+        pieces = [text[len(before):] for text, before in zip(texts, [""] + texts[:-1])]
+        result[side] = [{"token": piece, "attribution": a, "prior": p, "hybrid": w}
+                        for piece, a, p, w in zip(pieces, importance[0][keep].tolist(),
+                                                  tidpo.gaussian_prior(len(ids)).tolist(), hybrid[0][keep].tolist())]
+        if f"{side}_critical" in pair:
+            for index, entry in enumerate(result[side]):
+                entry["critical"] = index in pair[f"{side}_critical"]
+    return result
+
+
+def intensity(weight):
+    return min(max(weight / FULL_SHADE, 0.0), 1.0)
+
+
+def terminal_text(weights):
+    """The responses as ANSI text: background by hybrid weight, critical tokens underlined."""
+    lines = [f"prompt: {weights['prompt']}"]
+    for side in data.RESPONSES:
+        text = "".join(f"\x1b[30;48;5;{SHADES[round(intensity(t['hybrid']) * (len(SHADES) - 1))]}"
+                       f"{';4' if t.get('critical') else ''}m{t['token']}\x1b[0m" for t in weights[side])
+        lines.append(f"{side}: {text}")
+    lines.append(f"background: hybrid weight, white at 0 to red at {FULL_SHADE:g}x the response's average; "
+                 f"underlined: the critical phrase")
+    return "\n".join(lines)
+
+
+HTML_PAGE = """<!doctype html>
+<html><head><meta charset="utf-8"><title>{title}</title>
+<style>
+body {{font-family: sans-serif; max-width: 60em; margin: 2em auto}}
+.tokens {{font-family: monospace; white-space: pre-wrap; line-height: 1.8}}
+</style></head><body>
+<h1>Token weights: {title}</h1>
+<p>prompt: {prompt}</p>
+{sections}
+<p>Background: the hybrid weight (Eq. 8, lambda {lam}), transparent at 0 and darkest at {full:g} times the
+response's average weight or more; underlined: the critical phrase. Hover a token for its attribution (Eq. 6),
+Gaussian prior (Eq. 7) and hybrid weight.</p>
+</body></html>
+"""
+
+
+def html_page(weights, title):
+    """A page with the responses shaded like terminal_text; hovering a token shows its numbers."""
+    sections = []
+    for side in data.RESPONSES:
+        spans = [f'<span style="background: rgba(220, 0, 0, {intensity(t["hybrid"]):.3f})'
+                 f'{"; text-decoration: underline" if t.get("critical") else ""}" title="attribution '
+                 f'{t["attribution"]:.4g}, prior {t["prior"]:.4g}, hybrid {t["hybrid"]:.4g}">'
+                 f'{html.escape(t["token"])}</span>' for t in weights[side]]
+        sections.append(f'<h2>{side}</h2>\n<p class="tokens">{"".join(spans)}</p>')
+    return HTML_PAGE.format(title=html.escape(title), prompt=html.escape(weights["prompt"]),
+                            sections="\n".join(sections), lam=weights["lam"], full=FULL_SHADE)
+
+
+def show_weights(args):
+    policy, tokenizer, pair, name = load_pair(args)
+    weights = token_weights(policy, tokenizer, pair, args.lam)
+    title = f"{name}, {args.model or 'built-in SFT reference'}"
+    os.makedirs(args.output_dir, exist_ok=True)
+    json_path, html_path = (os.path.join(args.output_dir, f"{name}.{ext}") for ext in ("json", "html"))
+    with open(json_path, "w") as f:
+        json.dump({"pair": name, "model": args.model or "built-in SFT reference", **weights}, f, indent=1)
+    with open(html_path, "w") as f:
+        f.write(html_page(weights, title))
+    print(terminal_text(weights))
+    print(f"wrote {json_path} and {html_path}")
+    return weights
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = p.add_subparsers(dest="command", required=True)
+
+    g = commands.add_parser("grid", help="methods x label noise x seeds on the built-in task; Table B8 and plots",
+                            formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                            epilog="Any other flag is passed to every train.py run.")
+    g.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS), metavar="METHOD",
+                   help=f"some of: {', '.join(METHODS)}")
+    g.add_argument("--noise", nargs="+", type=float, default=NOISE, help="label noise levels (fractions)")
+    g.add_argument("--seeds", nargs="+", type=int, default=SEEDS, help="seeds (each: its own task, model and SFT)")
+    g.add_argument("--steps", type=int, default=STEPS, help="TI-DPO/DPO steps per run")
+    g.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1), help="runs at a time, one thread each")
+    g.add_argument("--output-dir", default=None, help="default: runs/grid-<date-time>")
+
+    w = commands.add_parser("weights", help="one pair's tokens shaded by their weights; JSON and HTML",
+                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    w.add_argument("--pair", type=int, default=0, help="index into the built-in held-out pairs")
+    w.add_argument("--data", default=None, help="a preference JSONL instead of the built-in task")
+    w.add_argument("--index", type=int, default=0, help="which record of --data")
+    w.add_argument("--model", default=None, help="a trained policy folder (train.py writes OUTPUT/policy); "
+                   "default: the built-in SFT reference, trained here first (--seed, --sft-steps)")
+    w.add_argument("--lam", type=float, default=0.7, help="lambda of Eq. 8 for the hybrid weight")
+    w.add_argument("--seed", type=int, default=0, help="built-in task and SFT reference seed")
+    w.add_argument("--sft-steps", type=int, default=300, help="SFT steps of the built-in reference")
+    w.add_argument("--max-length", type=int, default=256, help="prompt + response tokens, as in train.py")
+    w.add_argument("--output-dir", default=os.path.join("runs", "weights"), help="where the JSON and HTML go")
+    args, rest = p.parse_known_args(argv)
+    if args.command == "weights" and rest:
+        p.error(f"unrecognized arguments: {' '.join(rest)}")
+    return args, rest
+
+
+def main(argv=None):
+    args, train_args = parse_args(sys.argv[1:] if argv is None else list(argv))
+    if args.command == "grid":
+        return grid(args, train_args)
+    return show_weights(args)
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except data.DataError as error:
+        sys.exit(f"error: {error}")

@@ -1,0 +1,260 @@
+"""Tests of the held-out metrics (train.py's metrics section), the token-weight display and the
+grid (experiments.py).
+
+Each metric first meets a case small enough to count by hand. The display and the grid then run
+end to end on tiny settings, with torch on one thread as in test_train.py.
+"""
+
+import csv
+import html
+import json
+import math
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+import data  # noqa: E402
+import experiments  # noqa: E402
+import tidpo  # noqa: E402
+import train  # noqa: E402
+
+# A few steps of everything: enough for every metric to be computed, not for learning.
+TINY = ["--sft-steps", "20", "--max-new-tokens", "8", "--log-every", "2"]
+KINDS = ("attribution", "hybrid", "prior", "uniform")
+HTML_RECORD = "Is a < b? Check that a < b & b < c. Why?"
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread(one_thread, monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+
+
+# ----------------------------------------------------------------------------- metrics by hand
+
+
+def test_distinct_n_counts_unique_ngrams_within_each_sequence():
+    words = "the cat saw the cat".split()
+    assert train.distinct_n([words], 1) == 3 / 5  # the, cat, saw
+    assert train.distinct_n([words], 2) == 3 / 4  # (the, cat) twice
+    assert train.distinct_n([words], 4) == 2 / 2
+    # pooled over sequences: a repeat in another sequence is no new n-gram; none crosses a boundary
+    assert train.distinct_n([["a", "b"], ["a", "b", "c"]], 2) == 2 / 3
+    assert train.distinct_n([["a", "b"], ["c", "d"]], 3) == 0.0  # no trigram at all
+
+
+def test_token_entropy_of_known_distributions():
+    assert train.token_entropy([["a", "b", "c", "d"]]) == 2.0  # uniform over 4: log2 4
+    assert train.token_entropy([["a", "a"], ["b", "c"]]) == 1.5  # p = 1/2, 1/4, 1/4, pooled
+    assert train.token_entropy([[7] * 5]) == 0.0
+
+
+def test_win_rate_counts_ties_half():
+    assert train.win_rate([1, 0, 0, -1], [0, 0, -1, -1]) == 0.75  # win, tie, win, tie
+    assert train.win_rate([-1.0, 2.0], [0.0, 2.0]) == 0.25  # loss, tie
+    assert train.win_rate([1, -1, 0], [1, -1, 0]) == 0.5
+    with pytest.raises(ValueError):
+        train.win_rate([1], [1, 0])
+
+
+def test_self_bleu_is_100_for_copies_and_0_without_shared_words():
+    assert train.self_bleu(["you should rest and drink plenty of water ."] * 3) == pytest.approx(100.0)
+    assert train.self_bleu(["alpha beta gamma delta", "one two three four", "red green blue white"]) == 0.0
+
+
+def test_critical_share_of_known_weights():
+    # row 0: prompt token 0 (its weight is ignored), response 1-4, padding 5
+    weights = torch.tensor([[9.0, 1, 2, 3, 4, 0], [0, 0, 1, 1, 1, 1]])
+    response = torch.tensor([[0, 1, 1, 1, 1, 0], [0, 0, 1, 1, 1, 1]])
+    critical = torch.tensor([[0, 0, 0, 1, 1, 0], [0, 0, 1, 0, 0, 0]])
+    share = train.critical_share(weights, critical, response)
+    torch.testing.assert_close(share, torch.tensor([7 / 10, 1 / 4]))  # (3 + 4) / 10; uniform: k / T
+
+
+def test_topk_hit_rate_of_known_weights_and_ties():
+    response = torch.tensor([[1, 1, 1, 1]] * 4)
+    weights = torch.tensor([[0.1, 0.5, 0.2, 0.9],   # top 2: tokens 3 and 1; one is critical
+                            [3.0, 2.0, 2.0, 0.0],   # top 2: token 0, then one place for two tied criticals
+                            [2.0, 2.0, 2.0, 1.0],   # three tie for two places, one critical among them
+                            [1.0, 1.0, 1.0, 1.0]])  # uniform: k / T
+    critical = torch.tensor([[0, 1, 1, 0], [0, 1, 1, 0], [1, 0, 0, 1], [0, 1, 0, 0]])
+    rate = train.topk_hit_rate(weights, critical, response)
+    torch.testing.assert_close(rate, torch.tensor([1 / 2, 1 / 2, (2 / 3) / 2, 1 / 4]))
+
+
+def test_topk_hit_rate_skips_prompt_and_shares_the_priors_mirror_ties():
+    # T = 5 after one prompt token: prior 0.2780, 0.7261, 1, 0.7261, 0.2780 (Eq. 7)
+    response = torch.tensor([[0, 1, 1, 1, 1, 1]] * 3)
+    prior = tidpo.hybrid_weights(torch.zeros(3, 6), response, lam=0.0)
+    prior[:, 0] = 100.0  # a prompt position: never among the top k
+    critical = torch.tensor([[0, 0, 0, 1, 0, 0], [0, 0, 1, 0, 0, 0], [0, 0, 1, 0, 0, 1]])
+    rate = train.topk_hit_rate(prior, critical, response)
+    # k = 1: the peak is critical; k = 1: it is not; k = 2: the peak (not critical) takes one place,
+    # the mirror pair 0.7261 shares the other, and one of the pair is critical: 1/2 hit of 2
+    torch.testing.assert_close(rate, torch.tensor([1.0, 0.0, 0.25]))
+    assert math.isnan(train.topk_hit_rate(prior[:1], torch.zeros(1, 6), response[:1]).item())
+
+
+# ----------------------------------------------------------------------------- token weights display
+
+
+@pytest.fixture(scope="module")
+def tiny_policy_dir(tmp_path_factory):
+    """A saved random tiny Llama with the built-in task's tokenizer (plus the words of the HTML
+    test's record), as train.py saves a policy."""
+    train_records, heldout = data.builtin_task(seed=0)
+    tokenizer = data.build_tokenizer([r[k] for r in train_records + heldout for k in data.FIELDS] + [HTML_RECORD])
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=256,
+                         pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id)
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("policy")
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_weights_display_of_a_builtin_pair(tiny_policy_dir, tmp_path, capsys):
+    shown = experiments.main(["weights", "--model", str(tiny_policy_dir), "--pair", "2", "--output-dir",
+                              str(tmp_path)])
+    terminal = capsys.readouterr().out
+    saved = json.loads((tmp_path / "builtin-heldout-2.json").read_text())
+    assert {k: saved[k] for k in shown} == shown
+
+    tokenizer = train.load_tokenizer(train.parse_args(["--model", str(tiny_policy_dir)]))
+    pair = train.load_data(train.parse_args(["--model", str(tiny_policy_dir)]), tokenizer)[1][2]
+    page = (tmp_path / "builtin-heldout-2.html").read_text()
+    for side in data.RESPONSES:
+        entries = saved[side]
+        ids = pair[f"{side}_ids"]
+        assert len(entries) == len(ids)  # one entry per response token, the final eos included
+        assert "".join(e["token"] for e in entries) == tokenizer.decode(ids)
+        assert [i for i, e in enumerate(entries) if e["critical"]] == pair[f"{side}_critical"]
+        attribution = torch.tensor([e["attribution"] for e in entries], dtype=torch.float64)
+        prior = torch.tensor([e["prior"] for e in entries], dtype=torch.float64)
+        hybrid = torch.tensor([e["hybrid"] for e in entries], dtype=torch.float64)
+        assert (attribution > 0).all()
+        torch.testing.assert_close(prior, tidpo.gaussian_prior(len(ids), dtype=torch.float64), rtol=1e-6, atol=0)
+        # Eq. 8 from the JSON's own numbers, times T (mean 1)
+        expected = len(ids) * (0.7 * attribution / attribution.sum() + 0.3 * prior / prior.sum())
+        torch.testing.assert_close(hybrid, expected, rtol=1e-5, atol=0)
+        for entry in entries:
+            assert html.escape(entry["token"]) in page
+        assert f"{side}: " in terminal
+    assert "\x1b[30;48;5;" in terminal and terminal.count("\x1b[0m") == sum(len(saved[s]) for s in data.RESPONSES)
+
+
+def test_weights_display_of_a_jsonl_record_escapes_html(tiny_policy_dir, tmp_path):
+    records = [{"prompt": "First?", "chosen": "Yes.", "rejected": "No."},
+               {"prompt": "Is a < b?", "chosen": "Check that a < b & b < c.", "rejected": "Why?"}]
+    path = tmp_path / "prefs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    shown = experiments.main(["weights", "--model", str(tiny_policy_dir), "--data", str(path), "--index", "1",
+                              "--output-dir", str(tmp_path / "out")])
+    page = (tmp_path / "out" / "prefs-1.html").read_text()
+    assert "&lt;" in page and "&amp;" in page and "<unk>" not in json.dumps(shown)
+    assert "<span" in page and " <" not in page.replace(" <span", "").replace(" </", "")
+    assert [e["token"] for e in shown["rejected"]] == ["why", " ?", " <eos>"]  # lower-cased words
+    assert all(set(e) == {"token", "attribution", "prior", "hybrid"} for e in shown["chosen"])  # no critical phrase
+    with pytest.raises(SystemExit, match="has records 0 to 1"):
+        experiments.main(["weights", "--model", str(tiny_policy_dir), "--data", str(path), "--index", "2"])
+
+
+# ----------------------------------------------------------------------------- the grid, end to end
+
+
+@pytest.fixture(scope="module")
+def tiny_grid(tmp_path_factory, one_thread):
+    output_dir = tmp_path_factory.mktemp("grid") / "out"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        records = experiments.main(["grid", "--methods", "dpo", "tidpo", "--noise", "0.2", "--seeds", "1",
+                                    "--steps", "4", "--jobs", "1", "--output-dir", str(output_dir), *TINY])
+    return {"records": records, "output_dir": output_dir, "warnings": caught}
+
+
+def read_csv(path):
+    with open(path, newline="") as f:
+        return list(csv.reader(f))
+
+
+def test_grid_table_has_one_row_per_method_with_the_runs_accuracy(tiny_grid):
+    records, output_dir = tiny_grid["records"], tiny_grid["output_dir"]
+    assert [(r["method"], r["noise"], r["seed"]) for r in records] == [("dpo", 0.2, 1), ("tidpo", 0.2, 1)]
+    table = read_csv(output_dir / "table.csv")
+    assert table[0] == ["method", "mean@20%", "sd@20%"]
+    assert [row[0] for row in table[1:]] == ["dpo", "tidpo"]
+    for row, record in zip(table[1:], records):
+        assert float(row[1]) == record["after"]["accuracy"]
+        assert row[2] == ""  # one seed: no spread
+    markdown = (output_dir / "table.md").read_text()
+    assert "| method | noise 20% |" in markdown
+    for record in records:
+        assert f"| {record['method']} | {record['after']['accuracy']:.3f} |" in markdown
+
+
+def test_grid_runs_csv_holds_every_metric_of_every_run(tiny_grid):
+    records, output_dir = tiny_grid["records"], tiny_grid["output_dir"]
+    rows = read_csv(output_dir / "runs.csv")
+    header = rows[0]
+    assert header[:4] == ["method", "noise", "seed", "seconds"]
+    assert set(header[4:]) == set(records[0]["after"])
+    assert len(rows) == 1 + len(records)
+    for row, record in zip(rows[1:], records):
+        assert row[:3] == [record["method"], "0.2", "1"]
+        assert {name: float(value) for name, value in zip(header[4:], row[4:])} == record["after"]
+    summary = (output_dir / "summary.md").read_text()
+    assert summary.count("\n| dpo |") == 1 and summary.count("\n| tidpo |") == 1
+    for kind in KINDS:
+        assert f"\n| {kind} |" in summary
+    for name in ("curves.png", "accuracy_vs_noise.png"):
+        assert (output_dir / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_grid_run_with_a_reused_sft_equals_a_separate_run(tiny_grid, tmp_path):
+    # tidpo ran second in its group and so started from dpo's SFT weights
+    record = tiny_grid["records"][1]
+    argv = [a if a != record["output_dir"] else str(tmp_path / "run") for a in record["argv"]]
+    separate = train.main(argv)
+    assert separate["after"] == record["after"]
+    assert separate["history"] == record["history"]
+
+
+def test_grid_metrics_are_in_range_and_uniform_weights_give_the_critical_fraction(tiny_grid):
+    args = train.parse_args(["--seed", "1"])
+    heldout = train.load_data(args, train.load_tokenizer(args))[1]
+    for record in tiny_grid["records"]:
+        after = record["after"]
+        for side in data.RESPONSES:
+            # uniform weights put k / T of the weight on the k critical of T tokens, and their top k
+            # (all tied) hit the critical tokens at that same rate
+            fraction = sum(len(p[f"{side}_critical"]) / len(p[f"{side}_ids"]) for p in heldout) / len(heldout)
+            assert after[f"weights/uniform/{side}/share"] == pytest.approx(fraction, rel=1e-5)
+            assert after[f"weights/uniform/{side}/top_k"] == pytest.approx(fraction, rel=1e-5)
+            for kind in KINDS:
+                assert 0 < after[f"weights/{kind}/{side}/share"] < 1
+                assert 0 <= after[f"weights/{kind}/{side}/top_k"] <= 1
+        assert 0 <= after["win_rate"] <= 1
+        assert 0 < after["distinct_2"] <= 1 and 0 < after["distinct_4"] <= 1
+        assert 0 < after["token_entropy"] <= math.log2(len(train.load_tokenizer(args)))
+        assert 0 <= after["self_bleu"] <= 100
+
+
+def test_grid_gives_no_deprecation_warnings(tiny_grid):
+    bad = [f"{w.category.__name__} at {w.filename}:{w.lineno}: {w.message}" for w in tiny_grid["warnings"]
+           if issubclass(w.category, (DeprecationWarning, PendingDeprecationWarning, FutureWarning))]
+    assert not bad, "\n".join(bad)
