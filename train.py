@@ -1027,7 +1027,8 @@ def main(argv=None):
     after = evaluate(policy, ref, heldout_pairs, tokenizer, args, device, autocast, with_samples=judge)
     line = f"held-out after: accuracy {after['accuracy']:.3f}, margin {after['margin']:.4f}"
     if judge:
-        line += f"; judge score of samples: policy {after['judge/policy']:+.3f}, reference {after['judge/reference']:+.3f}"
+        line += (f"; judge score of samples: policy {after['judge/policy']:+.3f}, reference "
+                 f"{after['judge/reference']:+.3f}, policy wins {after['win_rate']:.3f}")
     log(line, {"phase": "eval", "when": "after", **after})
 
     from transformers.utils.logging import disable_progress_bar
