@@ -30,19 +30,6 @@ KINDS = ("attribution", "hybrid", "prior", "uniform")
 HTML_RECORD = "Is a < b? Check that a < b & b < c. Why?"
 
 
-@pytest.fixture(scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(autouse=True)
-def _one_thread(one_thread, monkeypatch):
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-
-
 # ----------------------------------------------------------------------------- metrics by hand
 
 

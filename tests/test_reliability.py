@@ -28,18 +28,9 @@ TINY = ["--sft-steps", "10", "--steps", "6", "--batch-size", "8", "--log-every",
         "--seed", "0", "--save-every", "1"]
 
 
-@pytest.fixture(scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(autouse=True)
-def _one_thread(one_thread, monkeypatch):
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # for child processes
-    monkeypatch.delenv("WORLD_SIZE", raising=False)
+def _single_process(monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)  # a test decides itself when to start processes
 
 
 def run(argv, output_dir):

@@ -35,19 +35,6 @@ N_RECORDS, N_EVAL = 45, 5
 LOG2 = math.log(2.0)
 
 
-@pytest.fixture(scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(autouse=True)
-def _one_thread(one_thread, monkeypatch):
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # for child processes
-
-
 def run(argv, output_dir):
     return train.main([*argv, "--output-dir", str(output_dir)])
 
