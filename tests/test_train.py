@@ -1,8 +1,7 @@
 """End-to-end tests of train.py: whole runs of main() on tiny models, in-process and on the CPU.
 
 Every run is small (a 0.13M-parameter Llama, a few dozen steps), so the file takes well under a
-minute. Torch is held to one thread here: the models are far too small to gain from more, and
-with other work on the machine, spinning thread pools slow these runs down many times over.
+minute (torch is held to one thread, see conftest.py).
 """
 
 import json
