@@ -269,7 +269,7 @@ def sample(model, prompt_ids, prompt_mask, tokenizer, args):
 
     Temperature, then top-k, then top-p (nucleus), as in transformers' generate(). Written out
     because it runs at every TI-DPO step: with the KV cache, and top-p applied to the k kept
-    tokens only, it takes about half of generate()'s time on the CPU (README, Speed).
+    tokens only, it avoids a sort over the whole vocabulary and generate()'s per-token machinery.
     """
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     positions = tidpo.position_ids(prompt_mask)[:, -1:]
