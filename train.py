@@ -349,6 +349,9 @@ def tidpo_step(policy, ref, batch, tokenizer, args, device, autocast):
     input_ids, attention_mask, response_mask = stack_rows([chosen, rejected], tokenizer.pad_token_id)
     with record_function("reference forward"):
         ref_logits, ref_logps = reference_logps(ref, input_ids, attention_mask, response_mask, autocast)
+    kl_on = tidpo_on and args.kl_alpha != 0
+    if not kl_on:
+        ref_logits = None  # [2B, L, V]: free it before the policy's forward needs the memory
     with autocast, record_function("policy forward (+ attribution)"):
         if tidpo_on and args.weights == "hybrid":
             logits, importance = tidpo.gradient_attribution(policy, input_ids, attention_mask, response_mask)
@@ -365,7 +368,7 @@ def tidpo_step(policy, ref, batch, tokenizer, args, device, autocast):
         weights = tidpo.hybrid_weights(importance, response_mask, lam=args.lam, scale=args.weight_scale)
 
     kl = {}
-    if tidpo_on and args.kl_alpha != 0:
+    if kl_on:
         kl_both = tidpo.sequence_kl(logits, ref_logits.clone(), response_mask)
         kl = {"kl_chosen": kl_both[:n], "kl_rejected": kl_both[n:]}
     loss, metrics = tidpo.tidpo_loss(
