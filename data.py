@@ -9,7 +9,7 @@ ones TRL users already have:
                      "chosen": [{"role": "assistant", "content": "..."}],
                      "rejected": [{"role": "assistant", "content": "..."}]}
 
-The pipeline is  load_jsonl -> render -> encode_pair -> collate.
+The pipeline is  load_jsonl -> render -> encode_pair -> collate (or batches) -> stack_pair.
 
 When no data is given, builtin_task() generates a synthetic task whose
 ground truth is known: each response is neutral filler plus ONE critical
@@ -224,6 +224,32 @@ def collate(pairs, pad_id) -> dict[str, torch.Tensor]:
     batch["prompt_input_ids"] = prompt_ids
     batch["prompt_attention_mask"] = prompt_attention
     return batch
+
+
+def stack_pair(batch, pad_id) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask, response_mask), each [2B, L]: the B chosen rows, then the B
+    rejected rows, right-padded to one length.
+
+    Chosen and rejected then go through a model in one forward; rows [:B] of any result are the
+    chosen responses and rows [B:] the rejected ones.
+    """
+    length = max(batch[f"{side}_input_ids"].shape[1] for side in RESPONSES)
+    stacked = []
+    for name, fill in (("input_ids", pad_id), ("attention_mask", 0), ("response_mask", 0)):
+        stacked.append(torch.cat([torch.nn.functional.pad(batch[f"{side}_{name}"],
+                                                          (0, length - batch[f"{side}_{name}"].shape[1]), value=fill)
+                                  for side in RESPONSES]))
+    return tuple(stacked)
+
+
+def batches(pairs, batch_size, pad_id, generator=None, skip=0):
+    """Collated batches over encoded `pairs`, shuffled by `generator` when one is given.
+
+    The first `skip` batches of that order are left out, so that a resumed run continues its epoch.
+    """
+    order = torch.randperm(len(pairs), generator=generator).tolist() if generator else list(range(len(pairs)))
+    for start in range(skip * batch_size, len(order), batch_size):
+        yield collate([pairs[i] for i in order[start:start + batch_size]], pad_id)
 
 
 # ---------------------------------------------------------------------------

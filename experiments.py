@@ -7,7 +7,7 @@
 
 grid runs train.main once per (method, label noise, seed) on the built-in task and prints held-out
 accuracy in the shape of the paper's Table B8 (one row per method, one column per noise level, mean
-and standard deviation over seeds), then the other held-out metrics of train.evaluate at the lowest
+and standard deviation over seeds), then the other held-out metrics of evaluate.py at the lowest
 noise level. It writes OUTPUT/table.csv, table.md, summary.md, runs.csv (every metric of every
 run), curves.png and accuracy_vs_noise.png, and each run's folder and log under OUTPUT/runs/.
 Flags it does not know go to every train.py run (e.g. --sft-steps 60); a method's own flags win.
@@ -275,7 +275,7 @@ def load_pair(args):
 
     disable_progress_bar()  # the loading bar would stand above the shaded tokens
     tokenizer = train.load_tokenizer(train_args)
-    policy = train.build_models(train_args, device, tokenizer)
+    policy = train.build_model(train_args, device, tokenizer)
     if not args.model:  # the built-in SFT reference, made as train.py makes it
         train.sft(policy, train.load_data(train_args, tokenizer)[0], tokenizer, train_args, device, nullcontext(),
                   lambda line: None)
@@ -302,7 +302,8 @@ def token_weights(policy, tokenizer, pair, lam):
     batch = data.collate([pair], tokenizer.pad_token_id)
     result = {"prompt": tokenizer.decode(pair["prompt_ids"], skip_special_tokens=True), "lam": lam}
     for side in data.RESPONSES:
-        input_ids, attention_mask, response_mask = train.rows(batch, side, torch.device("cpu"))
+        input_ids, attention_mask, response_mask = (batch[f"{side}_{name}"] for name in
+                                                    ("input_ids", "attention_mask", "response_mask"))
         _, importance = tidpo.gradient_attribution(policy, input_ids, attention_mask, response_mask)
         hybrid = tidpo.hybrid_weights(importance, response_mask, lam=lam)
         keep = response_mask[0].bool()

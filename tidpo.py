@@ -5,6 +5,7 @@ Yang et al., ICLR 2026 (arXiv 2505.19653 v3). Equation numbers are that version'
 The file follows the paper's order:
     token_logps            per-token log-probabilities (the causal shift lives here)
     position_ids           positions that ignore padding
+    forward_logits         a model's logits with those positions
     gradient_attribution   Eq. 5-6   token importance from the gradient of the top logit
     gaussian_prior         Eq. 7     a bell over response positions
     hybrid_weights         Eq. 8     importance and prior mixed into per-token weights
@@ -63,6 +64,12 @@ def position_ids(attention_mask):
     padding sits in front of it.
     """
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def forward_logits(model, input_ids, attention_mask):
+    """[B, L, V] logits of a plain forward, with the padding-independent positions above."""
+    return model(input_ids=input_ids, attention_mask=attention_mask,
+                 position_ids=position_ids(attention_mask)).logits
 
 
 def gradient_attribution(model, input_ids, attention_mask, response_mask):
@@ -187,7 +194,10 @@ def triplet_loss(anchor_logratio, chosen_logratio, rejected_logratio, margin):
 
 
 def sequence_kl(policy_logits, ref_logits, response_mask):
-    """TDPO2's sequential KL (METHOD.md section 7; the authors' release, not in Eq. 14).
+    """TDPO2's sequential KL, from the authors' release (not in Eq. 14; off unless kl_alpha != 0).
+
+    The release builds on TDPO (Zeng et al., 2024) and adds this term to the preference margin:
+    Delta_r_token - a_kl * (KL(y_l) - stopgrad(KL(y_w))). With a_kl = 0 the loss is Eq. 12.
 
     Args:
         policy_logits, ref_logits: [B, L, V] outputs on the same input_ids.
@@ -238,13 +248,15 @@ def tidpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref
     if kl_alpha != 0:
         if kl_chosen is None or kl_rejected is None:
             raise ValueError("kl_alpha != 0 needs kl_chosen and kl_rejected (see sequence_kl)")
-        # Release (METHOD.md 7): Delta - a_kl * (KL_{y_l} - stopgrad(KL_{y_w}))
+        # The authors' release: Delta - a_kl * (KL_{y_l} - stopgrad(KL_{y_w}))
         delta = delta - kl_alpha * (kl_rejected - kl_chosen.detach())
     # Eq. 12: L_DPO-w = -log sigmoid(beta * Delta_r_token)
     dpo_w = -F.logsigmoid(beta * delta)
 
     if anchor_logratio is not None and gamma != 0:
-        # The triplet's points are the UNWEIGHTED summed log-ratios b and c (METHOD.md 5).
+        # The triplet's points are the UNWEIGHTED summed log-ratios b and c: Eq. 13 compares whole
+        # responses, and the paper's token-by-token distances (Eq. 34) need equal lengths, which y,
+        # y_w and y_l do not have.
         chosen_logratio = (_at_least_float32(policy_chosen_logps) - ref_chosen_logps).sum(dim=-1)
         rejected_logratio = (_at_least_float32(policy_rejected_logps) - ref_rejected_logps).sum(dim=-1)
         triplet = triplet_loss(_at_least_float32(anchor_logratio), chosen_logratio,

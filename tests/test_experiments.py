@@ -22,6 +22,7 @@ sys.path.insert(0, str(ROOT))
 import data  # noqa: E402
 import experiments  # noqa: E402
 import tidpo  # noqa: E402
+import evaluate  # noqa: E402
 import train  # noqa: E402
 
 # A few steps of everything: enough for every metric to be computed, not for learning.
@@ -35,31 +36,31 @@ HTML_RECORD = "Is a < b? Check that a < b & b < c. Why?"
 
 def test_distinct_n_counts_unique_ngrams_within_each_sequence():
     words = "the cat saw the cat".split()
-    assert train.distinct_n([words], 1) == 3 / 5  # the, cat, saw
-    assert train.distinct_n([words], 2) == 3 / 4  # (the, cat) twice
-    assert train.distinct_n([words], 4) == 2 / 2
+    assert evaluate.distinct_n([words], 1) == 3 / 5  # the, cat, saw
+    assert evaluate.distinct_n([words], 2) == 3 / 4  # (the, cat) twice
+    assert evaluate.distinct_n([words], 4) == 2 / 2
     # pooled over sequences: a repeat in another sequence is no new n-gram; none crosses a boundary
-    assert train.distinct_n([["a", "b"], ["a", "b", "c"]], 2) == 2 / 3
-    assert train.distinct_n([["a", "b"], ["c", "d"]], 3) == 0.0  # no trigram at all
+    assert evaluate.distinct_n([["a", "b"], ["a", "b", "c"]], 2) == 2 / 3
+    assert evaluate.distinct_n([["a", "b"], ["c", "d"]], 3) == 0.0  # no trigram at all
 
 
 def test_token_entropy_of_known_distributions():
-    assert train.token_entropy([["a", "b", "c", "d"]]) == 2.0  # uniform over 4: log2 4
-    assert train.token_entropy([["a", "a"], ["b", "c"]]) == 1.5  # p = 1/2, 1/4, 1/4, pooled
-    assert train.token_entropy([[7] * 5]) == 0.0
+    assert evaluate.token_entropy([["a", "b", "c", "d"]]) == 2.0  # uniform over 4: log2 4
+    assert evaluate.token_entropy([["a", "a"], ["b", "c"]]) == 1.5  # p = 1/2, 1/4, 1/4, pooled
+    assert evaluate.token_entropy([[7] * 5]) == 0.0
 
 
 def test_win_rate_counts_ties_half():
-    assert train.win_rate([1, 0, 0, -1], [0, 0, -1, -1]) == 0.75  # win, tie, win, tie
-    assert train.win_rate([-1.0, 2.0], [0.0, 2.0]) == 0.25  # loss, tie
-    assert train.win_rate([1, -1, 0], [1, -1, 0]) == 0.5
+    assert evaluate.win_rate([1, 0, 0, -1], [0, 0, -1, -1]) == 0.75  # win, tie, win, tie
+    assert evaluate.win_rate([-1.0, 2.0], [0.0, 2.0]) == 0.25  # loss, tie
+    assert evaluate.win_rate([1, -1, 0], [1, -1, 0]) == 0.5
     with pytest.raises(ValueError):
-        train.win_rate([1], [1, 0])
+        evaluate.win_rate([1], [1, 0])
 
 
 def test_self_bleu_is_100_for_copies_and_0_without_shared_words():
-    assert train.self_bleu(["you should rest and drink plenty of water ."] * 3) == pytest.approx(100.0)
-    assert train.self_bleu(["alpha beta gamma delta", "one two three four", "red green blue white"]) == 0.0
+    assert evaluate.self_bleu(["you should rest and drink plenty of water ."] * 3) == pytest.approx(100.0)
+    assert evaluate.self_bleu(["alpha beta gamma delta", "one two three four", "red green blue white"]) == 0.0
 
 
 def test_critical_share_of_known_weights():
@@ -67,7 +68,7 @@ def test_critical_share_of_known_weights():
     weights = torch.tensor([[9.0, 1, 2, 3, 4, 0], [0, 0, 1, 1, 1, 1]])
     response = torch.tensor([[0, 1, 1, 1, 1, 0], [0, 0, 1, 1, 1, 1]])
     critical = torch.tensor([[0, 0, 0, 1, 1, 0], [0, 0, 1, 0, 0, 0]])
-    share = train.critical_share(weights, critical, response)
+    share = evaluate.critical_share(weights, critical, response)
     torch.testing.assert_close(share, torch.tensor([7 / 10, 1 / 4]))  # (3 + 4) / 10; uniform: k / T
 
 
@@ -78,7 +79,7 @@ def test_topk_hit_rate_of_known_weights_and_ties():
                             [2.0, 2.0, 2.0, 1.0],   # three tie for two places, one critical among them
                             [1.0, 1.0, 1.0, 1.0]])  # uniform: k / T
     critical = torch.tensor([[0, 1, 1, 0], [0, 1, 1, 0], [1, 0, 0, 1], [0, 1, 0, 0]])
-    rate = train.topk_hit_rate(weights, critical, response)
+    rate = evaluate.topk_hit_rate(weights, critical, response)
     torch.testing.assert_close(rate, torch.tensor([1 / 2, 1 / 2, (2 / 3) / 2, 1 / 4]))
 
 
@@ -88,11 +89,11 @@ def test_topk_hit_rate_skips_prompt_and_shares_the_priors_mirror_ties():
     prior = tidpo.hybrid_weights(torch.zeros(3, 6), response, lam=0.0)
     prior[:, 0] = 100.0  # a prompt position: never among the top k
     critical = torch.tensor([[0, 0, 0, 1, 0, 0], [0, 0, 1, 0, 0, 0], [0, 0, 1, 0, 0, 1]])
-    rate = train.topk_hit_rate(prior, critical, response)
+    rate = evaluate.topk_hit_rate(prior, critical, response)
     # k = 1: the peak is critical; k = 1: it is not; k = 2: the peak (not critical) takes one place,
     # the mirror pair 0.7261 shares the other, and one of the pair is critical: 1/2 hit of 2
     torch.testing.assert_close(rate, torch.tensor([1.0, 0.0, 0.25]))
-    assert math.isnan(train.topk_hit_rate(prior[:1], torch.zeros(1, 6), response[:1]).item())
+    assert math.isnan(evaluate.topk_hit_rate(prior[:1], torch.zeros(1, 6), response[:1]).item())
 
 
 # ----------------------------------------------------------------------------- token weights display

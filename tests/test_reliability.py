@@ -195,8 +195,8 @@ def test_non_finite_step_stops_before_the_update_and_keeps_the_checkpoint(case, 
     else:
         fail_at_call(monkeypatch, train, "tidpo_step", 3, plant)
     built = []
-    build_models = train.build_models
-    monkeypatch.setattr(train, "build_models", lambda *a, **k: built.append(build_models(*a, **k)) or built[-1])
+    build_model = train.build_model
+    monkeypatch.setattr(train, "build_model", lambda *a, **k: built.append(build_model(*a, **k)) or built[-1])
     with pytest.raises(SystemExit) as stop:
         run(flags, folder)
     message = stop.value.code

@@ -1,4 +1,4 @@
-"""Tests for tidpo.py, in the order of METHOD.md.
+"""Tests for tidpo.py, in the order of the paper's equations.
 
 Each part starts with numbers small enough to check by hand (the arithmetic is in the comments),
 then compares random inputs with a float64 reference written here with plain loops, so that a
@@ -672,7 +672,7 @@ def test_tidpo_loss_gradient_matches_eq33_plus_eq38():
 
 
 # ---------------------------------------------------------------------------------------------
-# sequence_kl (METHOD.md 7): sum over response tokens of KL(pi_ref || pi_theta), logits at t - 1
+# sequence_kl (the authors' release): sum over response tokens of KL(pi_ref || pi_theta), logits at t - 1
 # ---------------------------------------------------------------------------------------------
 
 def test_sequence_kl_hand_case():

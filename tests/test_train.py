@@ -19,7 +19,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Llama
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+import bench  # noqa: E402
 import data  # noqa: E402
+import sampling  # noqa: E402
+import tidpo  # noqa: E402
 import train  # noqa: E402
 
 # Small but long enough for a reliable effect: with seeds 0-4 the held-out accuracy after
@@ -72,15 +75,15 @@ def builtin_run(tmp_path_factory, one_thread):
     output_dir = tmp_path_factory.mktemp("builtin") / "run"
     built = []
 
-    def build_models(*args, **kwargs):
+    def build_model(*args, **kwargs):
         model = original(*args, **kwargs)
         built.append(model)
         return model
 
-    original = train.build_models
+    original = train.build_model
     with pytest.MonkeyPatch.context() as patch, warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        patch.setattr(train, "build_models", build_models)
+        patch.setattr(train, "build_model", build_model)
         result = run(BUILTIN, output_dir)
     assert len(built) == 1
     return {"result": result, "output_dir": output_dir, "policy": built[0], "warnings": caught}
@@ -201,7 +204,7 @@ def test_sft_leaves_no_gradient_behind_for_the_first_preference_step(one_thread)
 
     args = train.parse_args(["--sft-steps", "2", "--batch-size", "4"])
     tokenizer = train.load_tokenizer(args)
-    model = train.build_models(args, torch.device("cpu"), tokenizer)
+    model = train.build_model(args, torch.device("cpu"), tokenizer)
     train.sft(model, train.load_data(args, tokenizer)[0][:8], tokenizer, args, torch.device("cpu"), nullcontext(),
               lambda line: None)
     assert all(parameter.grad is None for parameter in model.parameters())
@@ -349,11 +352,11 @@ def test_second_run_into_a_used_output_dir_stops_and_leaves_it_alone(builtin_run
     assert snapshot() == before
 
 
-# ----------------------------------------------------------------------------- 7. --bench
+# ----------------------------------------------------------------------------- 7. bench.py
 
 
 def test_bench_prints_the_ratio_line(capsys):
-    ratios = train.main(["--bench", "--bench-steps", "2", "--bench-hidden", "16", "--bench-layers", "1",
+    ratios = bench.main(["--bench-steps", "2", "--bench-hidden", "16", "--bench-layers", "1",
                          "--bench-heads", "2", "--bench-vocab", "50", "--bench-prompt-length", "4",
                          "--bench-response-length", "6", "--batch-size", "2"])
     last = capsys.readouterr().out.strip().splitlines()[-1]
@@ -397,7 +400,7 @@ def test_sampler_greedy_limits_match_generate(settings):
     model, prompt_ids, prompt_mask, tokenizer = sampling_model()
     expected = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, do_sample=False,
                               max_new_tokens=6, pad_token_id=0, eos_token_id=2)
-    input_ids, attention_mask, response_mask = train.sample(model, prompt_ids, prompt_mask, tokenizer,
+    input_ids, attention_mask, response_mask = sampling.sample(model, prompt_ids, prompt_mask, tokenizer,
                                                             sampling_args(**settings))
     new = expected[:, 4:]
     assert torch.equal(input_ids[:, :4], prompt_ids)
@@ -413,13 +416,13 @@ def test_sampler_masks_end_at_the_first_eos_and_honour_min_new_tokens():
     eos_bias = torch.zeros(40)
     eos_bias[2] = 100.0
     model.lm_head.register_forward_hook(lambda module, inputs, output: output + eos_bias)
-    ids, attention_mask, response_mask = train.sample(model, prompt_ids, prompt_mask, tokenizer,
+    ids, attention_mask, response_mask = sampling.sample(model, prompt_ids, prompt_mask, tokenizer,
                                                       sampling_args())
     assert response_mask[:, 4:].sum(-1).tolist() == [1, 1]
     assert ids[:, 4].tolist() == [2, 2]
     assert (ids[:, 5:] == 0).all() and (attention_mask[:, 5:] == 0).all()
     # ...unless min_new_tokens forbids it: then eos comes exactly after 3 tokens
-    ids, attention_mask, response_mask = train.sample(model, prompt_ids, prompt_mask, tokenizer,
+    ids, attention_mask, response_mask = sampling.sample(model, prompt_ids, prompt_mask, tokenizer,
                                                       sampling_args(min_new_tokens=3))
     assert response_mask[:, 4:].sum(-1).tolist() == [4, 4]
     assert ids[:, 7].tolist() == [2, 2] and not (ids[:, 4:7] == 2).any()
@@ -430,9 +433,9 @@ def test_sampler_follows_top_k():
     # with top-k 3, every sampled token is among the 3 likeliest at its step (checked by a forward)
     model, prompt_ids, prompt_mask, tokenizer = sampling_model(seed=1)
     torch.manual_seed(0)
-    ids, attention_mask, response_mask = train.sample(model, prompt_ids, prompt_mask, tokenizer,
+    ids, attention_mask, response_mask = sampling.sample(model, prompt_ids, prompt_mask, tokenizer,
                                                       sampling_args(top_k=3, temperature=2.0, top_p=1.0))
-    logits = train.forward_logits(model, ids, attention_mask)
+    logits = tidpo.forward_logits(model, ids, attention_mask)
     for b in range(2):
         for t in range(4, ids.shape[1]):
             if response_mask[b, t]:

@@ -1,0 +1,145 @@
+"""Checkpoints of a train.py run: writing them safely, finding them, and resuming from them.
+
+A checkpoint (<output-dir>/checkpoints/step-N.pt) holds the policy, the optimizer, the scheduler,
+every process's random states and the data position, so that a resumed run continues as the
+uninterrupted run would have. The frozen reference is written once per run, beside them.
+"""
+
+import os
+import re
+from datetime import datetime
+
+import torch
+import torch.distributed as dist
+
+# A checkpoint continues the run that wrote it: these flags may differ on --resume, the rest may not.
+MAY_CHANGE_ON_RESUME = ("steps", "epochs", "lr", "fp32", "device", "log_every", "save_every", "keep_last",
+                        "output_dir", "resume")
+CHECKPOINT_FORMAT = "tidpo train.py checkpoint, version 1"
+CHECKPOINT_NAME = re.compile(r"step-(\d+)\.pt")
+
+
+def saved_checkpoints(run_dir):
+    """[(step, path)] of the checkpoints in a run folder, oldest first."""
+    folder = os.path.join(run_dir, "checkpoints")
+    names = os.listdir(folder) if os.path.isdir(folder) else []
+    return sorted((int(m[1]), os.path.join(folder, m[0])) for m in map(CHECKPOINT_NAME.fullmatch, names) if m)
+
+
+def save_atomically(obj, path):
+    """torch.save to a temporary name in the same folder, then rename: a crash while writing leaves
+    the previous file whole, never a torn one (os.replace is atomic within a file system)."""
+    temporary = path + ".tmp"
+    with open(temporary, "wb") as file:
+        torch.save(obj, file)
+        file.flush()
+        os.fsync(file.fileno())  # on disk before the rename makes it the checkpoint
+    os.replace(temporary, path)
+
+
+def save_checkpoint(state, run_dir, keep_last):
+    """Write checkpoints/step-N.pt and delete all but the newest `keep_last`; returns its path."""
+    path = os.path.join(run_dir, "checkpoints", f"step-{state['step']:06d}.pt")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    save_atomically(state, path)
+    for _, old in saved_checkpoints(run_dir)[:-keep_last]:
+        os.remove(old)
+    return path
+
+
+def random_states(device, world_size):
+    """Every process's random-number states (a collective call under torchrun): anchors are sampled
+    from them, so a resumed run draws what the uninterrupted run would have drawn."""
+    state = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
+    if world_size == 1:
+        return [state]
+    states = [None] * world_size
+    dist.all_gather_object(states, state)
+    return states
+
+
+def find_resume_checkpoint(args):
+    """The checkpoint file that --resume names. Without --output-dir, the run continues in the folder
+    of the run that wrote it."""
+    if args.resume == "latest":
+        if args.output_dir is None:
+            raise SystemExit("error: --resume latest needs --output-dir, the folder of the run to continue")
+        saved = saved_checkpoints(args.output_dir)
+        if not saved:
+            raise SystemExit(f"error: --resume latest: {args.output_dir} holds no checkpoints "
+                             f"({os.path.join(args.output_dir, 'checkpoints', 'step-N.pt')}); a run writes them "
+                             f"with --save-every N")
+        return saved[-1][1]
+    if not os.path.exists(args.resume):
+        raise SystemExit(f"error: --resume {args.resume}: no such file")
+    if os.path.isdir(args.resume):
+        raise SystemExit(f"error: --resume {args.resume}: is a folder; name a checkpoint file "
+                         f"(<run>/checkpoints/step-N.pt), or use --resume latest --output-dir <run>")
+    if args.output_dir is None:
+        args.output_dir = run_dir_of(args.resume)
+    return args.resume
+
+
+def run_dir_of(checkpoint_path):
+    return os.path.dirname(os.path.dirname(os.path.abspath(checkpoint_path)))  # <run>/checkpoints/step-N.pt
+
+
+def load_checkpoint(path, args, world_size):
+    """The checkpoint's state, with the frozen reference's weights under "reference", after checking
+    that it continues this run."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # not a torch file, a truncated one, a pickle of something else
+        raise SystemExit(f"error: --resume {path}: cannot be read as a checkpoint "
+                         f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''})") from None
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise SystemExit(f"error: --resume {path}: not a checkpoint written by train.py")
+    saved, now = state["args"], vars(args)
+    changed = [f"--{name.replace('_', '-')} {saved[name]} (now {now[name]})" for name in saved
+               if name in now and name not in MAY_CHANGE_ON_RESUME and not name.startswith("bench")
+               and saved[name] != now[name]]
+    if changed:
+        raise SystemExit(f"error: --resume {path}: that run had {', '.join(changed)}; resume with the run's "
+                         f"own flags, or start a new run in another --output-dir")
+    if state["world_size"] != world_size:
+        raise SystemExit(f"error: --resume {path}: it was written by a run of world size {state['world_size']}, "
+                         f"this one has world size {world_size}; resume with torchrun "
+                         f"--nproc_per_node={state['world_size']} (each process continues its own random stream)")
+    reference = os.path.join(os.path.dirname(path), "reference.pt")
+    if not os.path.isfile(reference):
+        raise SystemExit(f"error: --resume {path}: {reference}, the frozen reference of that run, is missing")
+    state["reference"] = torch.load(reference, map_location="cpu", weights_only=True)
+    return state
+
+
+def load_weights(model, state_dict, checkpoint_path):
+    try:
+        model.load_state_dict(state_dict)
+    except RuntimeError as error:  # missing or extra tensors, other shapes: the model is not the run's
+        raise SystemExit(f"error: --resume {checkpoint_path}: its weights do not fit this model "
+                         f"({str(error).splitlines()[0]})") from None
+
+
+def make_output_dir(args, resume_path=None, rank=0, world_size=1):
+    """Create --output-dir. It must be new or empty, unless --resume continues the run that lives there."""
+    if args.output_dir is None:
+        args.output_dir = os.path.join("runs", f"{args.loss}-{datetime.now():%Y%m%d-%H%M%S}")
+        if world_size > 1:  # rank 0's clock names the folder of every process
+            name = [args.output_dir]
+            dist.broadcast_object_list(name)
+            args.output_dir = name[0]
+    held = sorted(os.listdir(args.output_dir)) if os.path.isdir(args.output_dir) else []
+    own_run = bool(held and resume_path) and os.path.samefile(run_dir_of(resume_path), args.output_dir)
+    if held and not own_run:
+        saved = saved_checkpoints(args.output_dir)
+        if saved:
+            how = (f"to continue that run from its checkpoint of step {saved[-1][0]}, add --resume latest; to "
+                   f"start a new one, choose another --output-dir")
+        else:
+            how = "it has no checkpoints to continue from; choose another --output-dir (or remove that folder)"
+        raise SystemExit(f"error: --output-dir {args.output_dir} already holds an earlier run "
+                         f"({', '.join(held)}); {how}")
+    if world_size > 1:
+        dist.barrier()  # every process has looked at the folder before rank 0 writes to it
+    if rank == 0:
+        os.makedirs(args.output_dir, exist_ok=True)

@@ -1,0 +1,163 @@
+"""The held-out evaluation, the same for every method, and its metrics.
+
+    evaluate(policy, ref, pairs, ...)   a dict of held-out numbers, used by train.py and experiments.py
+
+The metrics are pure functions of lists and tensors, so that each can be checked on a hand-made case:
+    distinct_n, token_entropy, self_bleu   diversity of sampled responses (the paper's Table B9)
+    win_rate                               policy against reference, prompt by prompt
+    critical_share, topk_hit_rate          where a weighting puts its weight (built-in task)
+"""
+
+import collections
+import math
+
+import torch
+
+import data
+import tidpo
+from sampling import sample
+
+
+def distinct_n(sequences, n):
+    """Distinct-n: unique n-grams / all n-grams, pooled over `sequences` (lists of tokens).
+
+    N-grams stay inside one sequence. Example: "the cat saw the cat" has the bigrams (the, cat),
+    (cat, saw), (saw, the), (the, cat): 3 unique of 4, Distinct-2 = 0.75. 0 when there is no n-gram.
+    """
+    ngrams = [tuple(sequence[i:i + n]) for sequence in sequences for i in range(len(sequence) - n + 1)]
+    return len(set(ngrams)) / len(ngrams) if ngrams else 0.0
+
+
+def token_entropy(sequences):
+    """Entropy in bits of the unigram distribution of all tokens in `sequences`.
+
+    Example: the tokens a, a, b, c have p = (1/2, 1/4, 1/4) and entropy 1.5 bits. 0 for no tokens.
+    """
+    counts = collections.Counter(token for sequence in sequences for token in sequence)
+    total = sum(counts.values())
+    return sum(-count / total * math.log2(count / total) for count in counts.values())
+
+
+def win_rate(scores, baseline_scores):
+    """Share of prompts on which `scores` beat `baseline_scores` (the same prompts, in the same
+    order); a tie counts half, so two equal lists give 0.5."""
+    if len(scores) != len(baseline_scores) or not scores:
+        raise ValueError(f"need two equally long, non-empty lists, got {len(scores)} and {len(baseline_scores)}")
+    return sum(1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(scores, baseline_scores)) / len(scores)
+
+
+def self_bleu(texts):
+    """Self-BLEU (Zhu et al., 2018): the mean sentence BLEU (0-100, sacrebleu) of each text against
+    all the other texts as references. Lower means more diverse samples."""
+    from sacrebleu.metrics import BLEU
+
+    bleu = BLEU(effective_order=True)  # the setting sacrebleu recommends for single sentences
+    scores = [bleu.sentence_score(text, texts[:i] + texts[i + 1:]).score for i, text in enumerate(texts)]
+    return sum(scores) / len(scores)
+
+
+def critical_share(weights, critical_mask, response_mask):
+    """[B] the share of each row's total response weight that sits on its critical tokens.
+
+    Args: weights, critical_mask, response_mask: [B, L]; critical tokens are response tokens.
+    Uniform weights give (critical tokens) / (response tokens): the share a method has to beat.
+    """
+    weights = weights.float() * response_mask
+    return (weights * critical_mask).sum(-1) / weights.sum(-1)
+
+
+def topk_hit_rate(weights, critical_mask, response_mask):
+    """[B] the share of the k highest-weighted response tokens that are critical, k = the row's
+    number of critical tokens (nan for a row without one, e.g. truncated away).
+
+    Weights tied at the k-th value share the places left among them evenly: the expected hit
+    rate when ties are broken at random. So uniform weights score k / T, and the Gaussian prior,
+    whose halves mirror each other, is not favoured by an arbitrary tie-break. Example: weights
+    (2, 2, 2, 1), critical (1, 0, 0, 1): k = 2, three tokens tie for the two places, the critical
+    one among them gets 2/3 of a place: 1/3.
+    """
+    response = response_mask.bool()
+    critical = critical_mask.bool() & response
+    weights = weights.float().masked_fill(~response, float("-inf"))
+    k = critical.sum(-1)
+    kth_largest = weights.sort(-1, descending=True).values.gather(-1, (k - 1).clamp(min=0).unsqueeze(-1))
+    above, tied = weights > kth_largest, weights == kth_largest
+    places_left = k - above.sum(-1)
+    hits = (above & critical).sum(-1) + places_left * (tied & critical).sum(-1) / tied.sum(-1)
+    return hits / k
+
+
+# ----------------------------------------------------------------------------- the evaluation
+
+
+@torch.no_grad()
+def evaluate(policy, ref, pairs, tokenizer, args, device, autocast, with_samples):
+    """The same held-out evaluation for every method.
+
+    - accuracy, margin: the preference by the plain DPO implicit reward (weights 1, so every
+      method is scored alike; ties count half).
+    - weights/{kind}/{side}/{share,top_k} (pairs with known critical tokens: the built-in task):
+      critical_share and topk_hit_rate of four weightings of the pair's tokens, from the policy's
+      attribution: attribution alone (lambda 1), hybrid (--lam), prior alone (lambda 0), uniform.
+    - with_samples (the built-in task's judge: safe phrases count up, risky ones down): the mean
+      judge score of responses sampled from the policy and from the reference for the held-out
+      prompts, the policy's win rate against the reference's response to the same prompt, and
+      the diversity of the policy's samples: distinct_2, distinct_4, token_entropy, self_bleu.
+    """
+    correct, margins, placement = 0.0, [], collections.defaultdict(list)
+    for batch in data.batches(pairs, args.batch_size, tokenizer.pad_token_id):
+        n = len(batch["chosen_input_ids"])
+        stacked = data.stack_pair(batch, tokenizer.pad_token_id)
+        input_ids, attention_mask, response_mask = (tensor.to(device) for tensor in stacked)
+        critical = "chosen_critical_mask" in batch
+        with autocast:
+            if critical:  # the attribution's forward also gives the logits for the accuracy
+                with torch.enable_grad():
+                    policy_logits, importance = tidpo.gradient_attribution(policy, input_ids, attention_mask,
+                                                                           response_mask)
+                policy_logits = policy_logits.detach()
+            else:
+                policy_logits = tidpo.forward_logits(policy, input_ids, attention_mask)
+            ref_logits = tidpo.forward_logits(ref, input_ids, attention_mask)
+            logratio = (tidpo.token_logps(policy_logits, input_ids, response_mask)
+                        - tidpo.token_logps(ref_logits, input_ids, response_mask))
+        margin = args.beta * (logratio[:n].sum(-1) - logratio[n:].sum(-1))
+        correct += (margin > 0).sum().item() + 0.5 * (margin == 0).sum().item()
+        margins.append(margin.float())
+        if critical:
+            critical_mask = torch.cat([torch.nn.functional.pad(mask, (0, input_ids.shape[1] - mask.shape[1]))
+                                       for mask in (batch["chosen_critical_mask"], batch["rejected_critical_mask"])])
+            critical_mask = critical_mask.to(device)
+            weightings = {"attribution": tidpo.hybrid_weights(importance, response_mask, lam=1.0),
+                          "hybrid": tidpo.hybrid_weights(importance, response_mask, lam=args.lam),
+                          "prior": tidpo.hybrid_weights(importance, response_mask, lam=0.0),
+                          "uniform": response_mask.float()}
+            for kind, weights in weightings.items():
+                for side, part in (("chosen", slice(None, n)), ("rejected", slice(n, None))):
+                    placement[f"weights/{kind}/{side}/share"].append(
+                        critical_share(weights[part], critical_mask[part], response_mask[part]))
+                    placement[f"weights/{kind}/{side}/top_k"].append(
+                        topk_hit_rate(weights[part], critical_mask[part], response_mask[part]))
+    result = {"accuracy": correct / len(pairs), "margin": torch.cat(margins).mean().item()}
+    result.update({name: torch.cat(values).nanmean().item() for name, values in placement.items()})
+    if with_samples:
+        scores, policy_tokens, policy_texts = {}, [], []
+        for name, model in (("policy", policy), ("reference", ref)):
+            scores[name] = []
+            for batch in data.batches(pairs, args.batch_size, tokenizer.pad_token_id):
+                with autocast:
+                    ids, _, response_mask = sample(model, batch["prompt_input_ids"].to(device),
+                                                   batch["prompt_attention_mask"].to(device), tokenizer, args)
+                for row, keep in zip(ids, response_mask.bool()):
+                    text = tokenizer.decode(row[keep], skip_special_tokens=True)
+                    scores[name].append(data.judge(text))
+                    if name == "policy":
+                        policy_tokens.append([t for t in row[keep].tolist() if t != tokenizer.eos_token_id])
+                        policy_texts.append(text)
+            result[f"judge/{name}"] = sum(scores[name]) / len(scores[name])
+        result["win_rate"] = win_rate(scores["policy"], scores["reference"])
+        result["distinct_2"] = distinct_n(policy_tokens, 2)
+        result["distinct_4"] = distinct_n(policy_tokens, 4)
+        result["token_entropy"] = token_entropy(policy_tokens)
+        result["self_bleu"] = self_bleu(policy_texts)
+    return result
