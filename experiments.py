@@ -366,6 +366,56 @@ def html_page(weights, title):
                             sections="\n".join(sections), lam=weights["lam"], full=FULL_SHADE)
 
 
+def plain_text(weights):
+    """The responses as plain text, for output that is not a terminal: each token followed by its
+    hybrid weight, critical tokens between asterisks."""
+    lines = [f"prompt: {weights['prompt']}"]
+    for side in data.RESPONSES:
+        text = ""
+        for t in weights[side]:
+            word = t["token"].lstrip()
+            mark = "*" if t.get("critical") else ""
+            text += f"{t['token'][:len(t['token']) - len(word)]}{mark}{word}{mark}[{t['hybrid']:.2f}]"
+        lines.append(f"{side}: {text}")
+    lines.append("[w]: the token's hybrid weight (the response's average is 1); *...*: the critical phrase")
+    return "\n".join(lines)
+
+
+def weights_figure(weights, title, path):
+    """A PNG: for each response, every token's share of the attribution (Eq. 6, normalized), of the
+    Gaussian prior (Eq. 7, normalized) and of the hybrid weight (Eq. 8); critical tokens in red."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display needed
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 1, figsize=(12, 6.5))
+    for ax, side in zip(axes, data.RESPONSES):
+        tokens = weights[side]
+        shares = {name: torch.tensor([t[key] for t in tokens], dtype=torch.float64)
+                  for name, key in (("attribution I (Eq. 6)", "attribution"), ("Gaussian prior (Eq. 7)", "prior"),
+                                    (f"hybrid weight (Eq. 8, lambda {weights['lam']})", "hybrid"))}
+        positions = torch.arange(len(tokens)).tolist()
+        for offset, (name, values) in zip((-0.27, 0.0, 0.27), shares.items()):
+            ax.bar([p + offset for p in positions], (values / values.sum()).tolist(), width=0.27, label=name)
+        for p, t in zip(positions, tokens):
+            if t.get("critical"):
+                ax.axvspan(p - 0.45, p + 0.45, color="red", alpha=0.08, lw=0)
+        ax.set_xticks(positions)
+        ax.set_xticklabels([t["token"].strip() or repr(t["token"]) for t in tokens], rotation=60, fontsize=8)
+        for label, t in zip(ax.get_xticklabels(), tokens):
+            if t.get("critical"):
+                label.set_color("red")
+                label.set_fontweight("bold")
+        ax.set_ylabel("share of the response")
+        ax.set_title(f"{side} response (critical phrase in red)", fontsize=10)
+    axes[0].legend(fontsize=8, loc="upper left")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def show_weights(args):
     policy, tokenizer, pair, name = load_pair(args)
     weights = token_weights(policy, tokenizer, pair, args.lam)
@@ -376,8 +426,10 @@ def show_weights(args):
         json.dump({"pair": name, "model": args.model or "built-in SFT reference", **weights}, f, indent=1)
     with open(html_path, "w") as f:
         f.write(html_page(weights, title))
-    print(terminal_text(weights))
-    print(f"wrote {json_path} and {html_path}")
+    if args.png:
+        weights_figure(weights, f"token weights of {title}", args.png)
+    print(terminal_text(weights) if sys.stdout.isatty() else plain_text(weights))
+    print(f"wrote {json_path} and {html_path}{f' and {args.png}' if args.png else ''}")
     return weights
 
 
@@ -411,6 +463,7 @@ def parse_args(argv):
     w.add_argument("--sft-steps", type=int, default=300, help="SFT steps of the built-in reference")
     w.add_argument("--max-length", type=int, default=256, help="prompt + response tokens, as in train.py")
     w.add_argument("--output-dir", default=os.path.join("runs", "weights"), help="where the JSON and HTML go")
+    w.add_argument("--png", default=None, help="also draw the figure of the README (docs/weights.png) to this file")
     args, rest = p.parse_known_args(argv)
     if args.command == "weights" and rest:
         p.error(f"unrecognized arguments: {' '.join(rest)}")
