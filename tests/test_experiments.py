@@ -9,6 +9,7 @@ import csv
 import html
 import json
 import math
+import re
 import sys
 import warnings
 from pathlib import Path
@@ -118,7 +119,7 @@ def tiny_policy_dir(tmp_path_factory):
 
 def test_weights_display_of_a_builtin_pair(tiny_policy_dir, tmp_path, capsys):
     shown = experiments.main(["weights", "--model", str(tiny_policy_dir), "--pair", "2", "--output-dir",
-                              str(tmp_path)])
+                              str(tmp_path), "--png", str(tmp_path / "weights.png")])
     terminal = capsys.readouterr().out
     saved = json.loads((tmp_path / "builtin-heldout-2.json").read_text())
     assert {k: saved[k] for k in shown} == shown
@@ -143,7 +144,13 @@ def test_weights_display_of_a_builtin_pair(tiny_policy_dir, tmp_path, capsys):
         for entry in entries:
             assert html.escape(entry["token"]) in page
         assert f"{side}: " in terminal
-    assert "\x1b[30;48;5;" in terminal and terminal.count("\x1b[0m") == sum(len(saved[s]) for s in data.RESPONSES)
+    # captured output is not a terminal: plain text, one [weight] per token, no escape codes
+    assert "\x1b" not in terminal
+    assert len(re.findall(r"\[\d+\.\d\d\]", terminal)) == sum(len(saved[s]) for s in data.RESPONSES)
+    # in a terminal: one shaded span per token
+    ansi = experiments.terminal_text(saved)
+    assert "\x1b[30;48;5;" in ansi and ansi.count("\x1b[0m") == sum(len(saved[s]) for s in data.RESPONSES)
+    assert (tmp_path / "weights.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_weights_display_of_a_jsonl_record_escapes_html(tiny_policy_dir, tmp_path):

@@ -291,6 +291,43 @@ def test_local_model_with_chat_template_trains_on_conversational_jsonl(model_dir
     assert result["after"]["accuracy"] in (0.0, 0.5, 1.0)
 
 
+def test_own_data_without_model_trains_the_tokenizer_on_it(tmp_path, capsys):
+    # Words the built-in task never uses: with the built-in tokenizer they would all be <unk>.
+    records = [{"prompt": f"Quokka question {i}: marsupials near Rottnest?", "chosen": f"Observe quietly, answer {i}.",
+                "rejected": f"Feed them bread crusts {i}."} for i in range(6)]
+    path = write_jsonl(tmp_path / "mine.jsonl", records)
+    args = train.parse_args(["--data", str(path)])
+    tokenizer = train.load_tokenizer(args)
+    train_pairs, heldout_pairs = train.load_data(args, tokenizer)
+    ids = [i for pair in train_pairs + heldout_pairs for key in ("prompt_ids", "chosen_ids", "rejected_ids")
+           for i in pair[key]]
+    assert tokenizer.unk_token_id not in ids
+    assert tokenizer.decode(train_pairs[0]["prompt_ids"], skip_special_tokens=True) == \
+        "quokka question 0 : marsupials near rottnest ?"
+    result = run(["--data", str(path), *SMALL, "--sft-steps", "2"], tmp_path / "run")
+    first_line = capsys.readouterr().out.splitlines()[0]
+    assert f"tokenizer trained on {path}" in first_line
+    assert_finite_history(result["history"], 3)
+
+
+def test_a_model_that_fails_to_load_leaves_no_run_folder(model_dirs, tmp_path):
+    # a folder with a tokenizer but no model: the tokenizer loads, the model does not
+    folder = tmp_path / "tokenizer-only"
+    AutoTokenizer.from_pretrained(model_dirs["plain"]).save_pretrained(folder)
+    with pytest.raises(SystemExit, match="cannot load it with AutoModelForCausalLM"):
+        run(["--model", str(folder)], tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
+def test_help_shows_each_default_once(capsys):
+    with pytest.raises(SystemExit):
+        train.parse_args(["--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "(default: None)" not in help_text
+    assert "default: 5e-4 for the built-in tiny model, 1e-6 with --model" in help_text
+    assert "(default: 0.1)" in help_text  # --beta: argparse's own default note stays where it helps
+
+
 # ----------------------------------------------------------------------------- 5. bad inputs
 
 
