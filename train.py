@@ -5,12 +5,12 @@
     torchrun --nproc_per_node=2 train.py ...         # DistributedDataParallel, one process per GPU/CPU share
 
 A run has five phases, in the order main() shows them:
-  1. set-up      flags, tokenizer, data and model; all checked before the output folder is made
-  2. reference   the built-in tiny model is first fine-tuned on chosen and rejected responses alike
-                 (SFT, so that it prefers neither); a frozen copy becomes pi_ref (Algorithm 1)
-  3. loop        TI-DPO (Eq. 14) or DPO (Eq. 3) steps; see tidpo_step
-  4. evaluation  the same held-out numbers before and after (evaluate.py)
-  5. save        the policy and tokenizer with save_pretrained, the metrics as JSON lines
+  set-up       flags, tokenizer, data and model, all checked before the output folder is made
+  reference    the built-in tiny model is first fine-tuned on chosen and rejected responses alike
+               (SFT, so that it prefers neither); a frozen copy becomes pi_ref (Algorithm 1)
+  loop         TI-DPO (Eq. 14) or DPO (Eq. 3) steps; one step is tidpo_step
+  evaluation   the same held-out numbers before and after the loop (evaluate.py)
+  save         the policy and tokenizer with save_pretrained, the metrics as JSON lines
 
 With --save-every N it also writes checkpoints, and --resume latest continues a stopped run.
 """
@@ -28,7 +28,7 @@ from contextlib import nullcontext
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
-from torch.profiler import record_function  # labels the phases of a step for bench.py --profile
+from torch.profiler import record_function  # labels the parts of a step for bench.py --bench-profile
 
 import checkpoints
 import data
@@ -36,7 +36,7 @@ import tidpo
 from evaluate import evaluate
 from sampling import sample
 
-# ----------------------------------------------------------------------------- 1. set-up
+# ----------------------------------------------------------------------------- set-up: flags, tokenizer, data, model
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
@@ -239,7 +239,7 @@ def shard(batch, rank, world_size):
     return {name: value[start:end] for name, value in batch.items()}, (end - start) / n
 
 
-# ----------------------------------------------------------------------------- 2. the reference
+# ----------------------------------------------------------------------------- the reference
 
 
 def sft(model, pairs, tokenizer, args, device, autocast, log):
@@ -268,7 +268,7 @@ def sft(model, pairs, tokenizer, args, device, autocast, log):
                 break
 
 
-# ----------------------------------------------------------------------------- one step
+# ----------------------------------------------------------------------------- one step of TI-DPO (Eq. 14) or DPO (Eq. 3)
 
 
 def reference_logps(ref, input_ids, attention_mask, response_mask, autocast):
@@ -342,7 +342,7 @@ def tidpo_step(policy, ref, batch, tokenizer, args, device, autocast):
     return loss, metrics
 
 
-# ----------------------------------------------------------------------------- 3. the loop
+# ----------------------------------------------------------------------------- the loop
 
 
 def make_optimizer(policy, args):
@@ -489,6 +489,8 @@ def non_finite_message(step, values, args, device, checkpoint):
             f"stopped before applying this update; {where}. Try {'; '.join(advice)}.")
 
 
+# ----------------------------------------------------------------------------- the run: main() and its phases
+
 
 def setup_distributed(device):
     """(rank, world_size, device). Under torchrun (WORLD_SIZE > 1) this process joins the group that
@@ -505,11 +507,6 @@ def setup_distributed(device):
         dist.init_process_group("gloo")
     atexit.register(dist.destroy_process_group)
     return dist.get_rank(), world_size, device
-
-
-
-
-# ----------------------------------------------------------------------------- the run
 
 
 def setup_run(args):
@@ -539,7 +536,7 @@ def main(argv=None):
     run = setup_run(args)
     log = run.log
 
-    # 1. Set-up. Everything that can fail on the user's input comes before the output folder is made.
+    # Set-up. Everything that can fail on the user's input comes before the output folder is made.
     tokenizer = load_tokenizer(args)
     train_pairs, heldout_pairs = load_data(args, tokenizer)
     if len(train_pairs) < run.world_size:
@@ -555,7 +552,7 @@ def main(argv=None):
         f"parameters, on {run.device}{f' x {run.world_size} processes' if run.world_size > 1 else ''}"
         f"{tokenizer_note}; {len(train_pairs)} training pairs, {len(heldout_pairs)} held-out")
 
-    # 2. The reference: Algorithm 1 starts from pi_theta = pi_ref, a frozen copy of the starting policy
+    # Reference. Algorithm 1 starts from pi_theta = pi_ref, a frozen copy of the starting policy
     # (for the tiny model, after its SFT; on --resume, the reference of the run that wrote the checkpoint).
     if resume:
         checkpoints.load_weights(policy, resume["policy"], resume_path)
@@ -566,7 +563,7 @@ def main(argv=None):
         checkpoints.load_weights(ref, resume["reference"], resume_path)
         resume["path"] = resume_path
 
-    # 4. (before) The held-out numbers of the starting policy.
+    # Evaluation before the loop: the starting policy's held-out numbers.
     if resume:
         before = resume["before"]
     else:
@@ -574,10 +571,10 @@ def main(argv=None):
         log(f"held-out before: accuracy {before['accuracy']:.3f}, margin {before['margin']:.4f}",
             {"phase": "eval", "when": "before", **before})
 
-    # 3. The loop.
+    # Loop.
     history = train_loop(policy, ref, train_pairs, tokenizer, args, run, resume, before)
 
-    # 4. (after) The same held-out numbers, plus samples scored by the built-in task's judge.
+    # Evaluation after the loop: the same numbers, and samples scored by the built-in task's judge.
     judge = args.data is None
     after = evaluate(policy, ref, heldout_pairs, tokenizer, args, run.device, run.autocast, with_samples=judge)
     line = f"held-out after: accuracy {after['accuracy']:.3f}, margin {after['margin']:.4f}"
@@ -586,7 +583,7 @@ def main(argv=None):
                  f"{after['judge/reference']:+.3f}, policy wins {after['win_rate']:.3f}")
     log(line, {"phase": "eval", "when": "after", **after})
 
-    # 5. Save.
+    # Save.
     save(policy, tokenizer, args, run)
     return {"before": before, "after": after, "history": history, "output_dir": args.output_dir}
 
