@@ -302,7 +302,7 @@ def parse_args(argv=None):
                    "conversational); the last 5%% (at least 1) is held out; default: the built-in task")
     p.add_argument("--output-dir", default=None, help="default: runs/trl-tidpo-<date-time>")
     p.add_argument("--steps", type=int, default=40, help="optimizer steps")
-    p.add_argument("--batch-size", type=int, default=16, help="pairs per device and step")
+    p.add_argument("--batch-size", type=int, default=16, help="pairs per process and step")
     p.add_argument("--lr", type=float, default=None, help="default: 5e-4 for the built-in model, 1e-6 with --model")
     p.add_argument("--max-length", type=int, default=256, help="prompt + response tokens (TRL truncates the end)")
     p.add_argument("--beta", type=float, default=0.1, help="inverse temperature of the preference margin")
@@ -342,7 +342,7 @@ def build_tiny_llama(tokenizer):
                          num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512,
                          tie_word_embeddings=True, pad_token_id=tokenizer.pad_token_id,
                          bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
-    return LlamaForCausalLM(config), LlamaForCausalLM(config)  # the reference gets the SFT weights later
+    return LlamaForCausalLM(config), LlamaForCausalLM(config)  # the reference gets the policy's weights later
 
 
 def sft(model, trainer, steps, lr, seed, log):
@@ -410,24 +410,25 @@ def main(argv=None):
         save_strategy="no", report_to="none", dataloader_pin_memory=torch.cuda.is_available(),
         use_cpu=not torch.cuda.is_available(),  # without it, torchrun on CPUs runs independent processes, not DDP
         ddp_find_unused_parameters=False,  # every parameter is used at every step: no graph search for unused ones
-        # A hub model checkpoints its activations to save memory; the tiny one has none to save.
+        # A hub model checkpoints its activations to save memory; the tiny one would only lose time.
         activation_checkpointing=args.model is not None, bf16=args.model is not None and torch.cuda.is_available())
     trainer = TIDPOTrainer(model, ref_model=ref_model, args=config, train_dataset=datasets.Dataset.from_list(train),
                            eval_dataset=datasets.Dataset.from_list(heldout), processing_class=tokenizer)
     trainer.remove_callback(PrinterCallback)  # it prints whole log dicts; PrintLogs prints one line
     trainer.add_callback(PrintLogs())
     log = print if trainer.is_world_process_zero() else (lambda line: None)
-    if args.model is None and args.sft_steps:
+    if args.model is None:
         sft(trainer.model, trainer, args.sft_steps, 3e-3, args.seed, log)
-        trainer.ref_model.load_state_dict(trainer.model.state_dict())
-    log(f"TI-DPO under trl {trl.__version__}: {len(trainer.train_dataset)} training pairs, {args.steps} steps "
-        f"of {args.batch_size * trainer.args.world_size} pairs, {trainer.args.world_size} process(es) on "
-        f"{trainer.args.device.type}")
+        trainer.ref_model.load_state_dict(trainer.model.state_dict())  # pi_ref: a frozen copy of the start
+    log(f"TI-DPO under trl {trl.__version__}: {len(trainer.train_dataset)} training pairs, {args.steps} steps of "
+        f"{args.batch_size} pairs x {trainer.args.world_size} process(es) on {trainer.args.device.type}")
     train_seconds = trainer.train().metrics["train_runtime"]
     held_out = trainer.evaluate()
     log(f"held-out ({len(heldout)} pairs): loss {held_out['eval_loss']:.4f} | rewards/margins "
           f"{held_out['eval_rewards/margins']:.4f} | rewards/accuracies {held_out['eval_rewards/accuracies']:.4f}")
     trainer.save_model(output_dir)
+    if trainer.is_world_process_zero():
+        trainer.state.save_to_json(f"{output_dir}/trainer_state.json")  # log_history: every logged step's numbers
     log(f"saved the policy to {output_dir} | training {train_seconds:.1f} s, whole run "
         f"{time.perf_counter() - start:.1f} s")
     return held_out
