@@ -27,7 +27,8 @@ import train  # noqa: E402
 
 # A few steps of everything: enough for every metric to be computed, not for learning.
 TINY = ["--sft-steps", "20", "--max-new-tokens", "8", "--log-every", "2"]
-KINDS = ("attribution", "hybrid", "prior", "uniform")
+KINDS = ("attribution", "no_final", "grad_x_input", "hybrid", "hybrid_no_final", "hybrid_grad_x_input", "prior",
+         "uniform")
 HTML_RECORD = "Is a < b? Check that a < b & b < c. Why?"
 
 
@@ -70,6 +71,18 @@ def test_critical_share_of_known_weights():
     critical = torch.tensor([[0, 0, 0, 1, 1, 0], [0, 0, 1, 0, 0, 0]])
     share = evaluate.critical_share(weights, critical, response)
     torch.testing.assert_close(share, torch.tensor([7 / 10, 1 / 4]))  # (3 + 4) / 10; uniform: k / T
+
+
+def test_critical_margin_of_known_log_ratios():
+    # Two pairs; prompt token 0, responses 1-3. Pair 0: chosen's critical tokens 2 and 3 (log-ratios
+    # 0.5 + 1.5 = 2), rejected's critical token 1 (-1): beta 0.1 * (2 - (-1)) = 0.3. Pair 1: the filler
+    # (token 1, +4 for rejected) is left out; critical 0.25 against 0.75: 0.1 * (0.25 - 0.75) = -0.05.
+    chosen = torch.tensor([[0.0, 9.0, 0.5, 1.5], [0.0, 0.25, 3.0, 0.0]])
+    rejected = torch.tensor([[0.0, -1.0, 2.0, 7.0], [0.0, 4.0, 0.75, 0.0]])
+    chosen_critical = torch.tensor([[0, 0, 1, 1], [0, 1, 0, 0]])
+    rejected_critical = torch.tensor([[0, 1, 0, 0], [0, 0, 1, 0]])
+    margin = evaluate.critical_margin(chosen, rejected, chosen_critical, rejected_critical, beta=0.1)
+    torch.testing.assert_close(margin, torch.tensor([0.3, -0.05]))
 
 
 def test_topk_hit_rate_of_known_weights_and_ties():
@@ -236,6 +249,7 @@ def test_grid_metrics_are_in_range_and_uniform_weights_give_the_critical_fractio
             for kind in KINDS:
                 assert 0 < after[f"weights/{kind}/{side}/share"] < 1
                 assert 0 <= after[f"weights/{kind}/{side}/top_k"] <= 1
+        assert 0 <= after["critical_accuracy"] <= 1 and math.isfinite(after["critical_margin"])
         assert 0 <= after["win_rate"] <= 1
         assert 0 < after["distinct_2"] <= 1 and 0 < after["distinct_4"] <= 1
         assert 0 < after["token_entropy"] <= math.log2(len(train.load_tokenizer(args)))
