@@ -343,7 +343,7 @@ def tidpo_step(policy, ref, batch, tokenizer, args, device, autocast):
         # The best any attribution could do: the known critical tokens as the importance of Eq. 8, scaled
         # like hybrid weights (mean 1 by default: the critical tokens then carry T/k times a uniform
         # weight, as a perfect attribution would give them at lambda 1).
-        critical = data.stack_critical(batch, input_ids.shape[1]).to(device)
+        critical = data.stack_critical(batch, input_ids.shape[1]).to(device, torch.float32)
         weights = tidpo.hybrid_weights(critical, response_mask, lam=args.lam, scale=args.weight_scale)
     else:
         weights = tidpo.hybrid_weights(importance, response_mask, lam=args.lam, scale=args.weight_scale)
