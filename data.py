@@ -365,8 +365,8 @@ FILLERS_PER_RESPONSE = 2
 HELDOUT_FILLER_FRACTION = 0.25   # of all filler combinations, reserved for held-out
 OPENERS = ["You should", "My advice is to", "The best move is to", "Honestly, just"]
 
-# builtin_task's settings. "spurious": two cue sentences, the first in the chosen response and the
-# second in the rejected one of most training pairs, the other way round in every held-out pair.
+# builtin_task's settings. "spurious": two closing sentences, the first ending the chosen response and
+# the second the rejected one in most training pairs, the other way round in every held-out pair.
 SETTINGS = ("default", "spurious")
 SPURIOUS_CUES = ("An expert has reviewed this reply.", "I wrote this in a hurry.")
 SPURIOUS_SHARE = 0.9
@@ -415,29 +415,27 @@ def builtin_task(seed=0, n_train=512, n_heldout=128, label_noise=0.0,
 
 
 def add_spurious_cue(train, heldout, seed):
-    """Put one of SPURIOUS_CUES into each response, in place, at a random sentence slot.
+    """End each response with one of SPURIOUS_CUES, in place.
 
     Training: the first cue in the chosen response and the second in the rejected one, in a
     SPURIOUS_SHARE of the pairs; the other way round in the rest. Held out: the other way round
     in every pair. In training the cues predict the label almost as well as the critical phrase
     does, so a loss that scores every token learns them; held out they point the wrong way. A loss
     that looks only at the critical phrase is not misled. The cues follow the training labels as
-    given (after any label noise), as an annotator's habit would. They have their own random
-    stream, so the records are otherwise those of the default setting.
+    given (after any label noise), as an annotator's habit would.
+
+    The cues come last so that no critical token has one in its context: a causal LM's log-prob of
+    the critical phrase cannot depend on the cue, and a loss on the critical tokens alone cannot
+    learn it (measured with the cue at a random slot: that loss learned it through the context,
+    fitting the flipped labels by it). Their own random stream leaves the records otherwise those
+    of the default setting.
     """
     rng = random.Random(f"spurious cue {seed}")
     cued = set(rng.sample(range(len(train)), round(SPURIOUS_SHARE * len(train))))
     for index, record in enumerate(train + heldout):  # held-out indices are never in `cued`
         preferred, dispreferred = SPURIOUS_CUES if index in cued else reversed(SPURIOUS_CUES)
-        _insert_sentence(rng, record, "chosen", preferred)
-        _insert_sentence(rng, record, "rejected", dispreferred)
-
-
-def _insert_sentence(rng, record, side, sentence):
-    sentences = record[side].split(". ")  # every sentence of a built-in response ends in a period
-    sentences[-1] = sentences[-1].removesuffix(".")
-    sentences.insert(rng.randint(0, len(sentences)), sentence.removesuffix("."))
-    record[side] = ". ".join(sentences) + "."
+        record["chosen"] += " " + preferred
+        record["rejected"] += " " + dispreferred
 
 
 def _make_record(rng, filler_combinations, source, heldout):

@@ -78,8 +78,10 @@ def build_parser(description=__doc__):
                    "over a response (uniform = DPO); sum: Eq. 8 as written (weights sum to 1)")
     a.add_argument("--weights", choices=["hybrid", "uniform", "random", "oracle"], default="hybrid", help="tidpo "
                    "token weights: hybrid (Eq. 8), uniform (all 1), random (fresh positive weights scaled like "
-                   "hybrid), oracle (built-in task only: Eq. 8 with the attribution replaced by the known critical "
-                   "tokens, 1 on them and 0 elsewhere; with --lam 1, the critical phrase alone)")
+                   "hybrid), oracle (built-in task only: the known critical tokens, scaled by --oracle-scale)")
+    a.add_argument("--oracle-scale", choices=["unit", "hybrid"], default="unit", help="--weights oracle: unit "
+                   "(1 on each critical token, 0 elsewhere: DPO on the critical tokens alone), or hybrid (the "
+                   "critical tokens as the attribution of Eq. 8, with --lam and --weight-scale)")
     a.add_argument("--attribution", choices=tidpo.ATTRIBUTIONS, default="paper", help="hybrid weights' "
                    "attribution: paper (Eq. 5-6), or variants beyond the paper: no-final (the final response "
                    "token left out of the normalisation), grad-x-input (|gradient . embedding|, final left out)")
@@ -340,11 +342,13 @@ def tidpo_step(policy, ref, batch, tokenizer, args, device, autocast):
         weights = tidpo.hybrid_weights(torch.rand(response_mask.shape, device=device), response_mask, lam=1.0,
                                        scale=args.weight_scale)
     elif args.weights == "oracle":
-        # The best any attribution could do: the known critical tokens as the importance of Eq. 8, scaled
-        # like hybrid weights (mean 1 by default: the critical tokens then carry T/k times a uniform
-        # weight, as a perfect attribution would give them at lambda 1).
+        # Weights only on the known critical tokens: the placement no attribution can beat. "unit" keeps
+        # DPO's per-token scale (weight 1), so the oracle differs from DPO only in which tokens count.
+        # "hybrid" passes them through Eq. 8 as a perfect attribution would; at mean scale and lambda 1
+        # each critical token then weighs T/k (about 7 here), which acts like a beta T/k times larger.
         critical = data.stack_critical(batch, input_ids.shape[1]).to(device, torch.float32)
-        weights = tidpo.hybrid_weights(critical, response_mask, lam=args.lam, scale=args.weight_scale)
+        weights = critical if args.oracle_scale == "unit" else tidpo.hybrid_weights(
+            critical, response_mask, lam=args.lam, scale=args.weight_scale)
     else:
         weights = tidpo.hybrid_weights(importance, response_mask, lam=args.lam, scale=args.weight_scale)
 

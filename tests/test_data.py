@@ -246,11 +246,10 @@ def test_spurious_setting_adds_the_cues_to_the_same_records(task):
     preferred, dispreferred = data.SPURIOUS_CUES
     as_labelled = 0
     for clean, cued in zip(task[0] + task[1], train + heldout):
-        # one cue per response, as a whole sentence; without it, the default record
+        # one cue per response, as its last sentence; without it, the default record
         for side in data.RESPONSES:
             cue = preferred if preferred in cued[side] else dispreferred
-            assert (" " + cued[side] + " ").count(" " + cue + " ") == 1
-            assert " ".join(cued[side].replace(cue, "").split()) == clean[side]
+            assert cued[side] == clean[side] + " " + cue
         assert {k: v for k, v in cued.items() if k not in data.RESPONSES} == \
                {k: v for k, v in clean.items() if k not in data.RESPONSES}
         as_labelled += preferred in cued["chosen"] and dispreferred in cued["rejected"]

@@ -260,3 +260,28 @@ def test_grid_gives_no_deprecation_warnings(tiny_grid):
     bad = [f"{w.category.__name__} at {w.filename}:{w.lineno}: {w.message}" for w in tiny_grid["warnings"]
            if issubclass(w.category, (DeprecationWarning, PendingDeprecationWarning, FutureWarning))]
     assert not bad, "\n".join(bad)
+
+
+# ----------------------------------------------------------------------------- mechanism, end to end
+
+
+def test_mechanism_is_the_default_command_and_tables_both_settings(tmp_path, one_thread):
+    output_dir = tmp_path / "out"
+    records = experiments.main(["--methods", "tidpo", "oracle", "--seeds", "1", "--steps", "2", "--jobs", "1",
+                                "--output-dir", str(output_dir), "--sft-steps", "2", "--max-new-tokens", "4",
+                                "--log-every", "1"])
+    settings = [task for task, _ in experiments.MECHANISM_SETTINGS]
+    assert [(r["task"], r["method"]) for r in records] == [(t, m) for t in settings for m in ("tidpo", "oracle")]
+    text = (output_dir / "mechanism.md").read_text()
+    for task, noise in experiments.MECHANISM_SETTINGS:
+        assert f"### Task {task}, label noise {experiments.noise_label(noise)} (1 seed)" in text
+        section = text.split(f"### Task {task}")[1].split("### Task")[0]
+        for r in records:
+            if r["task"] == task:
+                after = r["after"]
+                assert (f"| {r['method']} | {after['accuracy']:.3f} | {after['critical_accuracy']:.3f} | "
+                        f"{after['margin']:.3f} | {after['critical_margin']:.3f} |") in section
+        for kind in experiments.PLACEMENT_KINDS:
+            assert f"\n| {kind} | " in section
+    rows = read_csv(output_dir / "runs.csv")
+    assert rows[0][:5] == ["task", "method", "noise", "seed", "seconds"] and len(rows) == 1 + len(records)

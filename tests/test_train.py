@@ -245,7 +245,8 @@ def step_inputs(flags):
     return policy, copy.deepcopy(policy), batch, tokenizer, args, torch.device("cpu"), contextlib.nullcontext()
 
 
-def test_oracle_weights_are_the_critical_tokens_scaled_like_hybrid_weights(monkeypatch):
+@pytest.mark.parametrize("scale", ["unit", "hybrid"])
+def test_oracle_weights_sit_on_the_critical_tokens_only(scale, monkeypatch):
     seen = {}
     real_loss = tidpo.tidpo_loss
 
@@ -254,16 +255,19 @@ def test_oracle_weights_are_the_critical_tokens_scaled_like_hybrid_weights(monke
         return real_loss(*tensors, **kwargs)
 
     monkeypatch.setattr(tidpo, "tidpo_loss", loss_spy)
-    policy, ref, batch, tokenizer, args, device, autocast = step_inputs(["--weights", "oracle", "--lam", "1"])
+    flags = ["--weights", "oracle", "--oracle-scale", scale, "--lam", "1"]
+    policy, ref, batch, tokenizer, args, device, autocast = step_inputs(flags)
     train.tidpo_step(policy, ref, batch, tokenizer, args, device, autocast)
     for side in data.RESPONSES:
         critical = batch[f"{side}_critical_mask"].bool()
-        weights = seen[side][:, :critical.shape[1]]  # the stacked rows are padded to the longer side
         response = batch[f"{side}_response_mask"].bool()
-        # lambda 1, mean scale: T / k on each of the k critical tokens of a T-token response, 0 elsewhere
+        weights = seen[side][:, :critical.shape[1]]  # the stacked rows are padded to the longer side
         for row in range(len(weights)):
+            # unit: 1 on each critical token; hybrid (Eq. 8, lambda 1, mean scale): T / k on each of the
+            # k critical tokens of a T-token response. 0 elsewhere.
             k, length = critical[row].sum().item(), response[row].sum().item()
-            assert torch.allclose(weights[row][critical[row]], torch.full((k,), length / k))
+            expected = 1.0 if scale == "unit" else length / k
+            assert torch.allclose(weights[row][critical[row]], torch.full((k,), expected))
             assert (weights[row][~critical[row]] == 0).all()
 
 
