@@ -56,19 +56,23 @@ METHODS = {
     "no_prior": ["--loss", "tidpo", "--lam", "1"],
     "prior_only": ["--loss", "tidpo", "--lam", "0"],
     "tdpo2_kl": ["--loss", "tidpo", "--kl-alpha", "0.5"],
-    # Beyond the paper: its attribution's variants, and oracle weights on the known critical tokens (built-in
-    # task only): weight 1 on each, 0 elsewhere (DPO's per-token scale), and the same tokens through Eq. 8 as
-    # a perfect attribution at lambda 1 (mean 1: T/k on each).
-    "tidpo_no_final": ["--loss", "tidpo", "--attribution", "no-final"],
-    "tidpo_grad_x_input": ["--loss", "tidpo", "--attribution", "grad-x-input"],
-    "oracle": ["--loss", "tidpo", "--weights", "oracle"],
-    "oracle_no_triplet": ["--loss", "tidpo", "--weights", "oracle", "--gamma", "0"],
-    "oracle_eq8": ["--loss", "tidpo", "--weights", "oracle", "--oracle-scale", "hybrid", "--lam", "1"],
+    # Beyond the paper (built-in task): the attribution's variants and oracle weights on the known critical
+    # tokens, in Eq. 12 alone (gamma 0) so that each differs from DPO only in its weights; the oracle at
+    # DPO's per-token scale (1 on each critical token, 0 elsewhere), and as a perfect attribution through
+    # Eq. 8 at lambda 1 (mean 1: T/k on each); and the oracle in the full objective, with the triplet.
+    "tidpo_no_final": ["--loss", "tidpo", "--attribution", "no-final", "--gamma", "0"],
+    "tidpo_grad_x_input": ["--loss", "tidpo", "--attribution", "grad-x-input", "--gamma", "0"],
+    "prior_only_no_triplet": ["--loss", "tidpo", "--lam", "0", "--gamma", "0"],
+    "oracle": ["--loss", "tidpo", "--weights", "oracle", "--gamma", "0"],
+    "oracle_eq8": ["--loss", "tidpo", "--weights", "oracle", "--oracle-scale", "hybrid", "--lam", "1", "--gamma", "0"],
+    "oracle_triplet": ["--loss", "tidpo", "--weights", "oracle"],
 }
 GRID_METHODS = ["dpo", "tidpo", "tidpo_no_triplet", "uniform_weights", "random_weights", "no_prior", "prior_only",
                 "tdpo2_kl"]
-MECHANISM_METHODS = ["dpo", "tidpo", "tidpo_no_final", "tidpo_grad_x_input", "oracle", "oracle_eq8",
-                     "uniform_weights", "prior_only"]
+# DPO and the full TI-DPO (Eq. 14, triplet included) with the paper's weights, uniform weights and oracle
+# weights; then Eq. 12 alone (no triplet) with each weighting.
+MECHANISM_METHODS = ["dpo", "tidpo", "uniform_weights", "oracle_triplet", "tidpo_no_triplet", "tidpo_no_final",
+                     "tidpo_grad_x_input", "prior_only_no_triplet", "oracle", "oracle_eq8"]
 # (task, label noise): without noise every method reaches accuracy 1 on both settings. With 20% of the
 # labels flipped, the spurious cue (which follows the given labels) agrees with them more often than the
 # critical phrase does.
@@ -488,7 +492,7 @@ def show_weights(args):
 
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    commands = p.add_subparsers(dest="command")
+    commands = p.add_subparsers(dest="command", required=True)
 
     m = commands.add_parser("mechanism", help="the default: where token weights matter, on two settings of the "
                             "built-in task", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -523,9 +527,9 @@ def parse_args(argv):
     w.add_argument("--sft-steps", type=int, default=300, help="SFT steps of the built-in reference")
     w.add_argument("--max-length", type=int, default=256, help="prompt + response tokens, as in train.py")
     w.add_argument("--output-dir", default=os.path.join("runs", "weights"), help="where the JSON and HTML go")
-    args, rest = p.parse_known_args(argv or ["mechanism"])
-    if args.command is None:  # flags without a command: they are the default command's
-        args, rest = p.parse_known_args(["mechanism", *argv])
+    if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help")):
+        argv = ["mechanism", *argv]  # no command: the default one, with these flags
+    args, rest = p.parse_known_args(argv)
     if args.command == "weights" and rest:
         p.error(f"unrecognized arguments: {' '.join(rest)}")
     return args, rest
