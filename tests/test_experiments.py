@@ -265,23 +265,42 @@ def test_grid_gives_no_deprecation_warnings(tiny_grid):
 # ----------------------------------------------------------------------------- mechanism, end to end
 
 
-def test_mechanism_is_the_default_command_and_tables_both_settings(tmp_path, one_thread):
+def test_mechanism_is_the_default_command_and_tables_both_settings(tmp_path, monkeypatch):
+    # The runs themselves are train.main's (tested above through the grid); here each run returns
+    # made-up numbers that say which run they came from, to check the wiring and the tables.
+    kinds = [f"weights/{kind}/{side}/{metric}" for kind in experiments.PLACEMENT_KINDS
+             for side in data.RESPONSES for metric in ("share", "top_k")]
+
+    def fake_group(job):
+        task_value = 0.5 if job["task"] == "spurious" else 0.25
+        records = []
+        for i, method in enumerate(job["methods"]):
+            after = {"accuracy": task_value + i / 100 + job["seed"] / 1000, "critical_accuracy": 0.9,
+                     "margin": -1.0, "critical_margin": 2.0, **{name: 0.125 for name in kinds}}
+            records.append({"method": method, "noise": job["noise"], "seed": job["seed"], "seconds": 1.0,
+                            "argv": job["train_args"], "before": dict(after), "after": after})
+        return records
+
+    monkeypatch.setattr(experiments, "run_group", fake_group)
     output_dir = tmp_path / "out"
-    records = experiments.main(["--methods", "tidpo", "oracle", "--seeds", "1", "--steps", "2", "--jobs", "1",
-                                "--output-dir", str(output_dir), "--sft-steps", "2", "--max-new-tokens", "4",
-                                "--log-every", "1"])
-    settings = [task for task, _ in experiments.MECHANISM_SETTINGS]
-    assert [(r["task"], r["method"]) for r in records] == [(t, m) for t in settings for m in ("tidpo", "oracle")]
+    records = experiments.main(["--methods", "dpo", "tidpo", "--seeds", "1", "3", "--jobs", "1",
+                                "--output-dir", str(output_dir), "--sft-steps", "7"])
+    settings = experiments.MECHANISM_SETTINGS
+    assert [(r["task"], r["seed"], r["method"]) for r in records] == \
+           [(t, seed, m) for t, _ in settings for seed in (1, 3) for m in ("dpo", "tidpo")]
+    for r in records:  # each setting's task and noise, and the extra flag, reach its runs
+        assert r["argv"][-2:] == ["--task", r["task"]] and r["noise"] == dict(settings)[r["task"]]
+        assert r["argv"][:2] == ["--sft-steps", "7"]
     text = (output_dir / "mechanism.md").read_text()
-    for task, noise in experiments.MECHANISM_SETTINGS:
-        assert f"### Task {task}, label noise {experiments.noise_label(noise)} (1 seed)" in text
+    for task, noise in settings:
+        assert f"### Task {task}, label noise {experiments.noise_label(noise)} (mean ± standard deviation over 2 " \
+               "seeds)" in text
         section = text.split(f"### Task {task}")[1].split("### Task")[0]
-        for r in records:
-            if r["task"] == task:
-                after = r["after"]
-                assert (f"| {r['method']} | {after['accuracy']:.3f} | {after['critical_accuracy']:.3f} | "
-                        f"{after['margin']:.3f} | {after['critical_margin']:.3f} |") in section
+        # seeds 1 and 3: accuracy base + i/100 + 0.001 and + 0.003: mean + 0.002, sample sd 0.001414
+        base = 0.5 if task == "spurious" else 0.25
+        assert f"| dpo | {base + 0.002:.3f} ± 0.001 | 0.900 ± 0.000 | -1.000 ± 0.000 | 2.000 ± 0.000 |" in section
+        assert f"| tidpo | {base + 0.012:.3f} ± 0.001 |" in section
         for kind in experiments.PLACEMENT_KINDS:
-            assert f"\n| {kind} | " in section
+            assert f"\n| {kind} | 0.125 ± 0.000 | 0.125 ± 0.000 | 0.125 ± 0.000 | 0.125 ± 0.000 |" in section
     rows = read_csv(output_dir / "runs.csv")
     assert rows[0][:5] == ["task", "method", "noise", "seed", "seconds"] and len(rows) == 1 + len(records)
