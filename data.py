@@ -16,6 +16,8 @@ ground truth is known: each response is neutral filler plus ONE critical
 phrase, safe in the chosen response and risky in the rejected one. Only
 those few tokens carry the preference, which is exactly the situation
 token-importance weighting is meant for, and judge() can score samples.
+Its "spurious" setting adds a cue sentence that follows the training labels
+but not the held-out ones (add_spurious_cue).
 """
 
 import itertools
