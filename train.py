@@ -62,8 +62,8 @@ def build_parser(description=__doc__):
     a.add_argument("--label-noise", type=float, default=0.0, help="built-in task: fraction of training pairs "
                    "with chosen and rejected swapped")
     a.add_argument("--task", choices=data.SETTINGS, default="default", help="built-in task's setting: default, "
-                   "or spurious (a sentence that goes with the chosen response in 90%% of training pairs and "
-                   "with the rejected one in every held-out pair)")
+                   "or spurious (each response ends with a cue sentence that sides with the chosen response in "
+                   "90%% of the training pairs and with the rejected one in every held-out pair)")
     a.add_argument("--output-dir", default=None, help="where the policy, tokenizer, metrics and checkpoints go; "
                    "must not hold an earlier run unless --resume continues it; default: runs/<loss>-<date-time>")
 
@@ -345,7 +345,7 @@ def tidpo_step(policy, ref, batch, tokenizer, args, device, autocast):
         # Weights only on the known critical tokens: the placement no attribution can beat. "unit" keeps
         # DPO's per-token scale (weight 1), so the oracle differs from DPO only in which tokens count.
         # "hybrid" passes them through Eq. 8 as a perfect attribution would; at mean scale and lambda 1
-        # each critical token then weighs T/k (about 7 here), which acts like a beta T/k times larger.
+        # each critical token then weighs T/k (about 7 on the built-in task), like a beta T/k times larger.
         critical = data.stack_critical(batch, input_ids.shape[1]).to(device, torch.float32)
         weights = critical if args.oracle_scale == "unit" else tidpo.hybrid_weights(
             critical, response_mask, lam=args.lam, scale=args.weight_scale)
