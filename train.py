@@ -345,7 +345,7 @@ def tidpo_step(policy, ref, batch, tokenizer, args, device, autocast):
         # Weights only on the known critical tokens: the placement no attribution can beat. "unit" keeps
         # DPO's per-token scale (weight 1), so the oracle differs from DPO only in which tokens count.
         # "hybrid" passes them through Eq. 8 as a perfect attribution would; at mean scale and lambda 1
-        # each critical token then weighs T/k (about 7 on the built-in task), like a beta T/k times larger.
+        # each critical token then weighs T/k (about 6-8 on the built-in task), like a beta T/k times larger.
         critical = data.stack_critical(batch, input_ids.shape[1]).to(device, torch.float32)
         weights = critical if args.oracle_scale == "unit" else tidpo.hybrid_weights(
             critical, response_mask, lam=args.lam, scale=args.weight_scale)
