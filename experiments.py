@@ -290,7 +290,7 @@ PLACEMENT_KINDS = ["attribution", "no_final", "grad_x_input", "hybrid", "hybrid_
                    "prior", "uniform"]
 
 
-def mechanism_tables(records, methods, settings):
+def mechanism_tables(records, methods, settings, lam=0.7):
     """The text of mechanism.md: per setting, the held-out preference of each method, then where
     each weighting puts the weight, on the SFT reference and on the TI-DPO (paper) policies."""
     n_seeds = len({r["seed"] for r in records})
@@ -315,7 +315,7 @@ def mechanism_tables(records, methods, settings):
             placement.append(row)
         parts.append("\nWhere the weights go on the chosen responses: share of the weight on the critical phrase and "
                      "top-k hit rate (k = its length); attribution, no_final and grad_x_input at lambda 1, the hybrid "
-                     "kinds at lambda 0.7\n")
+                     f"kinds at lambda {lam:g}\n")
         parts.append(markdown(["weights", "share, SFT reference", "top-k, SFT reference", "share, tidpo policy",
                                "top-k, tidpo policy"], placement))
         parts.append("\n")
@@ -323,7 +323,7 @@ def mechanism_tables(records, methods, settings):
 
 
 def mechanism(args, train_args):
-    train.parse_args(train_args)  # a mistyped train.py flag stops here, not in the first worker
+    lam = train.parse_args(train_args).lam  # and a mistyped train.py flag stops here, not in the first worker
     output_dir = args.output_dir or os.path.join("runs", f"mechanism-{datetime.now():%Y%m%d-%H%M%S}")
     train_args = [*train_args, "--steps", str(args.steps)]
     groups = []
@@ -342,7 +342,7 @@ def mechanism(args, train_args):
         with multiprocessing.get_context("spawn").Pool(args.jobs) as pool:
             results = pool.map(run_group, groups, chunksize=1)
     records = [{**r, "task": group["task"]} for group, group_records in zip(groups, results) for r in group_records]
-    text = mechanism_tables(records, args.methods, MECHANISM_SETTINGS)
+    text = mechanism_tables(records, args.methods, MECHANISM_SETTINGS, lam)
     with open(os.path.join(output_dir, "mechanism.md"), "w") as f:
         f.write(text)
     metrics = list(records[0]["after"])
