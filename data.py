@@ -16,6 +16,8 @@ ground truth is known: each response is neutral filler plus ONE critical
 phrase, safe in the chosen response and risky in the rejected one. Only
 those few tokens carry the preference, which is exactly the situation
 token-importance weighting is meant for, and judge() can score samples.
+Its "spurious" setting adds a cue sentence that follows the training labels
+but not the held-out ones (add_spurious_cue).
 """
 
 import itertools
@@ -242,6 +244,13 @@ def stack_pair(batch, pad_id) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]
     return tuple(stacked)
 
 
+def stack_critical(batch, length) -> torch.Tensor:
+    """[2B, length] the chosen then the rejected rows' critical masks, right-padded like stack_pair's rows."""
+    return torch.cat([torch.nn.functional.pad(batch[f"{side}_critical_mask"],
+                                              (0, length - batch[f"{side}_critical_mask"].shape[1]))
+                      for side in RESPONSES])
+
+
 def batches(pairs, batch_size, pad_id, generator=None, skip=0):
     """Collated batches over encoded `pairs`, shuffled by `generator` when one is given.
 
@@ -358,20 +367,31 @@ FILLERS_PER_RESPONSE = 2
 HELDOUT_FILLER_FRACTION = 0.25   # of all filler combinations, reserved for held-out
 OPENERS = ["You should", "My advice is to", "The best move is to", "Honestly, just"]
 
+# builtin_task's settings. "spurious": two closing sentences, the first ending the chosen response and
+# the second the rejected one in most training pairs, the other way round in every held-out pair.
+SETTINGS = ("default", "spurious")
+SPURIOUS_CUES = ("An expert has reviewed this reply.", "I wrote this in a hurry.")
+SPURIOUS_SHARE = 0.9
+
 SAFE_PHRASES = [phrase for domain in DOMAINS.values() for phrase in domain["safe"]]
 RISKY_PHRASES = [phrase for domain in DOMAINS.values() for phrase in domain["risky"]]
 
 
-def builtin_task(seed=0, n_train=512, n_heldout=128, label_noise=0.0) -> tuple[list[dict], list[dict]]:
+def builtin_task(seed=0, n_train=512, n_heldout=128, label_noise=0.0,
+                 setting="default") -> tuple[list[dict], list[dict]]:
     """Generate (train, heldout) records with known ground truth, deterministic per seed.
 
     Records: prompt, chosen, rejected (strings), chosen_critical / rejected_critical
     (the phrase that decides the preference), domain and source. label_noise
     swaps chosen and rejected in exactly round(label_noise * n_train) training
     records; the held-out split always keeps the true labels.
+
+    setting "spurious" adds a cue (add_spurious_cue) to the same records; "default" adds nothing.
     """
     if not 0.0 <= label_noise <= 1.0:
         raise DataError(f"label_noise must be between 0 and 1, got {label_noise}")
+    if setting not in SETTINGS:
+        raise DataError(f"setting must be one of {', '.join(SETTINGS)}, got {setting!r}")
     rng = random.Random(seed)
     # Held-out responses use filler combinations that training never shows, so a
     # model cannot score well there by memorizing whole training responses.
@@ -391,7 +411,33 @@ def builtin_task(seed=0, n_train=512, n_heldout=128, label_noise=0.0) -> tuple[l
         record["chosen"], record["rejected"] = record["rejected"], record["chosen"]
         record["chosen_critical"], record["rejected_critical"] = (record["rejected_critical"],
                                                                    record["chosen_critical"])
+    if setting == "spurious":
+        add_spurious_cue(train, heldout, seed)
     return train, heldout
+
+
+def add_spurious_cue(train, heldout, seed):
+    """End each response with one of SPURIOUS_CUES, in place.
+
+    Training: the first cue in the chosen response and the second in the rejected one, in a
+    SPURIOUS_SHARE of the pairs; the other way round in the rest. Held out: the other way round
+    in every pair. In training the cues predict the label almost as well as the critical phrase
+    does, so a loss that scores every token learns them; held out they point the wrong way. A loss
+    that looks only at the critical phrase is not misled. The cues follow the training labels as
+    given (after any label noise), as an annotator's habit would.
+
+    The cues come last so that no critical token has one in its context: a causal LM's log-prob of
+    the critical phrase cannot depend on the cue, and a loss on the critical tokens alone cannot
+    learn it (measured with the cue at a random slot: that loss learned it through the context,
+    fitting the flipped labels by it). Their own random stream leaves the records otherwise those
+    of the default setting.
+    """
+    rng = random.Random(f"spurious cue {seed}")
+    cued = set(rng.sample(range(len(train)), round(SPURIOUS_SHARE * len(train))))
+    for index, record in enumerate(train + heldout):  # held-out indices are never in `cued`
+        preferred, dispreferred = SPURIOUS_CUES if index in cued else reversed(SPURIOUS_CUES)
+        record["chosen"] += " " + preferred
+        record["rejected"] += " " + dispreferred
 
 
 def _make_record(rng, filler_combinations, source, heldout):

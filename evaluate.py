@@ -6,6 +6,7 @@ The metrics are pure functions of lists and tensors, so that each can be checked
     distinct_n, token_entropy, self_bleu   diversity of sampled responses (the paper's Table B9)
     win_rate                               policy against reference, prompt by prompt
     critical_share, topk_hit_rate          where a weighting puts its weight (built-in task)
+    critical_margin                        the preference on the critical tokens alone (built-in task)
 """
 
 import collections
@@ -87,6 +88,17 @@ def topk_hit_rate(weights, critical_mask, response_mask):
     return hits / k
 
 
+def critical_margin(chosen_logratio, rejected_logratio, chosen_critical, rejected_critical, beta):
+    """[B] beta * (the chosen response's summed log-ratio on its critical tokens - the rejected one's).
+
+    Args: chosen_logratio, rejected_logratio: [B, L] per-token log-ratios (0 off the response);
+    chosen_critical, rejected_critical: [B, L] 1 on each response's critical tokens.
+    The plain DPO margin with every other token left out: whether a policy prefers the safe phrase
+    to the risky one, whatever it learned about the rest of the responses.
+    """
+    return beta * ((chosen_logratio * chosen_critical).sum(-1) - (rejected_logratio * rejected_critical).sum(-1))
+
+
 # ----------------------------------------------------------------------------- the evaluation
 
 
@@ -96,15 +108,20 @@ def evaluate(policy, ref, pairs, tokenizer, args, device, autocast, with_samples
 
     - accuracy, margin: the preference by the plain DPO implicit reward (weights 1, so every
       method is scored alike; ties count half).
-    - weights/{kind}/{side}/{share,top_k} (pairs with known critical tokens: the built-in task):
-      critical_share and topk_hit_rate of four weightings of the pair's tokens, from the policy's
-      attribution: attribution alone (lambda 1), hybrid (--lam), prior alone (lambda 0), uniform.
+    - critical_accuracy, critical_margin (pairs with known critical tokens: the built-in task): the
+      same on the critical tokens alone (critical_margin above).
+    - weights/{kind}/{side}/{share,top_k} (built-in task): critical_share and topk_hit_rate of these
+      weightings of the pair's tokens, from the policy's attribution: attribution alone (lambda 1)
+      by Eq. 5-6 ("attribution"), by the variants "no_final" and "grad_x_input" (see
+      tidpo.ATTRIBUTIONS); hybrid (--lam) with each of the three ("hybrid", "hybrid_no_final",
+      "hybrid_grad_x_input"); prior alone (lambda 0); uniform.
     - with_samples (the built-in task's judge: safe phrases count up, risky ones down): the mean
       judge score of responses sampled from the policy and from the reference for the held-out
       prompts, the policy's win rate against the reference's response to the same prompt, and
       the diversity of the policy's samples: distinct_2, distinct_4, token_entropy, self_bleu.
     """
     correct, margins, placement = 0.0, [], collections.defaultdict(list)
+    critical_correct, critical_margins = 0.0, []
     for batch in data.batches(pairs, args.batch_size, tokenizer.pad_token_id):
         n = len(batch["chosen_input_ids"])
         stacked = data.stack_pair(batch, tokenizer.pad_token_id)
@@ -115,6 +132,8 @@ def evaluate(policy, ref, pairs, tokenizer, args, device, autocast, with_samples
                 with torch.enable_grad():
                     policy_logits, importance = tidpo.gradient_attribution(policy, input_ids, attention_mask,
                                                                            response_mask)
+                    _, grad_x_input = tidpo.gradient_attribution(policy, input_ids, attention_mask, response_mask,
+                                                                 "grad-x-input")
                 policy_logits = policy_logits.detach()
             else:
                 policy_logits = tidpo.forward_logits(policy, input_ids, attention_mask)
@@ -125,11 +144,17 @@ def evaluate(policy, ref, pairs, tokenizer, args, device, autocast, with_samples
         correct += (margin > 0).sum().item() + 0.5 * (margin == 0).sum().item()
         margins.append(margin.float())
         if critical:
-            critical_mask = torch.cat([torch.nn.functional.pad(mask, (0, input_ids.shape[1] - mask.shape[1]))
-                                       for mask in (batch["chosen_critical_mask"], batch["rejected_critical_mask"])])
-            critical_mask = critical_mask.to(device)
+            critical_mask = data.stack_critical(batch, input_ids.shape[1]).to(device)
+            on_critical = critical_margin(logratio[:n], logratio[n:], critical_mask[:n], critical_mask[n:], args.beta)
+            critical_correct += (on_critical > 0).sum().item() + 0.5 * (on_critical == 0).sum().item()
+            critical_margins.append(on_critical.float())
+            no_final = tidpo.leave_out_final(importance, response_mask)
             weightings = {"attribution": tidpo.hybrid_weights(importance, response_mask, lam=1.0),
+                          "no_final": tidpo.hybrid_weights(no_final, response_mask, lam=1.0),
+                          "grad_x_input": tidpo.hybrid_weights(grad_x_input, response_mask, lam=1.0),
                           "hybrid": tidpo.hybrid_weights(importance, response_mask, lam=args.lam),
+                          "hybrid_no_final": tidpo.hybrid_weights(no_final, response_mask, lam=args.lam),
+                          "hybrid_grad_x_input": tidpo.hybrid_weights(grad_x_input, response_mask, lam=args.lam),
                           "prior": tidpo.hybrid_weights(importance, response_mask, lam=0.0),
                           "uniform": response_mask.float()}
             for kind, weights in weightings.items():
@@ -139,6 +164,9 @@ def evaluate(policy, ref, pairs, tokenizer, args, device, autocast, with_samples
                     placement[f"weights/{kind}/{side}/top_k"].append(
                         topk_hit_rate(weights[part], critical_mask[part], response_mask[part]))
     result = {"accuracy": correct / len(pairs), "margin": torch.cat(margins).mean().item()}
+    if critical_margins:
+        result["critical_accuracy"] = critical_correct / len(pairs)
+        result["critical_margin"] = torch.cat(critical_margins).mean().item()
     result.update({name: torch.cat(values).nanmean().item() for name, values in placement.items()})
     if with_samples:
         scores, policy_tokens, policy_texts = {}, [], []

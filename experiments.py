@@ -1,9 +1,18 @@
-"""Experiments on top of train.py: a grid of methods x label noise x seeds, and token weights to look at.
+"""Experiments on top of train.py: where token weights matter, a grid of methods x label noise x seeds, and
+token weights to look at.
 
+    python experiments.py                                        # = python experiments.py mechanism
+    python experiments.py mechanism --seeds 0 1 --steps 64       # a smaller version of it
     python experiments.py grid                                   # the default grid, see --help for its size
     python experiments.py grid --methods dpo tidpo --noise 0 0.4 --seeds 0 1 --steps 64
     python experiments.py weights --pair 3                       # a held-out pair of the built-in task
     python experiments.py weights --model runs/x/policy --data prefs.jsonl --index 0
+
+mechanism (the default) runs DPO, TI-DPO with the paper's attribution and with each variant, oracle
+weights, uniform weights and the prior alone on two settings of the built-in task, the default one with
+label noise and the one with a spurious cue (train.py --task spurious), and prints one table per setting:
+held-out accuracy and margin on whole responses and on the critical tokens alone, and where each
+attribution puts the weight. It writes OUTPUT/mechanism.md and runs.csv, and each run under OUTPUT/<task>/.
 
 grid runs train.main once per (method, label noise, seed) on the built-in task and prints held-out
 accuracy in the shape of the paper's Table B8 (one row per method, one column per noise level, mean
@@ -47,7 +56,28 @@ METHODS = {
     "no_prior": ["--loss", "tidpo", "--lam", "1"],
     "prior_only": ["--loss", "tidpo", "--lam", "0"],
     "tdpo2_kl": ["--loss", "tidpo", "--kl-alpha", "0.5"],
+    # Beyond the paper (built-in task): the attribution's variants and oracle weights on the known critical
+    # tokens, in Eq. 12 alone (gamma 0) so that each differs from DPO only in its weights; the oracle at
+    # DPO's per-token scale (1 on each critical token, 0 elsewhere), and as a perfect attribution through
+    # Eq. 8 at lambda 1 (mean 1: T/k on each); and the oracle in the full objective, with the triplet.
+    "tidpo_no_final": ["--loss", "tidpo", "--attribution", "no-final", "--gamma", "0"],
+    "tidpo_grad_x_input": ["--loss", "tidpo", "--attribution", "grad-x-input", "--gamma", "0"],
+    "prior_only_no_triplet": ["--loss", "tidpo", "--lam", "0", "--gamma", "0"],
+    "oracle": ["--loss", "tidpo", "--weights", "oracle", "--gamma", "0"],
+    "oracle_eq8": ["--loss", "tidpo", "--weights", "oracle", "--oracle-scale", "hybrid", "--lam", "1", "--gamma", "0"],
+    "oracle_triplet": ["--loss", "tidpo", "--weights", "oracle"],
 }
+GRID_METHODS = ["dpo", "tidpo", "tidpo_no_triplet", "uniform_weights", "random_weights", "no_prior", "prior_only",
+                "tdpo2_kl"]
+# DPO and the full TI-DPO (Eq. 14, triplet included) with the paper's weights, uniform weights and oracle
+# weights; then Eq. 12 alone (no triplet) with each weighting.
+MECHANISM_METHODS = ["dpo", "tidpo", "uniform_weights", "oracle_triplet", "tidpo_no_triplet", "tidpo_no_final",
+                     "tidpo_grad_x_input", "prior_only_no_triplet", "oracle", "oracle_eq8"]
+# (task, label noise): without noise every method reaches accuracy 1 on both settings. With 20% of the
+# labels flipped, the spurious cue (which follows the given labels) agrees with them more often than the
+# critical phrase does.
+MECHANISM_SETTINGS = [("default", 0.2), ("spurious", 0.2)]
+MECHANISM_SEEDS = [0, 1, 2, 3, 4]
 NOISE = [0.0, 0.1, 0.2, 0.4]  # Table B8's noise levels
 SEEDS = [0, 1, 2]
 STEPS = 128  # 4 epochs of the 512 built-in training pairs at batch 16
@@ -254,6 +284,82 @@ def grid(args, train_args):
     return records
 
 
+# ----------------------------------------------------------------------------- mechanism
+
+PLACEMENT_KINDS = ["attribution", "no_final", "grad_x_input", "hybrid", "hybrid_no_final", "hybrid_grad_x_input",
+                   "prior", "uniform"]
+
+
+def mechanism_tables(records, methods, settings, lam=0.7):
+    """The text of mechanism.md: per setting, the held-out preference of each method, then where
+    each weighting puts the weight, on the SFT reference and on the TI-DPO (paper) policies."""
+    n_seeds = len({r["seed"] for r in records})
+    spread = f"mean ± standard deviation over {n_seeds} seeds" if n_seeds > 1 else "1 seed"
+    parts = []
+    for task, noise in settings:
+        runs = [r for r in records if r["task"] == task]
+        parts.append(f"### Task {task}, label noise {noise_label(noise)} ({spread})\n\n"
+                     "Held-out preference by the plain DPO reward: on whole responses, and on the critical "
+                     "tokens alone\n")
+        parts.append(markdown(["method", "accuracy", "critical accuracy", "margin", "critical margin"],
+                              [[m] + [cell(values_of(runs, metric, method=m))
+                                      for metric in ("accuracy", "critical_accuracy", "margin", "critical_margin")]
+                               for m in methods]))
+        placement = []
+        for kind in PLACEMENT_KINDS:
+            row = [kind]
+            for when, method in (("before", methods[0]), ("after", "tidpo")):
+                for metric in ("share", "top_k"):
+                    values = [r[when][f"weights/{kind}/chosen/{metric}"] for r in runs if r["method"] == method]
+                    row.append(cell(values) if values else "")
+            placement.append(row)
+        parts.append("\nWhere the weights go on the chosen responses: share of the weight on the critical phrase and "
+                     "top-k hit rate (k = its length); attribution, no_final and grad_x_input at lambda 1, the hybrid "
+                     f"kinds at lambda {lam:g}\n")
+        parts.append(markdown(["weights", "share, SFT reference", "top-k, SFT reference", "share, tidpo policy",
+                               "top-k, tidpo policy"], placement))
+        parts.append("\n")
+    return "\n".join(parts)
+
+
+def mechanism(args, train_args):
+    lam = train.parse_args(train_args).lam  # and a mistyped train.py flag stops here, not in the first worker
+    output_dir = args.output_dir or os.path.join("runs", f"mechanism-{datetime.now():%Y%m%d-%H%M%S}")
+    train_args = [*train_args, "--steps", str(args.steps)]
+    groups = []
+    for task, noise in MECHANISM_SETTINGS:
+        os.makedirs(os.path.join(output_dir, task, "runs"), exist_ok=True)
+        groups += [{"methods": args.methods, "noise": noise, "seed": seed, "task": task,
+                    "train_args": [*train_args, "--task", task], "output_dir": os.path.join(output_dir, task)}
+                   for seed in args.seeds]
+    n_runs = len(groups) * len(args.methods)
+    print(f"mechanism: {len(args.methods)} methods x {len(MECHANISM_SETTINGS)} settings x {len(args.seeds)} seeds = "
+          f"{n_runs} runs of {args.steps} steps, {args.jobs} at a time, into {output_dir}", flush=True)
+    start = time.perf_counter()
+    if args.jobs == 1:
+        results = [run_group(group) for group in groups]
+    else:
+        with multiprocessing.get_context("spawn").Pool(args.jobs) as pool:
+            results = pool.map(run_group, groups, chunksize=1)
+    records = [{**r, "task": group["task"]} for group, group_records in zip(groups, results) for r in group_records]
+    text = mechanism_tables(records, args.methods, MECHANISM_SETTINGS, lam)
+    with open(os.path.join(output_dir, "mechanism.md"), "w") as f:
+        f.write(text)
+    metrics = list(records[0]["after"])
+    with open(os.path.join(output_dir, "runs.csv"), "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["task", "method", "noise", "seed", "seconds", *metrics])
+        for r in records:
+            writer.writerow([r["task"], r["method"], r["noise"], r["seed"], r["seconds"],
+                             *(r["after"][m] for m in metrics)])
+    seconds = time.perf_counter() - start
+    print("\n" + text)
+    print(f"wrote mechanism.md and runs.csv to {output_dir}")
+    print(f"mechanism took {seconds // 60:.0f} min {seconds % 60:.0f} s wall-clock for {n_runs} runs ({args.jobs} at "
+          f"a time) on {cpu_name()}, {os.cpu_count()} cores")
+    return records
+
+
 # ----------------------------------------------------------------------------- token weights
 
 
@@ -440,10 +546,20 @@ def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = p.add_subparsers(dest="command", required=True)
 
+    m = commands.add_parser("mechanism", help="the default: where token weights matter, on two settings of the "
+                            "built-in task", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                            epilog="Any other flag is passed to every train.py run.")
+    m.add_argument("--methods", nargs="+", choices=list(METHODS), default=MECHANISM_METHODS, metavar="METHOD",
+                   help=f"some of: {', '.join(METHODS)}")
+    m.add_argument("--seeds", nargs="+", type=int, default=MECHANISM_SEEDS, help="seeds")
+    m.add_argument("--steps", type=int, default=STEPS, help="TI-DPO/DPO steps per run")
+    m.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1), help="runs at a time, one thread each")
+    m.add_argument("--output-dir", default=None, help="default: runs/mechanism-<date-time>")
+
     g = commands.add_parser("grid", help="methods x label noise x seeds on the built-in task; Table B8 and plots",
                             formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                             epilog="Any other flag is passed to every train.py run.")
-    g.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS), metavar="METHOD",
+    g.add_argument("--methods", nargs="+", choices=list(METHODS), default=GRID_METHODS, metavar="METHOD",
                    help=f"some of: {', '.join(METHODS)}")
     g.add_argument("--noise", nargs="+", type=float, default=NOISE, help="label noise levels (fractions)")
     g.add_argument("--seeds", nargs="+", type=int, default=SEEDS, help="seeds (each: its own task, model and SFT)")
@@ -464,6 +580,8 @@ def parse_args(argv):
     w.add_argument("--max-length", type=int, default=256, help="prompt + response tokens, as in train.py")
     w.add_argument("--output-dir", default=os.path.join("runs", "weights"), help="where the JSON and HTML go")
     w.add_argument("--png", default=None, help="also draw the figure of the README (docs/weights.png) to this file")
+    if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help")):
+        argv = ["mechanism", *argv]  # no command: the default one, with these flags
     args, rest = p.parse_known_args(argv)
     if args.command == "weights" and rest:
         p.error(f"unrecognized arguments: {' '.join(rest)}")
@@ -474,6 +592,8 @@ def main(argv=None):
     args, train_args = parse_args(sys.argv[1:] if argv is None else list(argv))
     if args.command == "grid":
         return grid(args, train_args)
+    if args.command == "mechanism":
+        return mechanism(args, train_args)
     return show_weights(args)
 
 

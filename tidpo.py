@@ -7,6 +7,8 @@ The file follows the paper's order:
     position_ids           positions that ignore padding
     forward_logits         a model's logits with those positions
     gradient_attribution   Eq. 5-6   token importance from the gradient of the top logit
+    grad_x_input           (variant) |gradient . embedding| instead of Eq. 6's L1 norm
+    leave_out_final        (variant) the final response token left out of the importance
     gaussian_prior         Eq. 7     a bell over response positions
     hybrid_weights         Eq. 8     importance and prior mixed into per-token weights
     weighted_logratio      Eq. 11    one weighted sum of per-token log-ratios
@@ -72,13 +74,24 @@ def forward_logits(model, input_ids, attention_mask):
                  position_ids=position_ids(attention_mask)).logits
 
 
-def gradient_attribution(model, input_ids, attention_mask, response_mask):
+# Attribution variants: "paper" is Eq. 5-6 as written (the default). The others go beyond the
+# paper, for measuring where the weights should go; each is one line here:
+#   "no-final":     Eq. 6's scores, the final response token left out of the normalisation of Eq. 8
+#                   (it keeps only its prior share): Eq. 5's target sits at that position, and its
+#                   own-token gradient outweighs the rest of the response.
+#   "grad-x-input": |dL_target/de_i . e_i| (gradient x input) instead of Eq. 6's L1 norm, with the
+#                   final token left out as in "no-final".
+ATTRIBUTIONS = ("paper", "no-final", "grad-x-input")
+
+
+def gradient_attribution(model, input_ids, attention_mask, response_mask, attribution="paper"):
     """Token importance by gradient attribution (Eq. 5-6), from ONE forward pass of `model`.
 
     Args:
         model: a causal LM with `get_input_embeddings()` that accepts `inputs_embeds`,
             `attention_mask` and `position_ids` (any transformers AutoModelForCausalLM).
         input_ids, attention_mask, response_mask: [B, L]. Padding may sit left or right.
+        attribution: one of ATTRIBUTIONS; "paper" (Eq. 6) unless measuring the variants.
 
     Returns:
         logits: [B, L, V] the forward's logits, still in the autograd graph (when the model has
@@ -88,6 +101,8 @@ def gradient_attribution(model, input_ids, attention_mask, response_mask):
     Scores are per row: the rows of a batch do not interact in a transformer, so the gradient of
     the sum of the rows' targets gives each row the gradient of its own target.
     """
+    if attribution not in ATTRIBUTIONS:
+        raise ValueError(f"attribution must be one of {ATTRIBUTIONS}, got {attribution!r}")
     embeddings = model.get_input_embeddings()(input_ids)
     if not embeddings.requires_grad:  # a frozen model: attribute anyway, to its inputs
         embeddings = embeddings.detach().requires_grad_(True)
@@ -102,10 +117,36 @@ def gradient_attribution(model, input_ids, attention_mask, response_mask):
     target = final_logits.max(dim=-1).values.sum()
     # Backward to the embeddings only (not to the weights); keep the graph for the training loss.
     (grad,) = torch.autograd.grad(target, embeddings, retain_graph=logits.requires_grad)
-    # Eq. 6: I_i = || dL_target / de_i ||_1, over the embedding dimension
-    importance = _at_least_float32(grad).abs().sum(dim=-1)
+    if attribution == "grad-x-input":
+        importance = grad_x_input(grad, embeddings)
+    else:
+        # Eq. 6: I_i = || dL_target / de_i ||_1, over the embedding dimension
+        importance = _at_least_float32(grad).abs().sum(dim=-1)
     importance = torch.where(response_mask.bool(), importance, torch.zeros_like(importance))
+    if attribution != "paper":
+        importance = leave_out_final(importance, response_mask)
     return logits, importance.detach()
+
+
+def grad_x_input(grad, embeddings):
+    """[B, L] gradient x input, |dL_target/de_i . e_i| (a variant, not the paper's Eq. 6).
+
+    Args: grad, embeddings: [B, L, E], the gradient of Eq. 5's target and the input embeddings.
+    It is the first-order change of the target if token i's embedding were removed, where Eq. 6
+    measures only how steep the target is around e_i.
+    """
+    return (_at_least_float32(grad) * _at_least_float32(embeddings.detach())).sum(dim=-1).abs()
+
+
+def leave_out_final(importance, response_mask):
+    """[B, L] `importance` with each row's last response token set to 0 (a variant).
+
+    Args: importance, response_mask: [B, L]. In Eq. 8 that token then gets only its prior share,
+    and the attribution is normalised over the rest of the response.
+    """
+    positions = torch.arange(response_mask.shape[1], device=response_mask.device)
+    last = (response_mask * positions).argmax(dim=-1, keepdim=True)
+    return importance.scatter(-1, last, 0.0)
 
 
 def _gaussian(position, length):

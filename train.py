@@ -61,6 +61,9 @@ def build_parser(description=__doc__):
                    "from the left first, then the response")
     a.add_argument("--label-noise", type=float, default=0.0, help="built-in task: fraction of training pairs "
                    "with chosen and rejected swapped")
+    a.add_argument("--task", choices=data.SETTINGS, default="default", help="built-in task's setting: default, "
+                   "or spurious (each response ends with a cue sentence that sides with the chosen response in "
+                   "90%% of the training pairs and with the rejected one in every held-out pair)")
     a.add_argument("--output-dir", default=None, help="where the policy, tokenizer, metrics and checkpoints go; "
                    "must not hold an earlier run unless --resume continues it; default: runs/<loss>-<date-time>")
 
@@ -73,8 +76,15 @@ def build_parser(description=__doc__):
     a.add_argument("--margin", type=float, default=0.01, help="alpha of the triplet loss, Eq. 13")
     a.add_argument("--weight-scale", choices=["mean", "sum"], default="mean", help="mean: weights average 1 "
                    "over a response (uniform = DPO); sum: Eq. 8 as written (weights sum to 1)")
-    a.add_argument("--weights", choices=["hybrid", "uniform", "random"], default="hybrid", help="tidpo token "
-                   "weights: hybrid (Eq. 8), uniform (all 1), random (fresh positive weights scaled like hybrid)")
+    a.add_argument("--weights", choices=["hybrid", "uniform", "random", "oracle"], default="hybrid", help="tidpo "
+                   "token weights: hybrid (Eq. 8), uniform (all 1), random (fresh positive weights scaled like "
+                   "hybrid), oracle (built-in task only: the known critical tokens, scaled by --oracle-scale)")
+    a.add_argument("--oracle-scale", choices=["unit", "hybrid"], default="unit", help="--weights oracle: unit "
+                   "(1 on each critical token, 0 elsewhere: DPO on the critical tokens alone), or hybrid (the "
+                   "critical tokens as the attribution of Eq. 8, with --lam and --weight-scale)")
+    a.add_argument("--attribution", choices=tidpo.ATTRIBUTIONS, default="paper", help="hybrid weights' "
+                   "attribution: paper (Eq. 5-6), or variants beyond the paper: no-final (the final response "
+                   "token left out of the normalisation), grad-x-input (|gradient . embedding|, final left out)")
     a.add_argument("--kl-alpha", type=float, default=0.0, help="weight of TDPO2's sequential KL, as in the "
                    "authors' release (they use 0.5); 0 is the paper's Eq. 14")
 
@@ -153,6 +163,10 @@ def parse_args(argv=None, parser=None):
         (args.log_every < 1, f"--log-every must be at least 1, got {args.log_every}"),
         (args.save_every < 0, f"--save-every must be at least 0, got {args.save_every}"),
         (args.keep_last < 1, f"--keep-last must be at least 1, got {args.keep_last}"),
+        (args.weights == "oracle" and args.data is not None, "--weights oracle needs the known critical tokens of "
+                                                             "the built-in task; it cannot be used with --data"),
+        (args.task != "default" and args.data is not None, f"--task {args.task} is a setting of the built-in "
+                                                           "task; it cannot be used with --data"),
     ]:
         if wrong:
             p.error(message)
@@ -173,7 +187,7 @@ def load_tokenizer(args):
             tokenizer.pad_token = tokenizer.eos_token
         return tokenizer
     if args.data is None:
-        train, heldout = data.builtin_task(seed=args.seed)
+        train, heldout = data.builtin_task(seed=args.seed, setting=args.task)
         records = train + heldout
     else:
         records = data.load_jsonl(args.data) + (data.load_jsonl(args.eval_data) if args.eval_data else [])
@@ -188,7 +202,7 @@ def load_tokenizer(args):
 def load_data(args, tokenizer):
     """Encoded (train, held-out) pairs: lists of data.encode_pair dicts."""
     if args.data is None:
-        train, heldout = data.builtin_task(seed=args.seed, label_noise=args.label_noise)
+        train, heldout = data.builtin_task(seed=args.seed, label_noise=args.label_noise, setting=args.task)
         return (data.encode_builtin(tokenizer, train, args.max_length),
                 data.encode_builtin(tokenizer, heldout, args.max_length))
 
@@ -316,7 +330,8 @@ def tidpo_step(policy, ref, batch, tokenizer, args, device, autocast):
         ref_logits = None  # [2B, L, V]: free it before the policy's forward needs the memory
     with autocast, record_function("policy forward (+ attribution)"):
         if tidpo_on and args.weights == "hybrid":
-            logits, importance = tidpo.gradient_attribution(policy, input_ids, attention_mask, response_mask)
+            logits, importance = tidpo.gradient_attribution(policy, input_ids, attention_mask, response_mask,
+                                                            args.attribution)
         else:
             logits = tidpo.forward_logits(policy, input_ids, attention_mask)
         logps = tidpo.token_logps(logits, input_ids, response_mask)
@@ -326,6 +341,14 @@ def tidpo_step(policy, ref, batch, tokenizer, args, device, autocast):
     elif args.weights == "random":
         weights = tidpo.hybrid_weights(torch.rand(response_mask.shape, device=device), response_mask, lam=1.0,
                                        scale=args.weight_scale)
+    elif args.weights == "oracle":
+        # Weights only on the known critical tokens: the placement no attribution can beat. "unit" keeps
+        # DPO's per-token scale (weight 1), so the oracle differs from DPO only in which tokens count.
+        # "hybrid" passes them through Eq. 8 as a perfect attribution would; at mean scale and lambda 1
+        # each critical token then weighs T/k (about 6-8 on the built-in task), like a beta T/k times larger.
+        critical = data.stack_critical(batch, input_ids.shape[1]).to(device, torch.float32)
+        weights = critical if args.oracle_scale == "unit" else tidpo.hybrid_weights(
+            critical, response_mask, lam=args.lam, scale=args.weight_scale)
     else:
         weights = tidpo.hybrid_weights(importance, response_mask, lam=args.lam, scale=args.weight_scale)
 

@@ -240,6 +240,26 @@ def test_label_noise_swaps_exactly_that_many_training_records(task, noise):
         data.builtin_task(label_noise=1.5)
 
 
+def test_spurious_setting_adds_the_cues_to_the_same_records(task):
+    train, heldout = data.builtin_task(seed=0, setting="spurious")
+    assert data.builtin_task(seed=0, setting="spurious") == (train, heldout)
+    preferred, dispreferred = data.SPURIOUS_CUES
+    as_labelled = 0
+    for clean, cued in zip(task[0] + task[1], train + heldout):
+        # one cue per response, as its last sentence; without it, the default record
+        for side in data.RESPONSES:
+            cue = preferred if preferred in cued[side] else dispreferred
+            assert cued[side] == clean[side] + " " + cue
+        assert {k: v for k, v in cued.items() if k not in data.RESPONSES} == \
+               {k: v for k, v in clean.items() if k not in data.RESPONSES}
+        as_labelled += preferred in cued["chosen"] and dispreferred in cued["rejected"]
+    assert as_labelled == round(data.SPURIOUS_SHARE * len(train))  # all in training
+    # held out, the cues point the wrong way
+    assert all(dispreferred in r["chosen"] and preferred in r["rejected"] for r in heldout)
+    with pytest.raises(DataError, match="setting must be one of"):
+        data.builtin_task(setting="cue")
+
+
 def test_heldout_has_unseen_fillers_and_prompts(task):
     train, heldout = task
     seen_fillers = {fillers_of(r[side]) for r in train for side in data.RESPONSES}

@@ -28,7 +28,8 @@ import train  # noqa: E402
 
 # A few steps of everything: enough for every metric to be computed, not for learning.
 TINY = ["--sft-steps", "20", "--max-new-tokens", "8", "--log-every", "2"]
-KINDS = ("attribution", "hybrid", "prior", "uniform")
+KINDS = ("attribution", "no_final", "grad_x_input", "hybrid", "hybrid_no_final", "hybrid_grad_x_input", "prior",
+         "uniform")
 HTML_RECORD = "Is a < b? Check that a < b & b < c. Why?"
 
 
@@ -71,6 +72,18 @@ def test_critical_share_of_known_weights():
     critical = torch.tensor([[0, 0, 0, 1, 1, 0], [0, 0, 1, 0, 0, 0]])
     share = evaluate.critical_share(weights, critical, response)
     torch.testing.assert_close(share, torch.tensor([7 / 10, 1 / 4]))  # (3 + 4) / 10; uniform: k / T
+
+
+def test_critical_margin_of_known_log_ratios():
+    # Two pairs; prompt token 0, responses 1-3. Pair 0: chosen's critical tokens 2 and 3 (log-ratios
+    # 0.5 + 1.5 = 2), rejected's critical token 1 (-1): beta 0.1 * (2 - (-1)) = 0.3. Pair 1: the filler
+    # (token 1, +4 for rejected) is left out; critical 0.25 against 0.75: 0.1 * (0.25 - 0.75) = -0.05.
+    chosen = torch.tensor([[0.0, 9.0, 0.5, 1.5], [0.0, 0.25, 3.0, 0.0]])
+    rejected = torch.tensor([[0.0, -1.0, 2.0, 7.0], [0.0, 4.0, 0.75, 0.0]])
+    chosen_critical = torch.tensor([[0, 0, 1, 1], [0, 1, 0, 0]])
+    rejected_critical = torch.tensor([[0, 1, 0, 0], [0, 0, 1, 0]])
+    margin = evaluate.critical_margin(chosen, rejected, chosen_critical, rejected_critical, beta=0.1)
+    torch.testing.assert_close(margin, torch.tensor([0.3, -0.05]))
 
 
 def test_topk_hit_rate_of_known_weights_and_ties():
@@ -214,7 +227,7 @@ def test_grid_runs_csv_holds_every_metric_of_every_run(tiny_grid):
         assert {name: float(value) for name, value in zip(header[4:], row[4:])} == record["after"]
     summary = (output_dir / "summary.md").read_text()
     assert summary.count("\n| dpo |") == 1 and summary.count("\n| tidpo |") == 1
-    for kind in KINDS:
+    for kind in ("attribution", "hybrid", "prior", "uniform"):  # the grid's summary shows the paper's kinds
         assert f"\n| {kind} |" in summary
     for name in ("curves.png", "accuracy_vs_noise.png"):
         assert (output_dir / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -243,6 +256,7 @@ def test_grid_metrics_are_in_range_and_uniform_weights_give_the_critical_fractio
             for kind in KINDS:
                 assert 0 < after[f"weights/{kind}/{side}/share"] < 1
                 assert 0 <= after[f"weights/{kind}/{side}/top_k"] <= 1
+        assert 0 <= after["critical_accuracy"] <= 1 and math.isfinite(after["critical_margin"])
         assert 0 <= after["win_rate"] <= 1
         assert 0 < after["distinct_2"] <= 1 and 0 < after["distinct_4"] <= 1
         assert 0 < after["token_entropy"] <= math.log2(len(train.load_tokenizer(args)))
@@ -253,3 +267,47 @@ def test_grid_gives_no_deprecation_warnings(tiny_grid):
     bad = [f"{w.category.__name__} at {w.filename}:{w.lineno}: {w.message}" for w in tiny_grid["warnings"]
            if issubclass(w.category, (DeprecationWarning, PendingDeprecationWarning, FutureWarning))]
     assert not bad, "\n".join(bad)
+
+
+# ----------------------------------------------------------------------------- mechanism, end to end
+
+
+def test_mechanism_is_the_default_command_and_tables_both_settings(tmp_path, monkeypatch):
+    # The runs themselves are train.main's (tested above through the grid); here each run returns
+    # made-up numbers that say which run they came from, to check the wiring and the tables.
+    kinds = [f"weights/{kind}/{side}/{metric}" for kind in experiments.PLACEMENT_KINDS
+             for side in data.RESPONSES for metric in ("share", "top_k")]
+
+    def fake_group(job):
+        task_value = 0.5 if job["task"] == "spurious" else 0.25
+        records = []
+        for i, method in enumerate(job["methods"]):
+            after = {"accuracy": task_value + i / 100 + job["seed"] / 1000, "critical_accuracy": 0.9,
+                     "margin": -1.0, "critical_margin": 2.0, **{name: 0.125 for name in kinds}}
+            records.append({"method": method, "noise": job["noise"], "seed": job["seed"], "seconds": 1.0,
+                            "argv": job["train_args"], "before": dict(after), "after": after})
+        return records
+
+    monkeypatch.setattr(experiments, "run_group", fake_group)
+    output_dir = tmp_path / "out"
+    records = experiments.main(["--methods", "dpo", "tidpo", "--seeds", "1", "3", "--jobs", "1",
+                                "--output-dir", str(output_dir), "--sft-steps", "7"])
+    settings = experiments.MECHANISM_SETTINGS
+    assert [(r["task"], r["seed"], r["method"]) for r in records] == \
+           [(t, seed, m) for t, _ in settings for seed in (1, 3) for m in ("dpo", "tidpo")]
+    for r in records:  # each setting's task and noise, and the extra flag, reach its runs
+        assert r["argv"][-2:] == ["--task", r["task"]] and r["noise"] == dict(settings)[r["task"]]
+        assert r["argv"][:2] == ["--sft-steps", "7"]
+    text = (output_dir / "mechanism.md").read_text()
+    for task, noise in settings:
+        assert f"### Task {task}, label noise {experiments.noise_label(noise)} (mean ± standard deviation over 2 " \
+               "seeds)" in text
+        section = text.split(f"### Task {task}")[1].split("### Task")[0]
+        # seeds 1 and 3: accuracy base + i/100 + 0.001 and + 0.003: mean + 0.002, sample sd 0.001414
+        base = 0.5 if task == "spurious" else 0.25
+        assert f"| dpo | {base + 0.002:.3f} ± 0.001 | 0.900 ± 0.000 | -1.000 ± 0.000 | 2.000 ± 0.000 |" in section
+        assert f"| tidpo | {base + 0.012:.3f} ± 0.001 |" in section
+        for kind in experiments.PLACEMENT_KINDS:
+            assert f"\n| {kind} | 0.125 ± 0.000 | 0.125 ± 0.000 | 0.125 ± 0.000 | 0.125 ± 0.000 |" in section
+    rows = read_csv(output_dir / "runs.csv")
+    assert rows[0][:5] == ["task", "method", "noise", "seed", "seconds"] and len(rows) == 1 + len(records)

@@ -302,6 +302,11 @@ BAD_FLAGS = {
     "log-every-0": (["--log-every", "0"], "--log-every must be at least 1"),
     "save-every-negative": (["--save-every", "-1"], "--save-every must be at least 0"),
     "keep-last-0": (["--keep-last", "0"], "--keep-last must be at least 1"),
+    "oracle-with-data": (["--weights", "oracle", "--data", "prefs.jsonl"], "--weights oracle needs the known "
+                         "critical tokens of the built-in task; it cannot be used with --data"),
+    "task-with-data": (["--task", "spurious", "--data", "prefs.jsonl"], "--task spurious is a setting of the "
+                       "built-in task; it cannot be used with --data"),
+    "unknown-attribution": (["--attribution", "lime"], "argument --attribution: invalid choice: 'lime'"),
     "not-a-number": (["--steps", "ten"], "argument --steps: invalid int value: 'ten'"),
     "unknown-choice": (["--loss", "ppo"], "argument --loss: invalid choice: 'ppo'"),
 }

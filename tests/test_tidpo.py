@@ -918,3 +918,82 @@ def test_attribution_keeps_float64():
     _, importance = tidpo.gradient_attribution(model, input_ids, torch.ones_like(input_ids),
                                                torch.tensor([[0, 1, 1, 1]]))
     assert importance.dtype == torch.float64
+
+
+# ---------------------------------------------------------------------------------------------
+# Attribution variants beyond the paper: the final token left out, gradient x input
+# ---------------------------------------------------------------------------------------------
+
+def test_leave_out_final_hand_case():
+    importance = torch.tensor([[0.0, 3.0, 1.0, 2.0, 0.0], [0.0, 0.0, 4.0, 5.0, 6.0]], dtype=torch.float64)
+    response_mask = torch.tensor([[0, 1, 1, 1, 0], [0, 0, 1, 1, 1]])
+    left_out = tidpo.leave_out_final(importance, response_mask)
+    assert torch.equal(left_out, torch.tensor([[0.0, 3.0, 1.0, 0.0, 0.0], [0.0, 0.0, 4.0, 5.0, 0.0]],
+                                              dtype=torch.float64))
+    # In Eq. 8 the final token then keeps only its prior share. Row 0, T = 3: I_norm = [0.75, 0.25, 0],
+    # P_norm = [0.225610, 0.548780, 0.225610] (the hand case above), so with lambda 0.7
+    # W = [0.525 + 0.067683, 0.175 + 0.164634, 0.067683] = [0.592683, 0.339634, 0.067683].
+    weights = tidpo.hybrid_weights(left_out, response_mask, lam=0.7, scale="sum")
+    assert_close(weights[0, 1:4], torch.tensor([0.592683, 0.339634, 0.067683], dtype=torch.float64),
+                 rtol=0, atol=1e-6)
+
+
+def test_attribution_variants_hand_case():
+    model = cumulative_lm()
+    # The rows of test_attribution_hand_case: every token's gradient is W[:, v*], [0.5, 1] in row 0
+    # and [1, -1] in row 1. Token 1's embedding is [1, 0], token 2's is [0, 1].
+    input_ids = torch.tensor([[1, 2, 2, 1, 0], [0, 1, 1, 1, 1]])
+    attention_mask = torch.tensor([[1, 1, 1, 1, 0], [0, 1, 1, 1, 1]])
+    response_mask = torch.tensor([[0, 1, 1, 1, 0], [0, 0, 1, 1, 1]])
+    _, paper = tidpo.gradient_attribution(model, input_ids, attention_mask, response_mask)
+    _, no_final = tidpo.gradient_attribution(model, input_ids, attention_mask, response_mask, "no-final")
+    _, grad_x_input = tidpo.gradient_attribution(model, input_ids, attention_mask, response_mask, "grad-x-input")
+    assert torch.equal(paper, torch.tensor([[0.0, 1.5, 1.5, 1.5, 0.0], [0.0, 0.0, 2.0, 2.0, 2.0]]))
+    # The last response token (position 3 in row 0, 4 in row 1) scores 0.
+    assert torch.equal(no_final, torch.tensor([[0.0, 1.5, 1.5, 0.0, 0.0], [0.0, 0.0, 2.0, 2.0, 0.0]]))
+    # |grad . e|: row 0, token 2: |[0.5, 1] . [0, 1]| = 1; row 1, token 1: |[1, -1] . [1, 0]| = 1.
+    assert torch.equal(grad_x_input, torch.tensor([[0.0, 1.0, 1.0, 0.0, 0.0], [0.0, 0.0, 1.0, 1.0, 0.0]]))
+    with pytest.raises(ValueError, match="attribution must be one of"):
+        tidpo.gradient_attribution(model, input_ids, attention_mask, response_mask, "smoothgrad")
+
+
+def test_grad_x_input_matches_finite_differences():
+    # grad . e_i is the derivative of the target along e_i itself: scale e_i by (1 +- h).
+    model = tiny_gpt2(seed=5)
+    input_ids = torch.tensor([[5, 7, 1, 9, 3, 11, 0, 0]])
+    attention_mask = torch.tensor([[1, 1, 1, 1, 1, 1, 0, 0]])
+    response_mask = torch.tensor([[0, 0, 1, 1, 1, 1, 0, 0]])
+    _, importance = tidpo.gradient_attribution(model, input_ids, attention_mask, response_mask, "grad-x-input")
+    embeddings = model.get_input_embeddings()(input_ids).detach()
+    step = 1e-5
+    perturbed = embeddings.repeat(2 * 6, 1, 1)
+    for i in range(6):
+        perturbed[2 * i, i] *= 1 + step
+        perturbed[2 * i + 1, i] *= 1 - step
+    with torch.no_grad():
+        logits = model(inputs_embeds=perturbed, attention_mask=attention_mask.expand(12, 8)).logits
+    target = logits[:, 5].max(dim=-1).values
+    expected = ((target[0::2] - target[1::2]) / (2 * step)).abs()
+    # Response tokens 2-4 keep their score; the final one (5) is left out.
+    assert_close(importance[0, 2:5], expected[2:5], rtol=1e-7, atol=0)
+    assert expected[5] > 1e-3 and importance[0, 5] == 0
+    assert (importance[0, :2] == 0).all() and (importance[0, 6:] == 0).all()
+
+
+@pytest.mark.parametrize("attribution", ["no-final", "grad-x-input"])
+@pytest.mark.parametrize("make_model", [tiny_llama, tiny_gpt2], ids=["llama", "gpt2"])
+def test_attribution_variants_do_not_depend_on_padding(make_model, attribution):
+    model = make_model(seed=1)
+    row = torch.tensor([3, 4, 5, 6, 7, 8])
+    row_response = torch.tensor([0, 0, 1, 1, 1, 1])
+    _, alone = tidpo.gradient_attribution(model, row[None], torch.ones(1, 6, dtype=torch.long),
+                                          row_response[None], attribution)
+    assert alone[0, -1] == 0 and (alone[0, 2:5] > 0).all()
+    for span in (slice(2, 8), slice(0, 6)):  # left, then right padding
+        input_ids = torch.tensor([[0] * 8, [1, 2, 12, 4, 10, 6, 7, 8]])
+        attention_mask = torch.tensor([[0] * 8, [1] * 8])
+        response_mask = torch.tensor([[0] * 8, [0, 0, 0, 1, 1, 1, 1, 1]])
+        input_ids[0, span], attention_mask[0, span], response_mask[0, span] = row, 1, row_response
+        _, importance = tidpo.gradient_attribution(model, input_ids, attention_mask, response_mask, attribution)
+        assert_close(importance[0, span], alone[0], **SAME_SCORES[make_model])
+        assert (importance[0][attention_mask[0] == 0] == 0).all()

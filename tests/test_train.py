@@ -4,6 +4,8 @@ Every run is small (a 0.13M-parameter Llama, a few dozen steps), so the file tak
 minute (torch is held to one thread, see conftest.py).
 """
 
+import contextlib
+import copy
 import json
 import math
 import os
@@ -141,11 +143,14 @@ def test_builtin_tidpo_lowers_the_loss_and_learns_the_preference(builtin_run):
     assert {k: result["before"][k] for k in ("accuracy", "margin")} == {"accuracy": 0.5, "margin": 0.0}
     assert result["after"]["accuracy"] >= result["before"]["accuracy"] + 0.3
     assert result["after"]["margin"] > 0
-    placement = {f"weights/{kind}/{side}/{metric}" for kind in ("attribution", "hybrid", "prior", "uniform")
+    kinds = ("attribution", "no_final", "grad_x_input", "hybrid", "hybrid_no_final", "hybrid_grad_x_input",
+             "prior", "uniform")
+    placement = {f"weights/{kind}/{side}/{metric}" for kind in kinds
                  for side in ("chosen", "rejected") for metric in ("share", "top_k")}
-    assert set(result["before"]) == {"accuracy", "margin"} | placement
+    critical = {"critical_accuracy", "critical_margin"}
+    assert set(result["before"]) == {"accuracy", "margin"} | critical | placement
     assert set(result["after"]) == {"accuracy", "margin", "judge/policy", "judge/reference", "win_rate", "distinct_2",
-                                    "distinct_4", "token_entropy", "self_bleu"} | placement
+                                    "distinct_4", "token_entropy", "self_bleu"} | critical | placement
     assert all(math.isfinite(v) for v in result["after"].values())
     assert result["output_dir"] == str(builtin_run["output_dir"])
 
@@ -227,6 +232,57 @@ def test_uniform_weights_without_triplet_reproduce_dpo_exactly(dpo_run, tmp_path
     assert uniform["history"] == dpo_run["history"]
     assert uniform["before"] == dpo_run["before"]
     assert uniform["after"] == dpo_run["after"]
+
+
+def step_inputs(flags):
+    """Everything tidpo_step needs for one batch of 4 built-in pairs, on a random tiny Llama."""
+    args = train.parse_args([*flags, "--gamma", "0"])
+    tokenizer = train.load_tokenizer(args)
+    pairs = train.load_data(args, tokenizer)[0][:4]
+    torch.manual_seed(0)
+    policy = train.build_model(args, torch.device("cpu"), tokenizer)
+    batch = data.collate(pairs, tokenizer.pad_token_id)
+    return policy, copy.deepcopy(policy), batch, tokenizer, args, torch.device("cpu"), contextlib.nullcontext()
+
+
+@pytest.mark.parametrize("scale", ["unit", "hybrid"])
+def test_oracle_weights_sit_on_the_critical_tokens_only(scale, monkeypatch):
+    seen = {}
+    real_loss = tidpo.tidpo_loss
+
+    def loss_spy(*tensors, **kwargs):
+        seen["chosen"], seen["rejected"] = tensors[4], tensors[5]
+        return real_loss(*tensors, **kwargs)
+
+    monkeypatch.setattr(tidpo, "tidpo_loss", loss_spy)
+    flags = ["--weights", "oracle", "--oracle-scale", scale, "--lam", "1"]
+    policy, ref, batch, tokenizer, args, device, autocast = step_inputs(flags)
+    train.tidpo_step(policy, ref, batch, tokenizer, args, device, autocast)
+    for side in data.RESPONSES:
+        critical = batch[f"{side}_critical_mask"].bool()
+        response = batch[f"{side}_response_mask"].bool()
+        weights = seen[side][:, :critical.shape[1]]  # the stacked rows are padded to the longer side
+        for row in range(len(weights)):
+            # unit: 1 on each critical token; hybrid (Eq. 8, lambda 1, mean scale): T / k on each of the
+            # k critical tokens of a T-token response. 0 elsewhere.
+            k, length = critical[row].sum().item(), response[row].sum().item()
+            expected = 1.0 if scale == "unit" else length / k
+            assert torch.allclose(weights[row][critical[row]], torch.full((k,), expected))
+            assert (weights[row][~critical[row]] == 0).all()
+
+
+@pytest.mark.parametrize("attribution", ["paper", "no-final", "grad-x-input"])
+def test_attribution_flag_reaches_the_weights(attribution, monkeypatch):
+    seen = []
+    real_attribution = tidpo.gradient_attribution
+
+    def attribution_spy(*args):
+        seen.append(args[4] if len(args) > 4 else "paper")
+        return real_attribution(*args)
+
+    monkeypatch.setattr(tidpo, "gradient_attribution", attribution_spy)
+    train.tidpo_step(*step_inputs(["--attribution", attribution]))
+    assert seen == [attribution]
 
 
 @pytest.mark.parametrize("flags", [["--weights", "random"], ["--kl-alpha", "0.5"],
