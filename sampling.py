@@ -107,6 +107,11 @@ def static_sampler(model):
     return _samplers[model]
 
 
+def forget(model):
+    """Drop the model's StaticSampler: its caches, shadow and CUDA graphs."""
+    _samplers.pop(model, None)
+
+
 def _bucket(n, step):
     return -(-n // step) * step
 
