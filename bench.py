@@ -162,6 +162,23 @@ def decode_seconds_per_token(policy, batch_list, tokenizer, args, device, autoca
     return (time.perf_counter() - start) / (calls * args.max_new_tokens)
 
 
+def check_sampler(policy, batch, tokenizer, args, device, autocast):
+    """CUDA: greedy anchors of the captured graph against the same static step run eagerly (the
+    same kernels: must be equal) and against the dynamic way (the same rules, other kernel shapes:
+    bfloat16 rounding may flip a near-tie of a random model, after which a row goes its own way)."""
+    greedy = argparse.Namespace(**{**vars(args), "temperature": 0.0})
+    prompts = batch["prompt_input_ids"].to(device), batch["prompt_attention_mask"].to(device)
+    with autocast:
+        tokens = {method: sampling.sample(policy, *prompts, tokenizer, greedy, method=method)[0]
+                  for method in ("graph", "static", "dynamic")}
+    length = min(t.shape[1] for t in tokens.values())
+    same_rows = (tokens["dynamic"][:, :length] == tokens["graph"][:, :length]).all(-1).sum()
+    equal = torch.equal(tokens["graph"], tokens["static"])
+    say(f"sampler check (greedy, batch {len(prompts[0])}): graph vs eager static step "
+        f"{'equal' if equal else 'DIFFERENT'}; dynamic way equal on {int(same_rows)} of {len(prompts[0])} rows")
+    return equal
+
+
 def variant_args(args, name):
     return argparse.Namespace(**{**vars(args), **BENCH_VARIANTS[name]})
 
@@ -218,7 +235,9 @@ def bench(args, argv, device, autocast):
         say(f"  step {i + 1}/{3 + args.bench_steps}{' (warm-up)' if i < 3 else ''}: "
             + " ".join(f"{name} {seconds:.4f} s" for name, seconds in step_times.items()))
     decode = decode_seconds_per_token(policy, batch_list, tokenizer, variant_args(args, "tidpo"), device, autocast)
-    captures = sampling.static_sampler(policy).capture_seconds if device.type == "cuda" else {}
+    captures = dict(sampling.static_sampler(policy).capture_seconds) if device.type == "cuda" else {}
+    if device.type == "cuda":
+        check_sampler(policy, batch_list[0], tokenizer, variant_args(args, "tidpo"), device, autocast)
     if args.bench_profile:
         bench_profile(policy, ref, optimizer, variant_args(args, "tidpo"), batch_list, tokenizer, device, autocast)
     if device.type == "cuda":

@@ -22,6 +22,7 @@ random draws are those of earlier versions.
 import copy
 import inspect
 import time
+import warnings
 import weakref
 
 import torch
@@ -182,11 +183,15 @@ class StaticSampler:
         ids[:n, columns - length:], mask[:n, columns - length:] = prompt_ids, prompt_mask
         ids[n:], mask[n:] = ids[n - 1], mask[n - 1]
         loop.start(runner, ids, mask)
-        if graph and loop.graph is None and args.max_new_tokens > 1:
-            self.capture_seconds[key] = loop.capture(runner)
+        if graph and loop.graph is None and not loop.capture_failed and args.max_new_tokens > 1:
+            try:
+                self.capture_seconds[key] = loop.capture(runner)
+            except RuntimeError as error:  # a model whose step a graph cannot hold: decode eagerly
+                warnings.warn(f"the decode step could not be captured in a CUDA graph; it runs eagerly: {error}")
+                loop.capture_failed = True
             loop.start(runner, ids, mask)  # warm-up ran the step: start over
         for _ in range(args.max_new_tokens - 1):
-            loop.graph.replay() if graph else loop.step(runner)
+            loop.graph.replay() if graph and loop.graph is not None else loop.step(runner)
         response = loop.response[:n]
         kept = int(response.sum(-1).max())  # the one wait for the device: where the longest response ends
         response = response[:, :kept].to(prompt_mask.dtype)
@@ -214,7 +219,7 @@ class DecodeLoop:
         self.key_mask = torch.zeros(rows, 1, 1, columns + args.max_new_tokens, dtype=torch.bool, device=device)
         self.tokens = torch.zeros(rows, args.max_new_tokens, dtype=torch.long, device=device)
         self.response = torch.zeros(rows, args.max_new_tokens, dtype=torch.bool, device=device)
-        self.graph = None
+        self.graph, self.capture_failed = None, False
 
     def forward(self, runner, input_ids, mask, positions):
         if self.eager_mask:
