@@ -254,8 +254,10 @@ class DecodeLoop:
             token = logits.argmax(-1, keepdim=True)
         else:
             probs, top_ids = candidates(logits, args)
-            # the exponential race: token i wins with probability p_i / sum(p)
-            token = top_ids.gather(-1, (probs / torch.empty_like(probs).exponential_()).argmax(-1, keepdim=True))
+            # the exponential race: token i wins with probability p_i / sum(p); a token that top-p
+            # dropped (p = 0) never does, even against a noise of exactly 0
+            race = torch.where(probs > 0, probs / torch.empty_like(probs).exponential_(), -1.0)
+            token = top_ids.gather(-1, race.argmax(-1, keepdim=True))
         token = torch.where(self.finished, torch.full_like(token, self.pad), token)
         at = self.step_index.reshape(1)
         self.tokens.index_copy_(1, at, token)
