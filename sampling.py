@@ -157,7 +157,8 @@ class StaticSampler:
             for linear, source in zip(shadow.modules(), model.modules()):
                 if isinstance(linear, torch.nn.Linear):
                     for name in ("weight", "bias"):
-                        if getattr(source, name) is not None:
+                        # (a weight already in that dtype, as the reference's on CUDA, stays shared)
+                        if getattr(source, name) is not None and getattr(source, name).dtype != dtype:
                             copied = torch.nn.Parameter(getattr(source, name).detach().to(dtype), requires_grad=False)
                             setattr(linear, name, copied)
                             pairs.append((copied, getattr(source, name)))
