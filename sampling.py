@@ -200,6 +200,23 @@ class StaticSampler:
                 torch.cat([prompt_mask, response], 1), torch.cat([torch.zeros_like(prompt_mask), response], 1))
 
 
+def _values_in_their_own_dtype(layer):
+    """A StaticCache layer's lazy_initialization that stores the values in their own dtype.
+
+    Under autocast a Llama's keys come out of the rotary embedding in float32 and its values in
+    bfloat16; transformers 5.17 allocates both in the keys' dtype, and the values' in-place copy
+    into the cache then fails (5.24 allocates each in its own dtype: there this changes nothing).
+    """
+    allocate = layer.lazy_initialization
+
+    def lazy_initialization(key_states, value_states):
+        allocate(key_states, value_states)
+        if layer.values.dtype != value_states.dtype:
+            layer.values = torch.zeros_like(layer.values, dtype=value_states.dtype)
+
+    return lazy_initialization
+
+
 class DecodeLoop:
     """One bucket's static cache and decode state: `start` runs the prompt and draws the first
     token; each `step` (or replay of `graph`) feeds the last token and draws the next."""
@@ -210,6 +227,8 @@ class DecodeLoop:
         self.args, self.columns = args, columns
         self.eos, self.pad = tokenizer.eos_token_id, tokenizer.pad_token_id
         self.cache = StaticCache(config=runner.config, max_cache_len=columns + args.max_new_tokens)
+        for layer in self.cache.layers:
+            layer.lazy_initialization = _values_in_their_own_dtype(layer)
         self.cache_argument = cache_argument(runner)
         self.eager_mask = runner.config._attn_implementation == "eager"  # wants an additive mask
         self.keep_one = "logits_to_keep" in inspect.signature(runner.forward).parameters
