@@ -119,7 +119,7 @@ def bench_profile(policy, ref, optimizer, variant_args, batch_list, tokenizer, d
     steps = len(batch_list)
     phases = {event.key: event for event in profiler.key_averages() if event.key in PHASES}
     say(f"where the full tidpo step's time goes ({steps} profiled steps, {total / steps:.4f} s/step; host: "
-        f"the phase's wall time on the CPU{', device: its span on the GPU' if cuda else ''}):")
+        f"the phase's wall time on the CPU{', device: the GPU time of the kernels it launched' if cuda else ''}):")
     for name in PHASES:
         if name in phases:
             host = phases[name].cpu_time_total / 1e6 / steps
