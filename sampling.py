@@ -13,10 +13,11 @@ ways, one set of rules (temperature, top-k, top-p, min/max new tokens, end of se
             from Python takes longer than running them. Runs on the CPU too, without the graph.
 
 The static way draws a token by the exponential race, argmax(p / E) with E ~ Exp(1) per token,
-which picks token i with probability p_i exactly (the smallest of independent exponentials with
-rates p_i is the i-th with probability p_i / sum(p)) and, unlike torch.multinomial, is plain
-arithmetic that a CUDA graph can hold. The dynamic way keeps torch.multinomial, so the CPU's
-random draws are those of earlier versions.
+which picks token i with probability p_i / sum(p) exactly (the smallest of independent
+exponentials with rates p_i is the i-th with that probability). torch.multinomial draws one
+sample the same way, but first checks its input with two host synchronisations (.item()), which
+a CUDA graph cannot hold. The dynamic way keeps torch.multinomial, so the CPU's random draws are
+those of earlier versions.
 """
 
 import copy
