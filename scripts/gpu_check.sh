@@ -26,7 +26,7 @@ torch.__version__, 'transformers', transformers.__version__, 'tokenizers', token
 'gpu', torch.cuda.get_device_name() if torch.cuda.is_available() else None)" | tee "$logs/versions.txt"
 
 if python -c "import pytest" 2>/dev/null; then
-    part test_sampling 120 python -m pytest -q tests/test_sampling.py
+    part test_sampling 100 python -m pytest -q tests/test_sampling.py
 else  # bench.py's own sampler check (graph vs eager static step) still runs below
     echo "pytest is not installed: tests/test_sampling.py skipped" | tee "$logs/test_sampling.log"
 fi
@@ -35,7 +35,7 @@ part bench-16x96 180 python bench.py --preset 0.5b --batch-size 16 --bench-promp
 part bench-16x512 180 python bench.py --preset 0.5b --batch-size 16 --bench-prompt-length 128 \
     --bench-response-length 384 --bench-steps 5
 run_dir=$(mktemp -d)
-part train 120 python train.py --output-dir "$run_dir/run"
+part train 100 python train.py --output-dir "$run_dir/run"
 rm -rf "$run_dir"
 grep -h "^bench:\|MFU\|sampler check\|graph capture" "$logs"/bench-*.log | tee "$logs/summary.txt"
 grep -h "exit .* after" "$logs"/*.log | tee -a "$logs/summary.txt"
