@@ -1,13 +1,22 @@
 """Benchmark: the step time and peak memory of DPO, TI-DPO without the triplet and full TI-DPO.
 
     python bench.py                                   # a tiny Llama, batch 16, prompt 32 + response 64 tokens
+    python bench.py --preset 0.5b                     # a ~0.5B Llama of Qwen2.5-0.5B's width, depth and vocabulary
     python bench.py --bench-hidden 256 --bench-layers 4 --bench-vocab 8000 --bench-profile
 
 Each variant runs train.py's own training step (tidpo_step, backward, clipping, optimizer step) on
-the same random-token batches, interleaved, in one process; the table gives each one's median step
-time and its ratio to DPO's, and the last line the ratios alone:
+the same random-token batches, interleaved, in one process, on one model and optimizer (a step's
+time does not depend on the weights' values, and the anchors are always full length); the table
+gives each one's median step time and its ratio to DPO's, and the last line the ratios alone:
 
     bench: tidpo_no_triplet/dpo=R1 tidpo/dpo=R2 peak_mem tidpo/dpo=R3
+
+Peak memory: on CUDA, max allocated over two steps of each variant, measured one after another
+in this process (DPO first, full TI-DPO, whose sampler keeps its caches, last); on the CPU, the
+growth of resident memory over three steps, each variant in a process of its own. Also printed:
+the DPO step's model FLOP utilisation (6 x the parameters that multiply, all but the input
+embedding, x the pairs' tokens per step / step time / the GPU's dense bfloat16 peak) and the
+anchor sampler's time per decoded token.
 
 Every train.py flag applies too (--batch-size, --device, --fp32, the sampling flags, ...). The
 anchors of full TI-DPO are as long as the responses.
@@ -15,6 +24,7 @@ anchors of full TI-DPO are as long as the responses.
 
 import argparse
 import copy
+import gc
 import json
 import os
 import statistics
@@ -27,14 +37,25 @@ import torch
 from torch.profiler import record_function
 
 import data
+import sampling
 import train
 
 BENCH_VARIANTS = {"dpo": {"loss": "dpo"}, "tidpo_no_triplet": {"loss": "tidpo", "gamma": 0.0},
                   "tidpo": {"loss": "tidpo"}}
 
+PRESETS = {"0.5b": {"bench_hidden": 896, "bench_layers": 24, "bench_heads": 14, "bench_vocab": 151936}}
+
+# Dense bfloat16 peak of a GPU, in TFLOP/s (the vendor's figure without sparsity), by a part of its name.
+PEAK_TFLOPS = {"H200": 989, "H100 PCIe": 756, "H100": 989, "A100": 312}
+
+
+def say(line):
+    print(line, flush=True)
+
 
 def bench_setup(args, device):
-    """A random-weight Llama of the --bench-* size, its frozen copy, and random-token batches."""
+    """A random-weight Llama of the --bench-* size, made on the device, its frozen copy, and
+    random-token batches."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(args.seed)
@@ -42,7 +63,8 @@ def bench_setup(args, device):
                          intermediate_size=args.bench_hidden * 3, num_hidden_layers=args.bench_layers,
                          num_attention_heads=args.bench_heads, num_key_value_heads=args.bench_heads,
                          max_position_embeddings=4096, pad_token_id=0, bos_token_id=1, eos_token_id=2)
-    policy = LlamaForCausalLM(config).to(device).eval()
+    with device:  # the weights are made where they are used: no copy from the CPU
+        policy = LlamaForCausalLM(config).eval()
     ref = copy.deepcopy(policy).requires_grad_(False)
     tokenizer = argparse.Namespace(pad_token_id=0, eos_token_id=2)
 
@@ -60,10 +82,14 @@ def bench_setup(args, device):
     return policy, ref, tokenizer, batch_list
 
 
-def bench_step(policy, ref, optimizer, batch, tokenizer, args, device, autocast):
-    """Seconds of one full training step: (anchor sampling,) forwards, backward, optimizer step."""
+def synchronize(device):
     if device.type == "cuda":
         torch.cuda.synchronize()
+
+
+def bench_step(policy, ref, optimizer, batch, tokenizer, args, device, autocast):
+    """Seconds of one full training step: (anchor sampling,) forwards, backward, optimizer step."""
+    synchronize(device)
     start = time.perf_counter()
     loss, _ = train.tidpo_step(policy, ref, batch, tokenizer, args, device, autocast)
     with record_function("backward"):
@@ -72,32 +98,38 @@ def bench_step(policy, ref, optimizer, batch, tokenizer, args, device, autocast)
         torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+    synchronize(device)
     return time.perf_counter() - start
-
-
-def bench_profile(variant, ref, batch_list, tokenizer, device, autocast):
-    """Print the share of a full TI-DPO step spent in each labelled phase (torch.profiler)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    model, optimizer, variant_args = variant
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    with profile(activities=activities) as profiler:
-        total = sum(bench_step(model, ref, optimizer, batch, tokenizer, variant_args, device, autocast)
-                    for batch in batch_list)
-    phases = {event.key: event for event in profiler.key_averages() if event.key in PHASES}
-    print(f"where the full tidpo step's time goes ({len(batch_list)} profiled steps, {total / len(batch_list):.4f} s/step):")
-    for name in PHASES:
-        if name in phases:
-            seconds = phases[name].cpu_time_total / 1e6  # wall time of the labelled region, host side
-            if device.type == "cuda":
-                seconds = max(seconds, phases[name].device_time_total / 1e6)
-            print(f"  {name:<32}{seconds / len(batch_list):>9.4f} s {100 * seconds / total:>5.1f}%")
 
 
 PHASES = ["sample anchors", "anchor forwards", "reference forward", "policy forward (+ attribution)",
           "backward", "clip + optimizer step"]
+
+
+def bench_profile(policy, ref, optimizer, variant_args, batch_list, tokenizer, device, autocast):
+    """Print where a full TI-DPO step's time goes (torch.profiler): per labelled phase the host's
+    time and, on CUDA, the device's; on CUDA also the kernels that take the most device time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as profiler:
+        total = sum(bench_step(policy, ref, optimizer, batch, tokenizer, variant_args, device, autocast)
+                    for batch in batch_list)
+    steps = len(batch_list)
+    phases = {event.key: event for event in profiler.key_averages() if event.key in PHASES}
+    say(f"where the full tidpo step's time goes ({steps} profiled steps, {total / steps:.4f} s/step; host: "
+        f"the phase's wall time on the CPU{', device: the GPU time of the kernels it launched' if cuda else ''}):")
+    for name in PHASES:
+        if name in phases:
+            host = phases[name].cpu_time_total / 1e6 / steps
+            line = f"  {name:<32} host {host:>8.4f} s {100 * host / (total / steps):>5.1f}%"
+            if cuda:
+                gpu = phases[name].device_time_total / 1e6 / steps
+                line += f"   device {gpu:>8.4f} s {100 * gpu / (total / steps):>5.1f}%"
+            say(line)
+    if cuda:
+        say(profiler.key_averages().table(sort_by="self_device_time_total", row_limit=15))
 
 
 def memory_kib():
@@ -107,67 +139,156 @@ def memory_kib():
     return int(fields["VmRSS"].split()[0]), int(fields["VmHWM"].split()[0])
 
 
-def bench(args, argv, device, autocast):
-    policy, ref, tokenizer, batch_list = bench_setup(args, device)
-    variants = {}
-    for name, overrides in BENCH_VARIANTS.items():
-        variant_args = argparse.Namespace(**{**vars(args), **overrides})
-        model = copy.deepcopy(policy)
-        variants[name] = (model, torch.optim.AdamW(model.parameters(), lr=1e-5), variant_args)
-    if args.bench_variant:  # child process: this variant's peak memory alone
-        model, optimizer, variant_args = variants.pop(args.bench_variant)
-        variants.clear()
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-            before = torch.cuda.memory_allocated()
-        else:
-            before = memory_kib()[0] * 1024
-        for batch in batch_list[:3]:
-            bench_step(model, ref, optimizer, batch, tokenizer, variant_args, device, autocast)
-        peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else memory_kib()[1] * 1024
-        print(json.dumps({"peak_bytes": peak, "step_bytes": peak - before}))
+def peak_flops(device):
+    """The device's dense bfloat16 peak in FLOP/s, or None (the CPU, an unknown GPU)."""
+    if device.type != "cuda":
         return None
+    name = torch.cuda.get_device_name(device)
+    return next((tflops * 1e12 for part, tflops in PEAK_TFLOPS.items() if part in name), None)
 
-    times = {name: [] for name in variants}
+
+def decode_seconds_per_token(policy, batch_list, tokenizer, args, device, autocast, calls=3):
+    """The anchor sampler's wall time per decoded token (the prompt's forward included), as
+    tidpo_step calls it, after one call to warm up (on CUDA: to capture the graph)."""
+    prompts = [(batch["prompt_input_ids"].to(device), batch["prompt_attention_mask"].to(device))
+               for batch in batch_list]
+    with autocast:
+        sampling.sample(policy, *prompts[0], tokenizer, args)
+        synchronize(device)
+        start = time.perf_counter()
+        for i in range(calls):
+            sampling.sample(policy, *prompts[i % len(prompts)], tokenizer, args)
+        synchronize(device)
+    return (time.perf_counter() - start) / (calls * args.max_new_tokens)
+
+
+def check_sampler(policy, batch, tokenizer, args, device, autocast):
+    """CUDA: greedy anchors of the captured graph against the same static step run eagerly (the
+    same kernels: must be equal) and against the dynamic way (the same rules, other kernel shapes:
+    bfloat16 rounding may flip a near-tie of a random model, after which a row goes its own way)."""
+    greedy = argparse.Namespace(**{**vars(args), "temperature": 0.0})
+    prompts = batch["prompt_input_ids"].to(device), batch["prompt_attention_mask"].to(device)
+    with autocast:
+        tokens = {method: sampling.sample(policy, *prompts, tokenizer, greedy, method=method)[0]
+                  for method in ("graph", "static", "dynamic")}
+    length = min(t.shape[1] for t in tokens.values())
+    same_rows = (tokens["dynamic"][:, :length] == tokens["graph"][:, :length]).all(-1).sum()
+    equal = torch.equal(tokens["graph"], tokens["static"])
+    say(f"sampler check (greedy, batch {len(prompts[0])}): graph vs eager static step "
+        f"{'equal' if equal else 'DIFFERENT'}; dynamic way equal on {int(same_rows)} of {len(prompts[0])} rows")
+    return equal
+
+
+def variant_args(args, name):
+    return argparse.Namespace(**{**vars(args), **BENCH_VARIANTS[name]})
+
+
+def child_memory(policy, ref, batch_list, tokenizer, args, device, autocast):
+    """The CPU's measure, in a process of its own: resident memory before and over three steps
+    of one variant (--bench-variant)."""
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-5)
+    before = memory_kib()[0] * 1024
+    for batch in batch_list[:3]:
+        bench_step(policy, ref, optimizer, batch, tokenizer, variant_args(args, args.bench_variant), device, autocast)
+    peak = memory_kib()[1] * 1024
+    print(json.dumps({"peak_bytes": peak, "step_bytes": peak - before}))
+
+
+def cuda_memory(policy, ref, optimizer, batch_list, tokenizer, args, device, autocast):
+    """Max allocated over two steps of each variant, one variant after another; the sampler's
+    caches and graphs are dropped first, so that only full TI-DPO's steps make them again."""
+    sampling.forget(policy)
+    gc.collect()
+    torch.cuda.empty_cache()
+    memory = {}
+    for name in BENCH_VARIANTS:
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        for batch in batch_list[:2]:
+            bench_step(policy, ref, optimizer, batch, tokenizer, variant_args(args, name), device, autocast)
+        peak = torch.cuda.max_memory_allocated(device)
+        memory[name] = {"peak_bytes": peak, "step_bytes": peak - before}
+        say(f"  peak memory of {name}: {peak / 2**20:.0f} MiB")
+    return memory
+
+
+def bench(args, argv, device, autocast):
+    started = time.perf_counter()
+    say(f"bench: building a Llama of hidden {args.bench_hidden}, {args.bench_layers} layers, vocabulary "
+        f"{args.bench_vocab} on {device}")
+    policy, ref, tokenizer, batch_list = bench_setup(args, device)
+    if device.type == "cuda" and not args.fp32:
+        train.linear_weights_in(ref, torch.bfloat16)  # as train.py keeps it on CUDA
+    if args.bench_variant:  # child process (CPU): this variant's memory alone
+        return child_memory(policy, ref, batch_list, tokenizer, args, device, autocast)
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-5)
+    n_params = sum(p.numel() for p in policy.parameters())
+    matmul_params = n_params - policy.get_input_embeddings().weight.numel()  # the lookup multiplies nothing
+    say(f"bench: {n_params / 1e6:.1f}M parameters, built in {time.perf_counter() - started:.1f} s; 3 warm-up "
+        f"steps of each variant, then {args.bench_steps} timed")
+
+    times = {name: [] for name in BENCH_VARIANTS}
     for i in range(3 + args.bench_steps):  # 3 warm-up steps, then timed; the variants interleaved
-        for name, (model, optimizer, variant_args) in variants.items():
-            seconds = bench_step(model, ref, optimizer, batch_list[i % len(batch_list)], tokenizer,
-                                 variant_args, device, autocast)
+        step_times = {name: bench_step(policy, ref, optimizer, batch_list[i % len(batch_list)], tokenizer,
+                                       variant_args(args, name), device, autocast) for name in BENCH_VARIANTS}
+        for name, seconds in step_times.items():
             if i >= 3:
                 times[name].append(seconds)
+        say(f"  step {i + 1}/{3 + args.bench_steps}{' (warm-up)' if i < 3 else ''}: "
+            + " ".join(f"{name} {seconds:.4f} s" for name, seconds in step_times.items()))
+    decode = decode_seconds_per_token(policy, batch_list, tokenizer, variant_args(args, "tidpo"), device, autocast)
+    captures = dict(sampling.static_sampler(policy).capture_seconds) if device.type == "cuda" else {}
+    if device.type == "cuda":
+        check_sampler(policy, batch_list[0], tokenizer, variant_args(args, "tidpo"), device, autocast)
     if args.bench_profile:
-        bench_profile(variants["tidpo"], ref, batch_list, tokenizer, device, autocast)
-    memory = {}
-    for name in variants:  # each variant in its own process, so one peak cannot hide another
-        child = subprocess.run([sys.executable, os.path.abspath(__file__), *argv, "--bench-variant", name],
-                               capture_output=True, text=True, check=True)
-        memory[name] = json.loads(child.stdout.strip().splitlines()[-1])
+        bench_profile(policy, ref, optimizer, variant_args(args, "tidpo"), batch_list, tokenizer, device, autocast)
+    if device.type == "cuda":
+        memory = cuda_memory(policy, ref, optimizer, batch_list, tokenizer, args, device, autocast)
+    else:
+        del policy, ref, optimizer  # free the parent's share before the children run
+        gc.collect()
+        memory = {}
+        for name in BENCH_VARIANTS:  # each variant in its own process, so one peak cannot hide another
+            say(f"  peak memory of {name} (own process)")
+            child = subprocess.run([sys.executable, os.path.abspath(__file__), *argv, "--bench-variant", name],
+                                   capture_output=True, text=True, check=True)
+            memory[name] = json.loads(child.stdout.strip().splitlines()[-1])
 
     pair_tokens = sum(int(b["chosen_attention_mask"].sum() + b["rejected_attention_mask"].sum())
                       for b in batch_list) / len(batch_list)
-    n_params = sum(p.numel() for p in policy.parameters())
-    print(f"bench on {device}: {n_params / 1e6:.1f}M-parameter Llama, batch {args.batch_size} pairs, prompt "
-          f"{args.bench_prompt_length} + response {args.bench_response_length} tokens, median of "
-          f"{args.bench_steps} steps")
-    print(f"{'variant':<18}{'s/step':>9}{'x dpo':>8}{'tokens/s':>10}{'peak MiB':>10}{'step MiB':>10}")
     median = {name: statistics.median(t) for name, t in times.items()}
-    for name in variants:
-        print(f"{name:<18}{median[name]:>9.4f}{median[name] / median['dpo']:>8.2f}"
-              f"{pair_tokens / median[name]:>10.0f}{memory[name]['peak_bytes'] / 2**20:>10.1f}"
-              f"{memory[name]['step_bytes'] / 2**20:>10.1f}")
+    peak = peak_flops(device)
+    mfu = "n/a" if peak is None else f"{100 * 6 * matmul_params * pair_tokens / median['dpo'] / peak:.1f}%"
+    sampler = "static cache + CUDA graph" if captures else "dynamic cache"
+    say(f"bench on {device}{f' ({torch.cuda.get_device_name(device)})' if device.type == 'cuda' else ''}: "
+        f"{n_params / 1e6:.1f}M-parameter Llama, batch {args.batch_size} pairs, prompt {args.bench_prompt_length} "
+        f"+ response {args.bench_response_length} tokens, median of {args.bench_steps} steps, "
+        f"{time.perf_counter() - started:.0f} s in all")
+    say(f"dpo step MFU {mfu} (6 x {matmul_params / 1e6:.1f}M x {pair_tokens:.0f} tokens / step time / "
+        f"{'bf16 peak' if peak else 'no known peak for this device'}); anchor sampler ({sampler}): "
+        f"{1000 * decode:.2f} ms per token, batch {args.batch_size}"
+        + (f"; graph capture {', '.join(f'{1000 * s:.0f} ms' for s in captures.values())}" if captures else ""))
+    say(f"{'variant':<18}{'s/step':>9}{'x dpo':>8}{'tokens/s':>10}{'peak MiB':>10}{'step MiB':>10}")
+    for name in BENCH_VARIANTS:
+        say(f"{name:<18}{median[name]:>9.4f}{median[name] / median['dpo']:>8.2f}"
+            f"{pair_tokens / median[name]:>10.0f}{memory[name]['peak_bytes'] / 2**20:>10.1f}"
+            f"{memory[name]['step_bytes'] / 2**20:>10.1f}")
     # CUDA: peak allocated; CPU: the growth of resident memory over the steps (the process's
     # libraries would otherwise dilute the ratio)
     key = "peak_bytes" if device.type == "cuda" else "step_bytes"
     ratios = {"no_triplet": median["tidpo_no_triplet"] / median["dpo"], "full": median["tidpo"] / median["dpo"],
               "mem": memory["tidpo"][key] / memory["dpo"][key]}
-    print(f"bench: tidpo_no_triplet/dpo={ratios['no_triplet']:.2f} tidpo/dpo={ratios['full']:.2f} "
-          f"peak_mem tidpo/dpo={ratios['mem']:.2f}")
+    say(f"bench: tidpo_no_triplet/dpo={ratios['no_triplet']:.2f} tidpo/dpo={ratios['full']:.2f} "
+        f"peak_mem tidpo/dpo={ratios['mem']:.2f}")
     return ratios
 
 
 def parse_args(argv=None):
     parser = train.build_parser(description=__doc__)
     a = parser.add_argument_group("benchmark: DPO vs TI-DPO step time and memory on random tokens")
+    a.add_argument("--preset", choices=sorted(PRESETS), default=None, help="a model size: 0.5b is "
+                   "--bench-hidden 896 --bench-layers 24 --bench-heads 14 --bench-vocab 151936 (flags given "
+                   "as well win)")
     a.add_argument("--bench-steps", type=int, default=20, help="timed steps per variant (after 3 warm-up steps)")
     a.add_argument("--bench-prompt-length", type=int, default=32, help="tokens per prompt")
     a.add_argument("--bench-response-length", type=int, default=64, help="also the anchors' length")
@@ -179,6 +300,9 @@ def parse_args(argv=None):
     a.add_argument("--bench-profile", action="store_true", help="also profile the full tidpo step with "
                    "torch.profiler and print where its time goes")
     a.add_argument("--bench-variant", default=None, help=argparse.SUPPRESS)  # one variant's memory, in a child process
+    preset = parser.parse_known_args(argv)[0].preset
+    if preset:
+        parser.set_defaults(**PRESETS[preset])
     return train.parse_args(argv, parser)
 
 

@@ -1,10 +1,30 @@
 """Sampling responses from a causal LM: the anchors of the triplet loss (Eq. 13) and the
 evaluation's samples.
 
-Written out rather than calling generate(), because it runs at every TI-DPO training step: with
-the KV cache, and top-p applied to the k kept tokens only, it avoids a sort over the whole
-vocabulary and generate()'s per-token machinery.
+Written out rather than calling generate(), because it runs at every TI-DPO training step. Two
+ways, one set of rules (temperature, top-k, top-p, min/max new tokens, end of sequence):
+
+  dynamic   the KV cache grows by a token per step; top-p is applied to the k kept tokens only,
+            which avoids a sort over the whole vocabulary. The CPU's default.
+  static    a KV cache of fixed size, one fixed-shape decode step, a fixed number of steps and no
+            wait for the device inside the loop. On CUDA ("graph", the default there) that step is
+            captured once in a CUDA graph per (batch, prompt length) bucket and replayed: a decode
+            step of a 24-layer model is hundreds of small kernels, and launching them one by one
+            from Python takes longer than running them. Runs on the CPU too, without the graph.
+
+The static way draws a token by the exponential race, argmax(p / E) with E ~ Exp(1) per token,
+which picks token i with probability p_i / sum(p) exactly (the smallest of independent
+exponentials with rates p_i is the i-th with that probability). torch.multinomial draws one
+sample the same way, but first checks its input with two host synchronisations (.item()), which
+a CUDA graph cannot hold. The dynamic way keeps torch.multinomial, so the CPU's random draws are
+those of earlier versions.
 """
+
+import copy
+import inspect
+import time
+import warnings
+import weakref
 
 import torch
 
@@ -12,19 +32,48 @@ from tidpo import position_ids
 
 
 @torch.no_grad()
-def sample(model, prompt_ids, prompt_mask, tokenizer, args):
+def sample(model, prompt_ids, prompt_mask, tokenizer, args, method=None):
     """Responses sampled from `model` for left-padded prompts, as (input_ids, attention_mask,
     response_mask) of prompt + response; a response ends at its first end-of-sequence token.
 
     `args` carries the sampling settings: max_new_tokens, min_new_tokens, temperature (0: greedy),
     top_k (0: all) and top_p, applied in that order (temperature, then top-k, then top-p), as in
-    transformers' generate(). `tokenizer` gives eos_token_id and pad_token_id.
+    transformers' generate(). `tokenizer` gives eos_token_id and pad_token_id. `method` is
+    "dynamic", "static" or "graph" (static with CUDA graphs, CUDA only); by default "graph" on CUDA
+    and "dynamic" elsewhere. The static ways cut the result after the longest response.
     """
+    method = method or ("graph" if prompt_ids.is_cuda and StaticSampler.supports(model) else "dynamic")
+    if method == "dynamic":
+        return dynamic_sample(model, prompt_ids, prompt_mask, tokenizer, args)
+    sampler = static_sampler(model)
+    return sampler.sample(prompt_ids, prompt_mask, tokenizer, args, graph=method == "graph")
+
+
+def candidates(logits, args):
+    """The tokens that temperature, top-k and top-p leave, [B, k] ids (likeliest first), and their
+    probabilities [B, k], 0 where top-p drops a token (not renormalised: the draws do not need it)."""
+    k = logits.shape[-1] if args.top_k <= 0 else min(args.top_k, logits.shape[-1])
+    top_logits, top_ids = (logits / args.temperature).topk(k, dim=-1)  # sorted, largest first
+    probs = top_logits.softmax(-1)
+    # top-p: keep the smallest prefix whose probability reaches top_p (the first token always)
+    return probs * ((probs.cumsum(-1) - probs) < args.top_p), top_ids
+
+
+def cache_argument(model):
+    """The name of model.forward's KV-cache argument: `cache` from transformers 5.2x on,
+    `past_key_values` before (still accepted later, with a deprecation warning)."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def dynamic_sample(model, prompt_ids, prompt_mask, tokenizer, args):
+    from transformers import DynamicCache
+
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    cache = {cache_argument(model): DynamicCache(config=model.config)}
     positions = position_ids(prompt_mask)[:, -1:]
     attention_mask = prompt_mask
     out = model(input_ids=prompt_ids, attention_mask=attention_mask, position_ids=position_ids(prompt_mask),
-                use_cache=True)
+                use_cache=True, **cache)
     finished = torch.zeros(prompt_ids.shape[0], 1, dtype=torch.bool, device=prompt_ids.device)
     tokens, response = [], []
     for step in range(args.max_new_tokens):
@@ -34,11 +83,7 @@ def sample(model, prompt_ids, prompt_mask, tokenizer, args):
         if args.temperature <= 0:  # greedy
             token = logits.argmax(-1, keepdim=True)
         else:
-            k = logits.shape[-1] if args.top_k <= 0 else min(args.top_k, logits.shape[-1])
-            top_logits, top_ids = (logits / args.temperature).topk(k, dim=-1)  # sorted, largest first
-            probs = top_logits.softmax(-1)
-            # top-p: keep the smallest prefix whose probability reaches top_p (the first token always)
-            probs = probs * ((probs.cumsum(-1) - probs) < args.top_p)
+            probs, top_ids = candidates(logits, args)
             token = top_ids.gather(-1, torch.multinomial(probs, 1))
         token = torch.where(finished, torch.full_like(token, pad), token)
         tokens.append(token)
@@ -48,8 +93,217 @@ def sample(model, prompt_ids, prompt_mask, tokenizer, args):
             break
         attention_mask = torch.cat([attention_mask, (~finished).long()], 1)
         positions = positions + 1
-        out = model(input_ids=token, attention_mask=attention_mask, position_ids=positions, cache=out.cache,
-                    use_cache=True)
+        out = model(input_ids=token, attention_mask=attention_mask, position_ids=positions, use_cache=True, **cache)
     response = torch.cat(response, 1).long()
     return (torch.cat([prompt_ids, torch.cat(tokens, 1)], 1), torch.cat([prompt_mask, response], 1),
             torch.cat([torch.zeros_like(prompt_mask), response], 1))
+
+
+_samplers = weakref.WeakKeyDictionary()  # model -> its StaticSampler, gone with the model
+
+
+def static_sampler(model):
+    """The model's StaticSampler (made on first use): its caches, buffers and CUDA graphs."""
+    if model not in _samplers:
+        _samplers[model] = StaticSampler(model)
+    return _samplers[model]
+
+
+def forget(model):
+    """Drop the model's StaticSampler: its caches, shadow and CUDA graphs."""
+    _samplers.pop(model, None)
+
+
+def _bucket(n, step):
+    return -(-n // step) * step
+
+
+class StaticSampler:
+    """The static way of `sample` for one model.
+
+    Per bucket (batch rounded up to a power of two, prompt length up to a multiple of 64, and the
+    sampling settings) it keeps a StaticCache, the decode loop's state as fixed tensors and, on
+    CUDA, the captured decode step. Extra rows repeat the last prompt and are dropped; extra prompt
+    columns are left padding, which the padding-independent positions make invisible.
+
+    Under bfloat16 autocast the steps run a shadow of the model whose Linear weights are bfloat16
+    copies, refreshed once per call, while every other parameter is the model's own: autocast
+    casts a Linear's float32 weight to bfloat16 before the matmul anyway, so the numbers are the
+    same bits, without the cast of every weight at every token.
+    """
+
+    PROMPT_BUCKET = 64
+
+    def __init__(self, model):
+        self.model = weakref.ref(model)
+        self.shadows = {}  # autocast dtype -> (shadow, [(its Linear copy, the model's parameter)])
+        self.buckets = {}
+        self.capture_seconds = {}  # bucket -> seconds its CUDA graph took to warm up and capture
+
+    @staticmethod
+    def supports(model):
+        return getattr(model.config, "_attn_implementation", None) in ("sdpa", "eager")
+
+    def runner(self, device):
+        """(module, dtype): the module the steps run, the model itself or, under autocast, its
+        shadow for the autocast dtype."""
+        model = self.model()
+        if not torch.is_autocast_enabled(device.type):
+            return model, None
+        dtype = torch.get_autocast_dtype(device.type)
+        if dtype not in self.shadows:
+            # share every parameter and buffer with the model, then give the Linear layers copies
+            memo = {id(t): t for t in [*model.parameters(), *model.buffers()]}
+            shadow, pairs = copy.deepcopy(model, memo), []
+            for linear, source in zip(shadow.modules(), model.modules()):
+                if isinstance(linear, torch.nn.Linear):
+                    for name in ("weight", "bias"):
+                        # (a weight already in that dtype, as the reference's on CUDA, stays shared)
+                        if getattr(source, name) is not None and getattr(source, name).dtype != dtype:
+                            copied = torch.nn.Parameter(getattr(source, name).detach().to(dtype), requires_grad=False)
+                            setattr(linear, name, copied)
+                            pairs.append((copied, getattr(source, name)))
+            self.shadows[dtype] = shadow, pairs
+        shadow, pairs = self.shadows[dtype]
+        for copied, source in pairs:  # the model may have been updated since the last call
+            copied.copy_(source)
+        return shadow, dtype
+
+    def sample(self, prompt_ids, prompt_mask, tokenizer, args, graph):
+        if graph and not prompt_ids.is_cuda:
+            raise ValueError("CUDA graphs need a CUDA device")
+        runner, dtype = self.runner(prompt_ids.device)
+        n, length = prompt_ids.shape
+        rows, columns = 1 << (n - 1).bit_length(), _bucket(length, self.PROMPT_BUCKET)
+        key = (rows, columns, args.max_new_tokens, args.min_new_tokens, args.temperature, args.top_k,
+               args.top_p, tokenizer.eos_token_id, tokenizer.pad_token_id, dtype)
+        if key not in self.buckets:
+            self.buckets[key] = DecodeLoop(runner, rows, columns, args, tokenizer, prompt_ids.device)
+        loop = self.buckets[key]
+        ids = torch.full((rows, columns), tokenizer.pad_token_id, dtype=prompt_ids.dtype, device=prompt_ids.device)
+        mask = torch.zeros((rows, columns), dtype=prompt_mask.dtype, device=prompt_mask.device)
+        ids[:n, columns - length:], mask[:n, columns - length:] = prompt_ids, prompt_mask
+        ids[n:], mask[n:] = ids[n - 1], mask[n - 1]
+        loop.start(runner, ids, mask)
+        if graph and loop.graph is None and not loop.capture_failed and args.max_new_tokens > 1:
+            try:
+                self.capture_seconds[key] = loop.capture(runner)
+            except RuntimeError as error:  # a model whose step a graph cannot hold: decode eagerly
+                warnings.warn(f"the decode step could not be captured in a CUDA graph; it runs eagerly: {error}")
+                loop.capture_failed = True
+            loop.start(runner, ids, mask)  # warm-up ran the step: start over
+        for _ in range(args.max_new_tokens - 1):
+            loop.graph.replay() if graph and loop.graph is not None else loop.step(runner)
+        response = loop.response[:n]
+        kept = int(response.sum(-1).max())  # the one wait for the device: where the longest response ends
+        response = response[:, :kept].to(prompt_mask.dtype)
+        return (torch.cat([prompt_ids, loop.tokens[:n, :kept].to(prompt_ids.dtype)], 1),
+                torch.cat([prompt_mask, response], 1), torch.cat([torch.zeros_like(prompt_mask), response], 1))
+
+
+def _values_in_their_own_dtype(layer):
+    """A StaticCache layer's lazy_initialization that stores the values in their own dtype.
+
+    Under autocast a Llama's keys come out of the rotary embedding in float32 and its values in
+    bfloat16; transformers 5.17 allocates both in the keys' dtype, and the values' in-place copy
+    into the cache then fails (5.24 allocates each in its own dtype: there this changes nothing).
+    """
+    allocate = layer.lazy_initialization
+
+    def lazy_initialization(key_states, value_states):
+        allocate(key_states, value_states)
+        if layer.values.dtype != value_states.dtype:
+            layer.values = torch.zeros_like(layer.values, dtype=value_states.dtype)
+
+    return lazy_initialization
+
+
+class DecodeLoop:
+    """One bucket's static cache and decode state: `start` runs the prompt and draws the first
+    token; each `step` (or replay of `graph`) feeds the last token and draws the next."""
+
+    def __init__(self, runner, rows, columns, args, tokenizer, device):
+        from transformers import StaticCache
+
+        self.args, self.columns = args, columns
+        self.eos, self.pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+        self.cache = StaticCache(config=runner.config, max_cache_len=columns + args.max_new_tokens)
+        for layer in self.cache.layers:
+            layer.lazy_initialization = _values_in_their_own_dtype(layer)
+        self.cache_argument = cache_argument(runner)
+        self.eager_mask = runner.config._attn_implementation == "eager"  # wants an additive mask
+        self.keep_one = "logits_to_keep" in inspect.signature(runner.forward).parameters
+        self.token = torch.zeros(rows, 1, dtype=torch.long, device=device)
+        self.position = torch.zeros(rows, 1, dtype=torch.long, device=device)
+        self.finished = torch.zeros(rows, 1, dtype=torch.bool, device=device)
+        self.step_index = torch.zeros((), dtype=torch.long, device=device)
+        self.key_mask = torch.zeros(rows, 1, 1, columns + args.max_new_tokens, dtype=torch.bool, device=device)
+        self.tokens = torch.zeros(rows, args.max_new_tokens, dtype=torch.long, device=device)
+        self.response = torch.zeros(rows, args.max_new_tokens, dtype=torch.bool, device=device)
+        self.graph, self.capture_failed = None, False
+
+    def forward(self, runner, input_ids, mask, positions):
+        if self.eager_mask:
+            mask = torch.zeros(mask.shape, device=mask.device).masked_fill(~mask, torch.finfo(torch.float32).min)
+        extra = {"logits_to_keep": 1} if self.keep_one else {}
+        out = runner(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                     **{self.cache_argument: self.cache}, **extra)
+        return out.logits[:, -1].float()
+
+    def start(self, runner, ids, mask):
+        self.cache.reset()
+        for state in (self.finished, self.step_index, self.tokens, self.response, self.key_mask):
+            state.zero_()
+        self.key_mask[:, 0, 0, :self.columns] = mask.bool()
+        self.position.copy_(position_ids(mask)[:, -1:])
+        # the prompt attends causally to its own real tokens (each position to itself too, so that
+        # padding positions stay finite; no real token attends to them)
+        causal = torch.ones(self.columns, self.key_mask.shape[-1], dtype=torch.bool, device=ids.device).tril()
+        diagonal = torch.eye(self.columns, self.key_mask.shape[-1], dtype=torch.bool, device=ids.device)
+        prompt_mask = (self.key_mask & causal) | diagonal
+        self.draw(self.forward(runner, ids, prompt_mask, position_ids(mask)))
+
+    def step(self, runner):
+        self.draw(self.forward(runner, self.token, self.key_mask, self.position))
+
+    def draw(self, logits):
+        """The next token from [B, V] logits, written into the state (no host synchronisation)."""
+        args = self.args
+        # no end of sequence before min_new_tokens
+        logits[:, self.eos] = torch.where(self.step_index < args.min_new_tokens, float("-inf"), logits[:, self.eos])
+        if args.temperature <= 0:  # greedy
+            token = logits.argmax(-1, keepdim=True)
+        else:
+            probs, top_ids = candidates(logits, args)
+            # the exponential race: token i wins with probability p_i / sum(p); a token that top-p
+            # dropped (p = 0) never does, even against a noise of exactly 0
+            race = torch.where(probs > 0, probs / torch.empty_like(probs).exponential_(), -1.0)
+            token = top_ids.gather(-1, race.argmax(-1, keepdim=True))
+        token = torch.where(self.finished, torch.full_like(token, self.pad), token)
+        at = self.step_index.reshape(1)
+        self.tokens.index_copy_(1, at, token)
+        self.response.index_copy_(1, at, ~self.finished)
+        self.finished.logical_or_(token == self.eos)
+        # the new token's key: attended to unless its row has ended (as the dynamic way's mask)
+        self.key_mask.index_copy_(3, at + self.columns, (~self.finished)[:, :, None, None])
+        self.token.copy_(token)
+        self.position.add_(1)
+        self.step_index.add_(1)
+
+    def capture(self, runner):
+        """Warm up the decode step on a side stream, then capture it; returns the seconds taken."""
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        autocast = dict(device_type="cuda", enabled=torch.is_autocast_enabled("cuda"),
+                        dtype=torch.get_autocast_dtype("cuda"), cache_enabled=False)
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream), torch.autocast(**autocast):
+            for _ in range(2):
+                self.step(runner)
+        torch.cuda.current_stream().wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph), torch.autocast(**autocast):
+            self.step(runner)
+        torch.cuda.synchronize()
+        return time.perf_counter() - start

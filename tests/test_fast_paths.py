@@ -104,3 +104,21 @@ def test_step_matches_the_plain_computation(gamma, monkeypatch):
     assert loss.item() != pytest.approx(0.6931471805599453, abs=1e-6)  # the models differ: not a trivial log 2
     for fast, plain in zip(fast_grads, plain_grads):
         torch.testing.assert_close(fast, plain, rtol=1e-7, atol=1e-10)
+
+
+def test_reference_with_bfloat16_linear_weights_gives_the_same_bits_under_autocast():
+    # On CUDA the frozen reference keeps its Linear weights in bfloat16; under bfloat16 autocast
+    # (here the CPU's) its logits are the float32 model's, bit for bit. Tied output layer included.
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=40, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=2, pad_token_id=PAD, bos_token_id=1,
+                         eos_token_id=EOS, tie_word_embeddings=True)
+    ref = LlamaForCausalLM(config).eval().requires_grad_(False)
+    input_ids = torch.tensor([[0, 1, 5, 6, 7], [1, 9, 8, 7, 6]])
+    attention_mask = (input_ids != PAD).long()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = tidpo.forward_logits(ref, input_ids, attention_mask)
+        train.linear_weights_in(ref, torch.bfloat16)
+        got = tidpo.forward_logits(ref, input_ids, attention_mask)
+    assert ref.lm_head.weight.dtype == torch.bfloat16 and ref.get_input_embeddings().weight.dtype == torch.float32
+    assert torch.equal(got, expected)

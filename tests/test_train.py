@@ -460,6 +460,12 @@ def test_bench_prints_the_ratio_line(capsys):
         assert isinstance(value, float) and math.isfinite(value) and value > 0
 
 
+def test_bench_preset_sets_the_size_and_explicit_flags_win():
+    args = bench.parse_args(["--preset", "0.5b", "--bench-layers", "2"])
+    assert (args.bench_hidden, args.bench_layers, args.bench_heads, args.bench_vocab) == (896, 2, 14, 151936)
+    assert bench.parse_args([]).bench_hidden == 64
+
+
 # ----------------------------------------------------------------------------- anchor sampling
 
 

@@ -1,0 +1,120 @@
+"""The static-cache sampler (the CUDA default, with graphs there) against the dynamic one.
+
+Greedy decoding must give the same tokens, token for token; sampling must follow the same rules
+(top-k, top-p, temperature, min_new_tokens, padding after the end of sequence) and draw each
+token with the probability those rules give it. On the CPU the static way runs its decode step
+eagerly; where CUDA is present, the same tests also run the captured CUDA graph ("graph").
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import sampling  # noqa: E402
+
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+STATIC = ["static", pytest.param("graph", marks=CUDA)]
+
+
+def settings(**overrides):
+    values = dict(max_new_tokens=12, min_new_tokens=0, temperature=0.8, top_k=50, top_p=0.95)
+    return argparse.Namespace(**{**values, **overrides})
+
+
+def peaked_model(method="static", attn_implementation="sdpa"):
+    """A random Llama with large weights (clear greedy choices) and three left-padded prompts, on
+    the device `method` runs on (CUDA for "graph")."""
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, pad_token_id=0, bos_token_id=1,
+                         eos_token_id=2, initializer_range=0.3)
+    model = LlamaForCausalLM._from_config(config, attn_implementation=attn_implementation).eval()
+    prompt_ids = torch.tensor([[1, 5, 6, 7, 8], [0, 0, 1, 9, 3], [0, 0, 0, 1, 4]])
+    prompt_mask = torch.tensor([[1, 1, 1, 1, 1], [0, 0, 1, 1, 1], [0, 0, 0, 1, 1]])
+    device = "cuda" if method == "graph" else "cpu"
+    return model.to(device), prompt_ids.to(device), prompt_mask.to(device)
+
+
+@pytest.mark.parametrize("method", STATIC)
+@pytest.mark.parametrize("attn_implementation", ["sdpa", "eager"])
+@pytest.mark.parametrize("autocast", [False, True], ids=["float32", "bfloat16-autocast"])
+def test_static_greedy_equals_dynamic_token_for_token(method, attn_implementation, autocast):
+    model, prompt_ids, prompt_mask = peaked_model(method, attn_implementation)
+    tokenizer = argparse.Namespace(pad_token_id=0, eos_token_id=2)
+    greedy = settings(temperature=0.0)
+    # the end-of-sequence token: the one row 0 makes at its 5th step, so that row 0 ends early
+    # (followed by padding) while the other rows run to max_new_tokens
+    first = sampling.sample(model, prompt_ids, prompt_mask, tokenizer, greedy, method="dynamic")
+    tokenizer.eos_token_id = int(first[0][0, 5 + 4])
+    # bfloat16: the static way runs a shadow with bfloat16 Linear weights, the same bits
+    with torch.autocast(prompt_ids.device.type, dtype=torch.bfloat16, enabled=autocast):
+        dynamic = sampling.sample(model, prompt_ids, prompt_mask, tokenizer, greedy, method="dynamic")
+        # three prompts run as a bucket of four rows and 64 prompt columns; twice, so that the
+        # second call reuses the bucket's cache (and graph)
+        static = [sampling.sample(model, prompt_ids, prompt_mask, tokenizer, greedy, method=method)
+                  for _ in range(2)]
+    assert dynamic[2][0].sum() == 5 and dynamic[2][1:].sum(-1).tolist() == [12, 12]
+    for got in static:
+        for tensor, expected in zip(got, dynamic):
+            assert torch.equal(tensor, expected)
+
+
+@pytest.mark.parametrize("method", STATIC)
+def test_static_masks_end_at_the_first_eos_and_honour_min_new_tokens(method):
+    model, prompt_ids, prompt_mask = peaked_model(method)
+    tokenizer = argparse.Namespace(pad_token_id=0, eos_token_id=2)
+    bias = torch.zeros(50, device=prompt_ids.device)
+    bias[2] = 100.0  # eos by far the likeliest token
+    model.lm_head.register_forward_hook(lambda module, inputs, output: output + bias)
+    torch.manual_seed(0)
+    ids, attention_mask, response_mask = sampling.sample(model, prompt_ids, prompt_mask, tokenizer, settings(),
+                                                         method=method)
+    assert ids[:, 5:].tolist() == [[2]] * 3 and response_mask[:, 5:].tolist() == [[1]] * 3  # cut after the longest
+    ids, attention_mask, response_mask = sampling.sample(model, prompt_ids, prompt_mask, tokenizer,
+                                                         settings(min_new_tokens=3), method=method)
+    assert ids[:, 8].tolist() == [2, 2, 2] and not (ids[:, 5:8] == 2).any()
+    assert response_mask[:, 5:].sum(-1).tolist() == [4, 4, 4]
+    assert torch.equal(attention_mask[:, 5:], response_mask[:, 5:])
+
+
+@pytest.mark.parametrize("method", STATIC)
+def test_static_top_k_1_is_greedy_and_responses_end_in_padding(method):
+    model, prompt_ids, prompt_mask = peaked_model(method)
+    tokenizer = argparse.Namespace(pad_token_id=0, eos_token_id=2)
+    greedy = sampling.sample(model, prompt_ids, prompt_mask, tokenizer, settings(temperature=0.0), method=method)
+    tokenizer.eos_token_id = int(greedy[0][0, 5 + 4])
+    torch.manual_seed(0)
+    ids, attention_mask, response_mask = sampling.sample(model, prompt_ids, prompt_mask, tokenizer,
+                                                         settings(top_k=1, temperature=1.5), method=method)
+    assert torch.equal(ids, sampling.sample(model, prompt_ids, prompt_mask, tokenizer, settings(temperature=0.0),
+                                            method=method)[0])
+    assert response_mask[0, 5:].tolist() == [1] * 5 + [0] * 7 and (ids[0, 10:] == 0).all()
+    assert torch.equal(attention_mask[:, :5], prompt_mask) and not response_mask[:, :5].any()
+
+
+@pytest.mark.parametrize("method", ["dynamic", *STATIC])
+def test_draws_follow_the_temperature_top_k_top_p_distribution(method):
+    # The model's logits replaced by fixed ones: each of 1024 prompts draws two tokens. The rules
+    # by hand, in float64: temperature 0.5, then the 4 likeliest, then the smallest prefix reaching 0.9.
+    model, prompt_ids, prompt_mask = peaked_model(method)
+    logits = torch.full((50,), -5.0, device=prompt_ids.device)
+    logits[[10, 11, 12, 13, 14]] = torch.tensor([1.0, 0.8, 0.5, 0.0, -0.2], device=prompt_ids.device)
+    model.lm_head.register_forward_hook(lambda module, inputs, output: output * 0 + logits)
+    expected = (logits[[10, 11, 12, 13]].double().cpu() / 0.5).softmax(-1)  # [0.50, 0.34, 0.15, 0.01]
+    expected = expected[:3] / expected[:3].sum()  # 0.50 + 0.34 < 0.9: the third is kept, the fourth not
+    n = 1024
+    torch.manual_seed(0)
+    ids, _, _ = sampling.sample(model, prompt_ids[:1].repeat(n, 1), prompt_mask[:1].repeat(n, 1),
+                                argparse.Namespace(pad_token_id=0, eos_token_id=2),
+                                settings(max_new_tokens=2, temperature=0.5, top_k=4, top_p=0.9), method=method)
+    for drawn in (ids[:, -2].cpu(), ids[:, -1].cpu()):  # the first token, then a decode step's
+        counts = torch.bincount(drawn, minlength=50).double()
+        assert counts.sum() == counts[[10, 11, 12]].sum()  # nothing outside top-k and top-p
+        # each frequency within 4.5 standard deviations of its probability
+        sigma = (expected * (1 - expected) / n).sqrt()
+        assert ((counts[[10, 11, 12]] / n - expected).abs() < 4.5 * sigma).all(), (counts / n, expected)
