@@ -1,10 +1,12 @@
-"""Checkpoints of a train.py run: writing them safely, finding them, and resuming from them.
+"""Checkpoints of a train.py run: writing them safely, finding them, resuming from them, and the
+message of a run that stopped on a non-finite step.
 
 A checkpoint (<output-dir>/checkpoints/step-N.pt) holds the policy, the optimizer, the scheduler,
 every process's random states and the data position, so that a resumed run continues as the
 uninterrupted run would have. The frozen reference is written once per run, beside them.
 """
 
+import math
 import os
 import re
 from datetime import datetime
@@ -143,3 +145,26 @@ def make_output_dir(args, resume_path=None, rank=0, world_size=1):
         dist.barrier()  # every process has looked at the folder before rank 0 writes to it
     if rank == 0:
         os.makedirs(args.output_dir, exist_ok=True)
+
+
+def non_finite_message(step, values, args, device, checkpoint):
+    """The message of a run stopped by a non-finite loss or gradient: which term, and how to go on
+    from the last checkpoint."""
+    terms = {"dpo_w": "loss/dpo_w", "triplet": "loss/triplet", "kl": "loss/kl"}
+    bad = [term for term, name in terms.items() if name in values and not math.isfinite(values[name])]
+    if bad:
+        what = f"the loss is {values['loss']} (not finite in: {', '.join(bad)})"
+    else:
+        what = f"the gradient norm is {values['grad_norm']} while the loss is finite ({values['loss']:.4g})"
+    terms_now = ", ".join(f"{term} {values[name]:.4g}" for term, name in terms.items() if name in values)
+    advice = [f"a lower --lr (now {args.lr:g})", "a check of the training data (very long or degenerate "
+              "responses, the same text as chosen and rejected)"]
+    if device.type == "cuda" and not args.fp32:
+        advice.append("--fp32 (bfloat16 overflows sooner)")
+    if checkpoint:
+        where = (f"the last checkpoint, {checkpoint}, is intact: continue from it with --resume latest "
+                 f"--output-dir {args.output_dir} (a new --lr is allowed)")
+    else:
+        where = "no checkpoint was written (--save-every N writes them)"
+    return (f"error: step {step}: {what}; loss terms: {terms_now}; grad_norm {values['grad_norm']:.4g}. The run "
+            f"stopped before applying this update; {where}. Try {'; '.join(advice)}.")

@@ -482,7 +482,7 @@ def train_loop(policy, ref, train_pairs, tokenizer, args, run, resume, before):
         # The step's one wait for the device: its numbers, checked before the update is applied.
         values = dict(zip([*names, "grad_norm"], torch.cat([values, grad_norm.reshape(1).to(values)]).tolist()))
         if not all(math.isfinite(value) for value in values.values()):
-            raise SystemExit(non_finite_message(step, values, args, device, checkpoint))
+            raise SystemExit(checkpoints.non_finite_message(step, values, args, device, checkpoint))
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -510,27 +510,6 @@ def train_loop(policy, ref, train_pairs, tokenizer, args, run, resume, before):
             if rank == 0:
                 checkpoint = checkpoints.save_checkpoint(state, args.output_dir, args.keep_last)
     return history
-
-
-def non_finite_message(step, values, args, device, checkpoint):
-    terms = {"dpo_w": "loss/dpo_w", "triplet": "loss/triplet", "kl": "loss/kl"}
-    bad = [term for term, name in terms.items() if name in values and not math.isfinite(values[name])]
-    if bad:
-        what = f"the loss is {values['loss']} (not finite in: {', '.join(bad)})"
-    else:
-        what = f"the gradient norm is {values['grad_norm']} while the loss is finite ({values['loss']:.4g})"
-    terms_now = ", ".join(f"{term} {values[name]:.4g}" for term, name in terms.items() if name in values)
-    advice = [f"a lower --lr (now {args.lr:g})", "a check of the training data (very long or degenerate "
-              "responses, the same text as chosen and rejected)"]
-    if device.type == "cuda" and not args.fp32:
-        advice.append("--fp32 (bfloat16 overflows sooner)")
-    if checkpoint:
-        where = (f"the last checkpoint, {checkpoint}, is intact: continue from it with --resume latest "
-                 f"--output-dir {args.output_dir} (a new --lr is allowed)")
-    else:
-        where = "no checkpoint was written (--save-every N writes them)"
-    return (f"error: step {step}: {what}; loss terms: {terms_now}; grad_norm {values['grad_norm']:.4g}. The run "
-            f"stopped before applying this update; {where}. Try {'; '.join(advice)}.")
 
 
 # ----------------------------------------------------------------------------- the run: main() and its phases
