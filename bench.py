@@ -31,7 +31,6 @@ import statistics
 import subprocess
 import sys
 import time
-from contextlib import nullcontext
 
 import torch
 from torch.profiler import record_function
@@ -310,10 +309,8 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
     torch.manual_seed(args.seed)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    use_bf16 = device.type == "cuda" and not args.fp32
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 else nullcontext()
-    return bench(args, argv, device, autocast)
+    device = train.pick_device(args)
+    return bench(args, argv, device, train.autocast_for(device, args))
 
 
 if __name__ == "__main__":

@@ -236,19 +236,19 @@ def stack_pair(batch, pad_id) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]
     chosen responses and rows [B:] the rejected ones.
     """
     length = max(batch[f"{side}_input_ids"].shape[1] for side in RESPONSES)
-    stacked = []
-    for name, fill in (("input_ids", pad_id), ("attention_mask", 0), ("response_mask", 0)):
-        stacked.append(torch.cat([torch.nn.functional.pad(batch[f"{side}_{name}"],
-                                                          (0, length - batch[f"{side}_{name}"].shape[1]), value=fill)
-                                  for side in RESPONSES]))
-    return tuple(stacked)
+    return (_stack_sides(batch, "input_ids", length, pad_id), _stack_sides(batch, "attention_mask", length),
+            _stack_sides(batch, "response_mask", length))
 
 
 def stack_critical(batch, length) -> torch.Tensor:
     """[2B, length] the chosen then the rejected rows' critical masks, right-padded like stack_pair's rows."""
-    return torch.cat([torch.nn.functional.pad(batch[f"{side}_critical_mask"],
-                                              (0, length - batch[f"{side}_critical_mask"].shape[1]))
-                      for side in RESPONSES])
+    return _stack_sides(batch, "critical_mask", length)
+
+
+def _stack_sides(batch, name, length, fill=0):
+    # batch["chosen_<name>"] over batch["rejected_<name>"], each right-padded with `fill` to `length`
+    return torch.cat([torch.nn.functional.pad(batch[f"{side}_{name}"], (0, length - batch[f"{side}_{name}"].shape[1]),
+                                              value=fill) for side in RESPONSES])
 
 
 def batches(pairs, batch_size, pad_id, generator=None, skip=0):

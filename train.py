@@ -532,14 +532,21 @@ def setup_distributed(device):
     return dist.get_rank(), world_size, device
 
 
+def pick_device(args):
+    return torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def autocast_for(device, args):
+    """bfloat16 autocast on CUDA (unless --fp32); plain float32 on the CPU."""
+    use_bf16 = device.type == "cuda" and not args.fp32
+    return torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 else nullcontext()
+
+
 def setup_run(args):
     """Device, processes and the run's log: a namespace that the phases share."""
     torch.manual_seed(args.seed)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    rank, world_size, device = setup_distributed(device)
-    # bfloat16 autocast on CUDA (unless --fp32); plain float32 on the CPU
-    use_bf16 = device.type == "cuda" and not args.fp32
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 else nullcontext()
+    rank, world_size, device = setup_distributed(pick_device(args))
+    autocast = autocast_for(device, args)
     run = argparse.Namespace(device=device, autocast=autocast, rank=rank, world_size=world_size, metrics_path=None)
 
     def log(line, record=None):
