@@ -130,11 +130,12 @@ def evaluate(policy, ref, pairs, tokenizer, args, device, autocast, with_samples
         with autocast:
             if critical:  # the attribution's forward also gives the logits for the accuracy
                 with torch.enable_grad():
-                    policy_logits, importance = tidpo.gradient_attribution(policy, input_ids, attention_mask,
-                                                                           response_mask)
-                    _, grad_x_input = tidpo.gradient_attribution(policy, input_ids, attention_mask, response_mask,
-                                                                 "grad-x-input")
+                    policy_logits, grad, embeddings = tidpo.target_gradient(policy, input_ids, attention_mask,
+                                                                            response_mask)
                 policy_logits = policy_logits.detach()
+                # Eq. 6 and the gradient x input variant from the same gradient
+                importance = tidpo.importance_scores(grad, embeddings, response_mask)
+                grad_x_input = tidpo.importance_scores(grad, embeddings, response_mask, "grad-x-input")
             else:
                 policy_logits = tidpo.forward_logits(policy, input_ids, attention_mask)
             ref_logits = tidpo.forward_logits(ref, input_ids, attention_mask)

@@ -6,7 +6,9 @@ The file follows the paper's order:
     token_logps            per-token log-probabilities (the causal shift lives here)
     position_ids           positions that ignore padding
     forward_logits         a model's logits with those positions
-    gradient_attribution   Eq. 5-6   token importance from the gradient of the top logit
+    gradient_attribution   Eq. 5-6   token importance from the gradient of the top logit, in two parts:
+      target_gradient      Eq. 5     the top logit's gradient to the input embeddings
+      importance_scores    Eq. 6     its L1 norm per response token (or a variant below)
     grad_x_input           (variant) |gradient . embedding| instead of Eq. 6's L1 norm
     leave_out_final        (variant) the final response token left out of the importance
     gaussian_prior         Eq. 7     a bell over response positions
@@ -97,12 +99,22 @@ def gradient_attribution(model, input_ids, attention_mask, response_mask, attrib
         logits: [B, L, V] the forward's logits, still in the autograd graph (when the model has
             trainable parameters), so the caller builds its loss from them without a second forward.
         importance: [B, L] detached scores I_i >= 0 on response tokens, 0 elsewhere.
+    """
+    logits, grad, embeddings = target_gradient(model, input_ids, attention_mask, response_mask)
+    return logits, importance_scores(grad, embeddings, response_mask, attribution)
 
-    Scores are per row: the rows of a batch do not interact in a transformer, so the gradient of
+
+def target_gradient(model, input_ids, attention_mask, response_mask):
+    """Eq. 5's target and its gradient with respect to the input embeddings, from one forward.
+
+    Returns:
+        logits: [B, L, V] as in gradient_attribution.
+        grad: [B, L, E] dL_target / de_i for every position.
+        embeddings: [B, L, E] the input embeddings e_i (detached).
+
+    Rows are independent: the rows of a batch do not interact in a transformer, so the gradient of
     the sum of the rows' targets gives each row the gradient of its own target.
     """
-    if attribution not in ATTRIBUTIONS:
-        raise ValueError(f"attribution must be one of {ATTRIBUTIONS}, got {attribution!r}")
     embeddings = model.get_input_embeddings()(input_ids)
     if not embeddings.requires_grad:  # a frozen model: attribute anyway, to its inputs
         embeddings = embeddings.detach().requires_grad_(True)
@@ -110,13 +122,22 @@ def gradient_attribution(model, input_ids, attention_mask, response_mask, attrib
                    position_ids=position_ids(attention_mask)).logits
 
     # The logits at the last response token predict what follows the whole response.
-    positions = torch.arange(input_ids.shape[1], device=input_ids.device)
-    last = (response_mask * positions).argmax(dim=-1)
+    last = _last_response_position(response_mask)
     final_logits = logits[torch.arange(input_ids.shape[0], device=input_ids.device), last]
     # Eq. 5: L_target = max_v logits[last response position, v]
     target = final_logits.max(dim=-1).values.sum()
     # Backward to the embeddings only (not to the weights); keep the graph for the training loss.
     (grad,) = torch.autograd.grad(target, embeddings, retain_graph=logits.requires_grad)
+    return logits, grad, embeddings.detach()
+
+
+def importance_scores(grad, embeddings, response_mask, attribution="paper"):
+    """[B, L] detached scores from target_gradient's outputs: Eq. 6, or a variant (ATTRIBUTIONS).
+
+    Only response tokens keep a score; prompt and padding positions are 0.
+    """
+    if attribution not in ATTRIBUTIONS:
+        raise ValueError(f"attribution must be one of {ATTRIBUTIONS}, got {attribution!r}")
     if attribution == "grad-x-input":
         importance = grad_x_input(grad, embeddings)
     else:
@@ -125,7 +146,13 @@ def gradient_attribution(model, input_ids, attention_mask, response_mask, attrib
     importance = torch.where(response_mask.bool(), importance, torch.zeros_like(importance))
     if attribution != "paper":
         importance = leave_out_final(importance, response_mask)
-    return logits, importance.detach()
+    return importance.detach()
+
+
+def _last_response_position(response_mask):
+    # [B] index of each row's last response token (the response is one contiguous run)
+    positions = torch.arange(response_mask.shape[1], device=response_mask.device)
+    return (response_mask * positions).argmax(dim=-1)
 
 
 def grad_x_input(grad, embeddings):
@@ -144,9 +171,7 @@ def leave_out_final(importance, response_mask):
     Args: importance, response_mask: [B, L]. In Eq. 8 that token then gets only its prior share,
     and the attribution is normalised over the rest of the response.
     """
-    positions = torch.arange(response_mask.shape[1], device=response_mask.device)
-    last = (response_mask * positions).argmax(dim=-1, keepdim=True)
-    return importance.scatter(-1, last, 0.0)
+    return importance.scatter(-1, _last_response_position(response_mask).unsqueeze(-1), 0.0)
 
 
 def _gaussian(position, length):
