@@ -760,15 +760,20 @@ def cumulative_lm():
     return CumulativeLM(table, readout)
 
 
+# Two rows for the hand cases: [1 | 2 2 1] with right padding, and left padding + [1 | 1 1 1]
+# (input_ids, attention_mask, response_mask).
+HAND_ROWS = (torch.tensor([[1, 2, 2, 1, 0], [0, 1, 1, 1, 1]]),
+             torch.tensor([[1, 1, 1, 1, 0], [0, 1, 1, 1, 1]]),
+             torch.tensor([[0, 1, 1, 1, 0], [0, 0, 1, 1, 1]]))
+
+
 def test_attribution_hand_case():
     model = cumulative_lm()
     # Row 0: [1 | 2 2 1] + right padding. Last response position 3: hidden = [2, 2],
     #   logits = 2 * [1, -2, 0.5] + 2 * [-1, 2, 1] = [0, 0, 3] -> v* = 2, W[:, 2] = [0.5, 1], I = 1.5.
     # Row 1: left padding + [1 | 1 1 1]. Last response position 4: hidden = [4, 0],
     #   logits = [4, -8, 2] -> v* = 0, W[:, 0] = [1, -1], I = 2.
-    input_ids = torch.tensor([[1, 2, 2, 1, 0], [0, 1, 1, 1, 1]])
-    attention_mask = torch.tensor([[1, 1, 1, 1, 0], [0, 1, 1, 1, 1]])
-    response_mask = torch.tensor([[0, 1, 1, 1, 0], [0, 0, 1, 1, 1]])
+    input_ids, attention_mask, response_mask = HAND_ROWS
     logits, importance = tidpo.gradient_attribution(model, input_ids, attention_mask, response_mask)
     # The prompt tokens have the same gradient, but only response tokens keep a score.
     assert torch.equal(importance, torch.tensor([[0.0, 1.5, 1.5, 1.5, 0.0], [0.0, 0.0, 2.0, 2.0, 2.0]]))
@@ -942,9 +947,7 @@ def test_attribution_variants_hand_case():
     model = cumulative_lm()
     # The rows of test_attribution_hand_case: every token's gradient is W[:, v*], [0.5, 1] in row 0
     # and [1, -1] in row 1. Token 1's embedding is [1, 0], token 2's is [0, 1].
-    input_ids = torch.tensor([[1, 2, 2, 1, 0], [0, 1, 1, 1, 1]])
-    attention_mask = torch.tensor([[1, 1, 1, 1, 0], [0, 1, 1, 1, 1]])
-    response_mask = torch.tensor([[0, 1, 1, 1, 0], [0, 0, 1, 1, 1]])
+    input_ids, attention_mask, response_mask = HAND_ROWS
     _, paper = tidpo.gradient_attribution(model, input_ids, attention_mask, response_mask)
     _, no_final = tidpo.gradient_attribution(model, input_ids, attention_mask, response_mask, "no-final")
     _, grad_x_input = tidpo.gradient_attribution(model, input_ids, attention_mask, response_mask, "grad-x-input")
