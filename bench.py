@@ -217,7 +217,7 @@ def bench(args, argv, device, autocast):
         f"{args.bench_vocab} on {device}")
     policy, ref, tokenizer, batch_list = bench_setup(args, device)
     if device.type == "cuda" and not args.fp32:
-        train.linear_weights_in(ref, torch.bfloat16)  # as train.py keeps it on CUDA
+        sampling.linear_weights_in(ref, torch.bfloat16)  # as train.py keeps it on CUDA
     if args.bench_variant:  # child process (CPU): this variant's memory alone
         return child_memory(policy, ref, batch_list, tokenizer, args, device, autocast)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-5)

@@ -99,6 +99,28 @@ def dynamic_sample(model, prompt_ids, prompt_mask, tokenizer, args):
             torch.cat([torch.zeros_like(prompt_mask), response], 1))
 
 
+def linear_weights_in(model, dtype):
+    """Store a model's Linear weights and biases in `dtype`, as new frozen parameters (a tied
+    output layer gets a copy of its own; embeddings and norms stay as they are, and so does a
+    weight already in `dtype`). Returns [(the new parameter, the one it replaced)].
+
+    Exact under autocast to `dtype`: autocast casts a Linear's float32 weight to that dtype before
+    each matmul anyway, so the forward computes the same bits, without casting every weight again
+    at every forward. Casting the whole model instead would not be exact: the embeddings, norms
+    and residual stream, which autocast keeps in float32, would be rounded too.
+    """
+    replaced = []
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear):
+            for name in ("weight", "bias"):
+                source = getattr(module, name)
+                if source is not None and source.dtype != dtype:
+                    copied = torch.nn.Parameter(source.detach().to(dtype), requires_grad=False)
+                    setattr(module, name, copied)
+                    replaced.append((copied, source))
+    return replaced
+
+
 _samplers = weakref.WeakKeyDictionary()  # model -> its StaticSampler, gone with the model
 
 
@@ -154,16 +176,8 @@ class StaticSampler:
         if dtype not in self.shadows:
             # share every parameter and buffer with the model, then give the Linear layers copies
             memo = {id(t): t for t in [*model.parameters(), *model.buffers()]}
-            shadow, pairs = copy.deepcopy(model, memo), []
-            for linear, source in zip(shadow.modules(), model.modules()):
-                if isinstance(linear, torch.nn.Linear):
-                    for name in ("weight", "bias"):
-                        # (a weight already in that dtype, as the reference's on CUDA, stays shared)
-                        if getattr(source, name) is not None and getattr(source, name).dtype != dtype:
-                            copied = torch.nn.Parameter(getattr(source, name).detach().to(dtype), requires_grad=False)
-                            setattr(linear, name, copied)
-                            pairs.append((copied, getattr(source, name)))
-            self.shadows[dtype] = shadow, pairs
+            shadow = copy.deepcopy(model, memo)
+            self.shadows[dtype] = shadow, linear_weights_in(shadow, dtype)
         shadow, pairs = self.shadows[dtype]
         for copied, source in pairs:  # the model may have been updated since the last call
             copied.copy_(source)

@@ -34,6 +34,7 @@ import checkpoints
 import data
 import tidpo
 from evaluate import evaluate
+import sampling
 from sampling import sample
 
 # ----------------------------------------------------------------------------- set-up: flags, tokenizer, data, model
@@ -285,24 +286,6 @@ def sft(model, pairs, tokenizer, args, device, autocast, log):
 # ----------------------------------------------------------------------------- one step of TI-DPO (Eq. 14) or DPO (Eq. 3)
 
 
-def linear_weights_in(model, dtype):
-    """Store a frozen model's Linear weights and biases in `dtype` (a tied output layer gets a copy
-    of its own; embeddings and norms stay as they are).
-
-    Exact under autocast to `dtype`: autocast casts a Linear's float32 weight to that dtype before
-    each matmul anyway, so the forward computes the same bits, without casting every weight again
-    at every forward. Casting the whole model instead would not be exact: the embeddings, norms
-    and residual stream, which autocast keeps in float32, would be rounded too.
-    """
-    for module in model.modules():
-        if isinstance(module, torch.nn.Linear):
-            for name in ("weight", "bias"):
-                if getattr(module, name) is not None:
-                    setattr(module, name, torch.nn.Parameter(getattr(module, name).detach().to(dtype),
-                                                             requires_grad=False))
-    return model
-
-
 def reference_logps(ref, input_ids, attention_mask, response_mask, autocast):
     """token_logps of the frozen reference, with its logits (for the optional KL term)."""
     with torch.inference_mode(), autocast:
@@ -447,7 +430,7 @@ def train_loop(policy, ref, train_pairs, tokenizer, args, run, resume, before):
         checkpoints.save_atomically(ref.state_dict(), reference_path)  # once: every checkpoint needs it
     if device.type == "cuda" and not args.fp32:
         # after the reference is saved: its file keeps the float32 weights (a resumed run may use --fp32)
-        linear_weights_in(ref, torch.bfloat16)
+        sampling.linear_weights_in(ref, torch.bfloat16)
 
     t0 = time.perf_counter()
     for step in range(first_step, steps + 1):
