@@ -131,18 +131,22 @@ def run_group(job):
     return records
 
 
+def run_groups(groups, jobs):
+    """[run_group(group) for group in groups], `jobs` groups at a time."""
+    if jobs == 1:
+        return [run_group(group) for group in groups]
+    # spawn: a forked child would inherit torch's thread pools in whatever state they are
+    with multiprocessing.get_context("spawn").Pool(jobs) as pool:
+        return pool.map(run_group, groups, chunksize=1)
+
+
 def run_grid(methods, noise_levels, seeds, train_args, output_dir, jobs):
     """Records of every run (train.main's result plus method, noise, seed, seconds, argv), in the
     order methods x noise x seeds."""
     os.makedirs(os.path.join(output_dir, "runs"), exist_ok=True)
     groups = [{"methods": methods, "noise": noise, "seed": seed, "train_args": train_args, "output_dir": output_dir}
               for noise in noise_levels for seed in seeds]
-    if jobs == 1:
-        results = [run_group(group) for group in groups]
-    else:
-        # spawn: a forked child would inherit torch's thread pools in whatever state they are
-        with multiprocessing.get_context("spawn").Pool(jobs) as pool:
-            results = pool.map(run_group, groups, chunksize=1)
+    results = run_groups(groups, jobs)
     return sorted((r for records in results for r in records),
                   key=lambda r: (methods.index(r["method"]), noise_levels.index(r["noise"]), seeds.index(r["seed"])))
 
@@ -336,11 +340,7 @@ def mechanism(args, train_args):
     print(f"mechanism: {len(args.methods)} methods x {len(MECHANISM_SETTINGS)} settings x {len(args.seeds)} seeds = "
           f"{n_runs} runs of {args.steps} steps, {args.jobs} at a time, into {output_dir}", flush=True)
     start = time.perf_counter()
-    if args.jobs == 1:
-        results = [run_group(group) for group in groups]
-    else:
-        with multiprocessing.get_context("spawn").Pool(args.jobs) as pool:
-            results = pool.map(run_group, groups, chunksize=1)
+    results = run_groups(groups, args.jobs)
     records = [{**r, "task": group["task"]} for group, group_records in zip(groups, results) for r in group_records]
     text = mechanism_tables(records, args.methods, MECHANISM_SETTINGS, lam)
     with open(os.path.join(output_dir, "mechanism.md"), "w") as f:
