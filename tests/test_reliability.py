@@ -255,13 +255,14 @@ def test_two_processes_match_one_process_on_the_same_global_batch(tmp_path):
         assert set(two_records[step]) == {"phase", *entry}
         for name, value in entry.items():
             # float32 sums in another order (half batches, then an all-reduce) differ in the last
-            # digits, and Adam carries such differences on: measured up to 4e-6 relative on
-            # grad_norm and 1.3e-7 absolute on rewards near 0. A wrong gradient scale (a sum
-            # instead of a mean over processes) would change grad_norm by 2x.
-            assert two_records[step][name] == pytest.approx(value, rel=1e-5, abs=1e-6), (step, name)
+            # digits, by an amount that depends on the CPU's kernels, and Adam carries such
+            # differences on: measured up to 4e-6 relative on grad_norm and 1.3e-7 absolute on
+            # rewards near 0. What the test must catch is far larger: a wrong gradient scale (a sum
+            # instead of a mean over processes) changes grad_norm by 2x, a lost micro-batch by 1e-2.
+            assert two_records[step][name] == pytest.approx(value, rel=1e-4, abs=1e-5), (step, name)
     two_eval = [json.loads(line) for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()][-1]
     for name, value in one["after"].items():
-        assert two_eval[name] == pytest.approx(value, rel=1e-5, abs=1e-6), name
+        assert two_eval[name] == pytest.approx(value, rel=1e-4, abs=1e-5), name
 
     # the checkpoint holds both processes' random states and resumes only with two processes
     state = torch.load(tmp_path / "two" / "checkpoints" / "step-000003.pt", weights_only=True)
