@@ -96,6 +96,9 @@ def build_parser(description=__doc__):
     a.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling: the smallest set of "
                    "tokens whose probability reaches p")
     a.add_argument("--min-new-tokens", type=int, default=0, help="sampled responses are at least this long")
+    a.add_argument("--sampler", choices=sampling.METHODS, default="auto", help="dynamic (growing KV cache), static "
+                   "(fixed KV cache), graph (static in a CUDA graph); auto: graph on CUDA where the model allows it "
+                   "(not with sliding-window attention), dynamic elsewhere")
 
     a = p.add_argument_group("optimization")
     a.add_argument("--steps", type=int, default=None, help="optimizer steps (default: --epochs over the data)")
@@ -315,10 +318,13 @@ def tidpo_step(policy, ref, batch, tokenizer, args, device, autocast):
         # gradient; its summed log-ratio d is then computed with gradient.
         with autocast, record_function("sample anchors"):
             anchor = sample(module, batch["prompt_input_ids"].to(device), batch["prompt_attention_mask"].to(device),
-                            tokenizer, args)
+                            tokenizer, max_new_tokens=args.max_new_tokens, min_new_tokens=args.min_new_tokens,
+                            temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, method=args.sampler)
         with autocast, record_function("anchor forwards"):
             anchor_logps = tidpo.token_logps(tidpo.forward_logits(module, *anchor[:2]), anchor[0], anchor[2])
-            anchor_logratio = (anchor_logps - reference_logps(ref, *anchor, autocast)[1]).sum(-1)
+        # outside the `with`: reference_logps enters autocast itself, and one autocast object entered
+        # twice, nested, leaves autocast on after the outer exit
+        anchor_logratio = (anchor_logps - reference_logps(ref, *anchor, autocast)[1]).sum(-1)
     else:
         anchor_logratio = None
 
