@@ -223,11 +223,11 @@ def load_data(args, tokenizer):
     return encode(records[:-n_heldout]), encode(records[-n_heldout:])
 
 
-def from_pretrained(auto_class, name):
+def from_pretrained(auto_class, name, **options):
     if name.startswith(("/", ".", "~")) and not os.path.isdir(os.path.expanduser(name)):
         raise SystemExit(f"error: --model {name}: no such folder (a hub name looks like 'org/name')")
     try:
-        return auto_class.from_pretrained(name)
+        return auto_class.from_pretrained(name, **options)
     except (OSError, ValueError) as error:  # no such folder or hub name, no network, not a causal LM
         raise SystemExit(f"error: --model {name}: cannot load it with {auto_class.__name__}: {error}")
 
@@ -237,7 +237,9 @@ def build_model(args, device, tokenizer):
     from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
     if args.model:
-        policy = from_pretrained(AutoModelForCausalLM, args.model)
+        # Float32 master weights, whatever dtype the checkpoint was saved in (bfloat16, for most on the hub):
+        # an AdamW update at lr 1e-6 is far below a bfloat16 weight's rounding step and would be lost.
+        policy = from_pretrained(AutoModelForCausalLM, args.model, dtype=torch.float32)
     else:
         config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=192,
                              num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
@@ -247,6 +249,15 @@ def build_model(args, device, tokenizer):
         policy = LlamaForCausalLM(config)
     # Dropout stays off for good: the attribution and log-probs must be reproducible forwards.
     return policy.to(device).eval()
+
+
+def dtypes_note(args, autocast):
+    """--model: the dtype its checkpoint was saved in and the one the policy trains in."""
+    from transformers import AutoConfig
+
+    saved = str(from_pretrained(AutoConfig, args.model).dtype or torch.float32).removeprefix("torch.")
+    autocast_dtype = isinstance(autocast, torch.autocast) and str(autocast.fast_dtype).removeprefix("torch.")
+    return f" (saved in {saved}, trained in float32{f' under {autocast_dtype} autocast' if autocast_dtype else ''})"
 
 
 def shard(batch, rank, world_size):
@@ -567,7 +578,8 @@ def main(argv=None):
     checkpoints.make_output_dir(args, resume_path, run.rank, run.world_size)
     run.metrics_path = os.path.join(args.output_dir, "metrics.jsonl")
     tokenizer_note = "" if args.model or args.data is None else f", tokenizer trained on {args.data}"
-    log(f"model: {args.model or 'tiny Llama (built-in)'}, {sum(p.numel() for p in policy.parameters()) / 1e6:.2f}M "
+    model_note = args.model + dtypes_note(args, run.autocast) if args.model else "tiny Llama (built-in)"
+    log(f"model: {model_note}, {sum(p.numel() for p in policy.parameters()) / 1e6:.2f}M "
         f"parameters, on {run.device}{f' x {run.world_size} processes' if run.world_size > 1 else ''}"
         f"{tokenizer_note}; {len(train_pairs)} training pairs, {len(heldout_pairs)} held-out")
 
@@ -621,7 +633,7 @@ def save(policy, tokenizer, args, run):
 if __name__ == "__main__":
     try:
         main()
-    except data.DataError as error:  # a user's data mistake: the message names file, line and field
+    except (data.DataError, sampling.SamplerError) as error:  # the user's data or flags: the message says which
         sys.exit(f"error: {error}" if int(os.environ.get("RANK", 0)) == 0 else 1)
     except SystemExit as error:
         # Under torchrun every process meets the same error; one message is enough.
