@@ -573,6 +573,7 @@ def main(argv=None):
         raise SystemExit(f"error: too few training pairs ({len(train_pairs)}) for {run.world_size} processes: "
                          f"each process needs at least one")
     policy = build_model(args, run.device, tokenizer)
+    sampling.choose_method(policy, args.sampler, run.device.type == "cuda")  # refuses a sampler the model cannot run
     resume_path = checkpoints.find_resume_checkpoint(args) if args.resume else None
     resume = checkpoints.load_checkpoint(resume_path, args, run.world_size) if resume_path else None
     checkpoints.make_output_dir(args, resume_path, run.rank, run.world_size)
