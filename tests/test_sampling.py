@@ -7,6 +7,7 @@ eagerly; where CUDA is present, the same tests also run the captured CUDA graph 
 """
 
 import argparse
+import warnings
 import sys
 from pathlib import Path
 
@@ -118,3 +119,87 @@ def test_draws_follow_the_temperature_top_k_top_p_distribution(method):
         # each frequency within 4.5 standard deviations of its probability
         sigma = (expected * (1 - expected) / n).sqrt()
         assert ((counts[[10, 11, 12]] / n - expected).abs() < 4.5 * sigma).all(), (counts / n, expected)
+
+
+def test_a_response_ends_at_any_end_id_and_min_new_tokens_holds_them_all_back():
+    # The generation config lists two end ids (2 and 3), the tokenizer's eos is 2. A model whose
+    # likeliest token is 3 ends every response there; with min_new_tokens both are held back.
+    model, prompt_ids, prompt_mask = peaked_model()
+    model.generation_config.eos_token_id = [2, 3]
+    tokenizer = argparse.Namespace(pad_token_id=0, eos_token_id=2)
+    assert sampling.end_ids(model, tokenizer) == (2, 3)
+    bias = torch.zeros(50)
+    bias[3], bias[2] = 100.0, 50.0
+    model.lm_head.register_forward_hook(lambda module, inputs, output: output + bias)
+    for method in ("dynamic", "static"):
+        ids, _, response_mask = sampling.sample(model, prompt_ids, prompt_mask, tokenizer, **settings(), method=method)
+        assert ids[:, 5].tolist() == [3, 3, 3] and response_mask[:, 5:].sum(-1).tolist() == [1, 1, 1]
+        ids, _, response_mask = sampling.sample(model, prompt_ids, prompt_mask, tokenizer,
+                                                **settings(min_new_tokens=2), method=method)
+        assert not (ids[:, 5:7] == 2).any() and not (ids[:, 5:7] == 3).any() and ids[:, 7].tolist() == [3, 3, 3]
+        assert response_mask[:, 5:].sum(-1).tolist() == [3, 3, 3]
+
+
+def test_a_bucket_made_in_inference_mode_serves_a_later_call_under_no_grad():
+    model, prompt_ids, prompt_mask = peaked_model()
+    tokenizer = argparse.Namespace(pad_token_id=0, eos_token_id=2)
+    greedy = settings(temperature=0.0)
+    with torch.inference_mode():
+        first = sampling.sample(model, prompt_ids, prompt_mask, tokenizer, **greedy, method="static")
+    with torch.no_grad():  # the same bucket: its state is updated in place
+        again = sampling.sample(model, prompt_ids, prompt_mask, tokenizer, **greedy, method="static")
+    assert len(sampling.static_sampler(model).buckets) == 1
+    assert torch.equal(first[0], again[0])
+
+
+def test_buckets_are_bounded_least_recently_used_first():
+    model, prompt_ids, prompt_mask = peaked_model()
+    tokenizer = argparse.Namespace(pad_token_id=0, eos_token_id=2)
+    sampler = sampling.static_sampler(model)
+    limit = sampler.MAX_BUCKETS
+    # max_new_tokens is part of a bucket's key: limit + 2 buckets, the first one used again third
+    for n in [1, 2, 1, *range(3, limit + 3)]:
+        sampling.sample(model, prompt_ids, prompt_mask, tokenizer, **settings(max_new_tokens=n), method="static")
+    kept = [key[2].max_new_tokens for key in sampler.buckets]
+    assert kept == [1, *range(4, limit + 3)]  # the two least recently used, 2 and 3, are gone
+
+
+def test_a_static_way_that_fails_at_first_use_warns_once_and_samples_dynamically(monkeypatch):
+    model, prompt_ids, prompt_mask = peaked_model()
+    tokenizer = argparse.Namespace(pad_token_id=0, eos_token_id=2)
+    greedy = settings(temperature=0.0)
+    dynamic = sampling.sample(model, prompt_ids, prompt_mask, tokenizer, **greedy, method="dynamic")
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("a model this sampler cannot run")
+
+    monkeypatch.setattr(sampling.DecodeLoop, "start", broken)
+    with pytest.warns(UserWarning, match="static sampler failed at its first use.*cannot run"):
+        fallback = sampling.sample(model, prompt_ids, prompt_mask, tokenizer, **greedy, method="static")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once only
+        again = sampling.sample(model, prompt_ids, prompt_mask, tokenizer, **greedy, method="static")
+    for got in (fallback, again):
+        for tensor, expected in zip(got, dynamic):
+            assert torch.equal(tensor, expected)
+
+
+def test_a_static_way_that_ran_once_raises_its_later_failures(monkeypatch):
+    model, prompt_ids, prompt_mask = peaked_model()
+    tokenizer = argparse.Namespace(pad_token_id=0, eos_token_id=2)
+    sampling.sample(model, prompt_ids, prompt_mask, tokenizer, **settings(), method="static")
+    monkeypatch.setattr(sampling.DecodeLoop, "start", lambda *args: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        sampling.sample(model, prompt_ids, prompt_mask, tokenizer, **settings(), method="static")
+
+
+def test_unknown_or_impossible_methods_are_refused_by_name():
+    model, prompt_ids, prompt_mask = peaked_model()
+    tokenizer = argparse.Namespace(pad_token_id=0, eos_token_id=2)
+    with pytest.raises(sampling.SamplerError, match="unknown sampling method 'fast'"):
+        sampling.sample(model, prompt_ids, prompt_mask, tokenizer, method="fast")
+    if not torch.cuda.is_available():
+        with pytest.raises(sampling.SamplerError, match="graph sampler needs a CUDA device"):
+            sampling.sample(model, prompt_ids, prompt_mask, tokenizer, method="graph")
+    assert sampling.choose_method(model, "auto", cuda=False) == "dynamic"
+    assert sampling.choose_method(model, "auto", cuda=True) == "graph"
