@@ -157,11 +157,11 @@ def test_buckets_are_bounded_least_recently_used_first():
     tokenizer = argparse.Namespace(pad_token_id=0, eos_token_id=2)
     sampler = sampling.static_sampler(model)
     limit = sampler.MAX_BUCKETS
-    # max_new_tokens is part of a bucket's key: limit + 2 buckets, the first one used again third
-    for n in [1, 2, 1, *range(3, limit + 3)]:
+    # max_new_tokens is part of a bucket's key: limit + 2 buckets, the first one used again before the last two
+    for n in [*range(1, limit + 1), 1, limit + 1, limit + 2]:
         sampling.sample(model, prompt_ids, prompt_mask, tokenizer, **settings(max_new_tokens=n), method="static")
-    kept = [key[2].max_new_tokens for key in sampler.buckets]
-    assert kept == [1, *range(4, limit + 3)]  # the two least recently used, 2 and 3, are gone
+    kept = [key[2].max_new_tokens for key in sampler.buckets]  # least recently used first
+    assert kept == [*range(4, limit + 1), 1, limit + 1, limit + 2]  # 2 and 3 are gone
 
 
 def test_a_static_way_that_fails_at_first_use_warns_once_and_samples_dynamically(monkeypatch):
