@@ -79,7 +79,7 @@ def sample(model, prompt_ids, prompt_mask, tokenizer, *, max_new_tokens=64, min_
                 result = sampler.sample(prompt_ids, prompt_mask, settings, graph=method == "graph")
             sampler.used = True
             return result
-        except Exception as error:  # noqa: BLE001 - any failure at first use; later ones are real errors
+        except Exception as error:  # any failure at its first use; a later one is a real error
             if sampler.used:
                 raise
             sampler.failed = True

@@ -96,9 +96,8 @@ def build_parser(description=__doc__):
     a.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling: the smallest set of "
                    "tokens whose probability reaches p")
     a.add_argument("--min-new-tokens", type=int, default=0, help="sampled responses are at least this long")
-    a.add_argument("--sampler", choices=sampling.METHODS, default="auto", help="dynamic (growing KV cache), static "
-                   "(fixed KV cache), graph (static in a CUDA graph); auto: graph on CUDA where the model allows it "
-                   "(not with sliding-window attention), dynamic elsewhere")
+    a.add_argument("--sampler", choices=sampling.METHODS, default="auto", help="dynamic, static, graph (static in "
+                   "a CUDA graph); auto: graph on CUDA unless the model has sliding-window attention, else dynamic")
 
     a = p.add_argument_group("optimization")
     a.add_argument("--steps", type=int, default=None, help="optimizer steps (default: --epochs over the data)")
@@ -237,8 +236,7 @@ def build_model(args, device, tokenizer):
     from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
     if args.model:
-        # Float32 master weights, whatever dtype the checkpoint was saved in (bfloat16, for most on the hub):
-        # an AdamW update at lr 1e-6 is far below a bfloat16 weight's rounding step and would be lost.
+        # Float32 weights whatever the checkpoint's dtype: in bfloat16, updates at lr 1e-6 would round away
         policy = from_pretrained(AutoModelForCausalLM, args.model, dtype=torch.float32)
     else:
         config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=192,
@@ -333,8 +331,7 @@ def tidpo_step(policy, ref, batch, tokenizer, args, device, autocast):
                             temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, method=args.sampler)
         with autocast, record_function("anchor forwards"):
             anchor_logps = tidpo.token_logps(tidpo.forward_logits(module, *anchor[:2]), anchor[0], anchor[2])
-        # outside the `with`: reference_logps enters autocast itself, and one autocast object entered
-        # twice, nested, leaves autocast on after the outer exit
+        # outside the `with`: reference_logps enters the autocast itself (nested, it would stay on after the exit)
         anchor_logratio = (anchor_logps - reference_logps(ref, *anchor, autocast)[1]).sum(-1)
     else:
         anchor_logratio = None
