@@ -151,12 +151,14 @@ def decode_seconds_per_token(policy, batch_list, tokenizer, args, device, autoca
     tidpo_step calls it, after one call to warm up (on CUDA: to capture the graph)."""
     prompts = [(batch["prompt_input_ids"].to(device), batch["prompt_attention_mask"].to(device))
                for batch in batch_list]
+    settings = dict(max_new_tokens=args.max_new_tokens, min_new_tokens=args.min_new_tokens,
+                    temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, method=args.sampler)
     with autocast:
-        sampling.sample(policy, *prompts[0], tokenizer, args)
+        sampling.sample(policy, *prompts[0], tokenizer, **settings)
         synchronize(device)
         start = time.perf_counter()
         for i in range(calls):
-            sampling.sample(policy, *prompts[i % len(prompts)], tokenizer, args)
+            sampling.sample(policy, *prompts[i % len(prompts)], tokenizer, **settings)
         synchronize(device)
     return (time.perf_counter() - start) / (calls * args.max_new_tokens)
 
@@ -165,10 +167,10 @@ def check_sampler(policy, batch, tokenizer, args, device, autocast):
     """CUDA: greedy anchors of the captured graph against the same static step run eagerly (the
     same kernels: must be equal) and against the dynamic way (the same rules, other kernel shapes:
     bfloat16 rounding may flip a near-tie of a random model, after which a row goes its own way)."""
-    greedy = argparse.Namespace(**{**vars(args), "temperature": 0.0})
+    greedy = dict(max_new_tokens=args.max_new_tokens, min_new_tokens=args.min_new_tokens, temperature=0.0)
     prompts = batch["prompt_input_ids"].to(device), batch["prompt_attention_mask"].to(device)
     with autocast:
-        tokens = {method: sampling.sample(policy, *prompts, tokenizer, greedy, method=method)[0]
+        tokens = {method: sampling.sample(policy, *prompts, tokenizer, **greedy, method=method)[0]
                   for method in ("graph", "static", "dynamic")}
     length = min(t.shape[1] for t in tokens.values())
     same_rows = (tokens["dynamic"][:, :length] == tokens["graph"][:, :length]).all(-1).sum()

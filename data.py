@@ -126,7 +126,10 @@ def render(tokenizer, record) -> tuple[str, str, str]:
     """Turn a record into (prompt_text, chosen_text, rejected_text).
 
     Plain records pass through. Conversational ones go through the model's
-    chat template, so the policy sees text in the format it was tuned on.
+    chat template, so the policy sees text in the format it was tuned on; a
+    response ends with the template's end of turn (ChatML's "<|im_end|>"), the
+    whitespace the template puts between turns left out: the model's turn ends
+    at that token, and a sampled response stops there too.
     """
     prompt, source = record["prompt"], record.get("source", "record")
     if isinstance(prompt, str):
@@ -144,7 +147,7 @@ def render(tokenizer, record) -> tuple[str, str, str]:
         if not full.startswith(prompt_text):
             raise DataError(f"{source}: field '{field}': the chat template renders prompt + response "
                             "so that it does not start with the rendered prompt; cannot split them")
-        return full[len(prompt_text):]
+        return full[len(prompt_text):].rstrip()
 
     return prompt_text, response_text("chosen"), response_text("rejected")
 
@@ -153,7 +156,9 @@ def encode_pair(tokenizer, prompt_text, chosen_text, rejected_text, max_length, 
     """Tokenize one pair into {"prompt_ids", "chosen_ids", "rejected_ids"} (lists of ints).
 
     Response ids exclude the prompt and end with eos, so the policy also learns
-    where a good answer stops. prompt + the longer response fit in max_length.
+    where a good answer stops, unless they already end with a token that ends a
+    turn (end_of_turn_ids: a chat template's own, such as "<|im_end|>"), which
+    would then be there twice. prompt + the longer response fit in max_length.
     """
     where = source or "record"
     if max_length < 2:
@@ -167,12 +172,13 @@ def encode_pair(tokenizer, prompt_text, chosen_text, rejected_text, max_length, 
         prompt_ids = [tokenizer.bos_token_id] + prompt_ids
     if not prompt_ids:
         raise DataError(f"{where}: field 'prompt' has no tokens")
+    closing = end_of_turn_ids(tokenizer)
     responses = {}
     for field, text in zip(RESPONSES, (chosen_text, rejected_text)):
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         if not ids:
             raise DataError(f"{where}: field '{field}' has no tokens")
-        responses[field] = ids + [tokenizer.eos_token_id]
+        responses[field] = ids if ids[-1] in closing else ids + [tokenizer.eos_token_id]
 
     # The responses are what is being judged, so the prompt gives way first,
     # losing its oldest tokens. One prompt token always stays: the first response
@@ -184,6 +190,15 @@ def encode_pair(tokenizer, prompt_text, chosen_text, rejected_text, max_length, 
     return {"prompt_ids": prompt_ids,
             "chosen_ids": responses["chosen"][:room],
             "rejected_ids": responses["rejected"][:room]}
+
+
+def end_of_turn_ids(tokenizer) -> set[int]:
+    """The ids a response may already end with: eos and the tokenizer's other special tokens
+    (a chat template's end of turn: ChatML's <|im_end|>, Llama 3's <|eot_id|>), except those that
+    never end a turn (bos, unk, and pad where it is not eos)."""
+    special = {index for index, token in tokenizer.added_tokens_decoder.items() if token.special}
+    never = {tokenizer.bos_token_id, tokenizer.unk_token_id, tokenizer.pad_token_id} - {tokenizer.eos_token_id}
+    return (special - never) | {tokenizer.eos_token_id}
 
 
 def collate(pairs, pad_id) -> dict[str, torch.Tensor]:

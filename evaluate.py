@@ -175,8 +175,10 @@ def evaluate(policy, ref, pairs, tokenizer, args, device, autocast, with_samples
             scores[name] = []
             for batch in data.batches(pairs, args.batch_size, tokenizer.pad_token_id):
                 with autocast:
-                    ids, _, response_mask = sample(model, batch["prompt_input_ids"].to(device),
-                                                   batch["prompt_attention_mask"].to(device), tokenizer, args)
+                    ids, _, response_mask = sample(
+                        model, batch["prompt_input_ids"].to(device), batch["prompt_attention_mask"].to(device),
+                        tokenizer, max_new_tokens=args.max_new_tokens, min_new_tokens=args.min_new_tokens,
+                        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, method=args.sampler)
                 for row, keep in zip(ids, response_mask.bool()):
                     text = tokenizer.decode(row[keep], skip_special_tokens=True)
                     scores[name].append(data.judge(text))

@@ -96,6 +96,8 @@ def build_parser(description=__doc__):
     a.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling: the smallest set of "
                    "tokens whose probability reaches p")
     a.add_argument("--min-new-tokens", type=int, default=0, help="sampled responses are at least this long")
+    a.add_argument("--sampler", choices=sampling.METHODS, default="auto", help="dynamic, static, graph (static in "
+                   "a CUDA graph); auto: graph on CUDA unless the model has sliding-window attention, else dynamic")
 
     a = p.add_argument_group("optimization")
     a.add_argument("--steps", type=int, default=None, help="optimizer steps (default: --epochs over the data)")
@@ -220,11 +222,11 @@ def load_data(args, tokenizer):
     return encode(records[:-n_heldout]), encode(records[-n_heldout:])
 
 
-def from_pretrained(auto_class, name):
+def from_pretrained(auto_class, name, **options):
     if name.startswith(("/", ".", "~")) and not os.path.isdir(os.path.expanduser(name)):
         raise SystemExit(f"error: --model {name}: no such folder (a hub name looks like 'org/name')")
     try:
-        return auto_class.from_pretrained(name)
+        return auto_class.from_pretrained(name, **options)
     except (OSError, ValueError) as error:  # no such folder or hub name, no network, not a causal LM
         raise SystemExit(f"error: --model {name}: cannot load it with {auto_class.__name__}: {error}")
 
@@ -234,7 +236,8 @@ def build_model(args, device, tokenizer):
     from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
     if args.model:
-        policy = from_pretrained(AutoModelForCausalLM, args.model)
+        # Float32 weights whatever the checkpoint's dtype: in bfloat16, updates at lr 1e-6 would round away
+        policy = from_pretrained(AutoModelForCausalLM, args.model, dtype=torch.float32)
     else:
         config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=192,
                              num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
@@ -244,6 +247,15 @@ def build_model(args, device, tokenizer):
         policy = LlamaForCausalLM(config)
     # Dropout stays off for good: the attribution and log-probs must be reproducible forwards.
     return policy.to(device).eval()
+
+
+def dtypes_note(args, autocast):
+    """--model: the dtype its checkpoint was saved in and the one the policy trains in."""
+    from transformers import AutoConfig
+
+    saved = str(from_pretrained(AutoConfig, args.model).dtype or torch.float32).removeprefix("torch.")
+    autocast_dtype = isinstance(autocast, torch.autocast) and str(autocast.fast_dtype).removeprefix("torch.")
+    return f" (saved in {saved}, trained in float32{f' under {autocast_dtype} autocast' if autocast_dtype else ''})"
 
 
 def shard(batch, rank, world_size):
@@ -315,10 +327,12 @@ def tidpo_step(policy, ref, batch, tokenizer, args, device, autocast):
         # gradient; its summed log-ratio d is then computed with gradient.
         with autocast, record_function("sample anchors"):
             anchor = sample(module, batch["prompt_input_ids"].to(device), batch["prompt_attention_mask"].to(device),
-                            tokenizer, args)
+                            tokenizer, max_new_tokens=args.max_new_tokens, min_new_tokens=args.min_new_tokens,
+                            temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, method=args.sampler)
         with autocast, record_function("anchor forwards"):
             anchor_logps = tidpo.token_logps(tidpo.forward_logits(module, *anchor[:2]), anchor[0], anchor[2])
-            anchor_logratio = (anchor_logps - reference_logps(ref, *anchor, autocast)[1]).sum(-1)
+        # outside the `with`: reference_logps enters the autocast itself (nested, it would stay on after the exit)
+        anchor_logratio = (anchor_logps - reference_logps(ref, *anchor, autocast)[1]).sum(-1)
     else:
         anchor_logratio = None
 
@@ -556,12 +570,14 @@ def main(argv=None):
         raise SystemExit(f"error: too few training pairs ({len(train_pairs)}) for {run.world_size} processes: "
                          f"each process needs at least one")
     policy = build_model(args, run.device, tokenizer)
+    sampling.choose_method(policy, args.sampler, run.device.type == "cuda")  # refuses a sampler the model cannot run
     resume_path = checkpoints.find_resume_checkpoint(args) if args.resume else None
     resume = checkpoints.load_checkpoint(resume_path, args, run.world_size) if resume_path else None
     checkpoints.make_output_dir(args, resume_path, run.rank, run.world_size)
     run.metrics_path = os.path.join(args.output_dir, "metrics.jsonl")
     tokenizer_note = "" if args.model or args.data is None else f", tokenizer trained on {args.data}"
-    log(f"model: {args.model or 'tiny Llama (built-in)'}, {sum(p.numel() for p in policy.parameters()) / 1e6:.2f}M "
+    model_note = args.model + dtypes_note(args, run.autocast) if args.model else "tiny Llama (built-in)"
+    log(f"model: {model_note}, {sum(p.numel() for p in policy.parameters()) / 1e6:.2f}M "
         f"parameters, on {run.device}{f' x {run.world_size} processes' if run.world_size > 1 else ''}"
         f"{tokenizer_note}; {len(train_pairs)} training pairs, {len(heldout_pairs)} held-out")
 
@@ -615,7 +631,7 @@ def save(policy, tokenizer, args, run):
 if __name__ == "__main__":
     try:
         main()
-    except data.DataError as error:  # a user's data mistake: the message names file, line and field
+    except (data.DataError, sampling.SamplerError) as error:  # the user's data or flags: the message says which
         sys.exit(f"error: {error}" if int(os.environ.get("RANK", 0)) == 0 else 1)
     except SystemExit as error:
         # Under torchrun every process meets the same error; one message is enough.

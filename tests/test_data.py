@@ -177,8 +177,10 @@ def test_render_plain_passes_through(letters):
 
 def test_render_conversational_with_template(chat_tokenizer):
     prompt, chosen, rejected = data.render(chat_tokenizer, CONVERSATION)
+    # the whitespace after a turn is left out; this template closes no turn with a token of its own,
+    # so encode_pair ends the response with eos
     assert (prompt, chosen, rejected) == ("<bos>user: is it safe\nassistant:",
-                                          " validate user input\n", " disable all the tests\n")
+                                          " validate user input", " disable all the tests")
     pair = data.encode_pair(chat_tokenizer, prompt, chosen, rejected, max_length=64)
     assert pair["prompt_ids"].count(BOS) == 1 and pair["prompt_ids"][0] == BOS   # the template's own BOS
     assert chat_tokenizer.decode(pair["chosen_ids"]) == "validate user input <eos>"

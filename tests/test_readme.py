@@ -37,17 +37,19 @@ def test_worked_example_numbers_by_hand():
     assert f"L_DPO-w = -log sigmoid(0.1 * {delta:.4f}) = {-math.log(1 / (1 + math.exp(-0.1 * delta))):.4f}" in README
 
 
-def test_readme_loss_snippet_runs_and_gives_log_2_at_the_start(capsys):
+def test_readme_loss_snippet_runs_and_gives_log_2_plus_the_triplet_margin_at_the_start(capsys):
     (snippet,) = re.findall(r"```python\n(.*?)```", README, flags=re.S)
     sys.path.insert(0, str(ROOT))
     namespace = {}
     torch.manual_seed(0)
     exec(snippet, namespace)
-    # policy == reference: every log-ratio is 0, so the loss is -log sigmoid(0) = log 2
-    assert math.isclose(namespace["loss"].item(), math.log(2), rel_tol=1e-6)
+    # policy == reference: every log-ratio is 0 (the anchor's too), so the loss is -log sigmoid(0) = log 2,
+    # plus gamma times the triplet's margin alone, max(0, 0 - 0 + 0.01)
+    assert namespace["anchor_logratio"].abs().max().item() == 0.0 and namespace["anchor_response"].sum() > 0
+    assert math.isclose(namespace["loss"].item(), math.log(2) + 0.1 * 0.01, rel_tol=1e-6)
     assert namespace["metrics"]["rewards/margins"].item() == 0.0
     assert all(p.grad is not None for p in namespace["policy"].parameters())
-    assert capsys.readouterr().out.strip() == "loss 0.6931, margin 0.0000"
+    assert capsys.readouterr().out.strip() == "loss 0.6941, margin 0.0000"
 
 
 def test_every_link_in_the_readme_and_docs_points_to_a_file_in_the_repository():

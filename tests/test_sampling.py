@@ -7,6 +7,7 @@ eagerly; where CUDA is present, the same tests also run the captured CUDA graph 
 """
 
 import argparse
+import warnings
 import sys
 from pathlib import Path
 
@@ -23,7 +24,7 @@ STATIC = ["static", pytest.param("graph", marks=CUDA)]
 
 def settings(**overrides):
     values = dict(max_new_tokens=12, min_new_tokens=0, temperature=0.8, top_k=50, top_p=0.95)
-    return argparse.Namespace(**{**values, **overrides})
+    return {**values, **overrides}
 
 
 def peaked_model(method="static", attn_implementation="sdpa"):
@@ -49,14 +50,14 @@ def test_static_greedy_equals_dynamic_token_for_token(method, attn_implementatio
     greedy = settings(temperature=0.0)
     # the end-of-sequence token: the one row 0 makes at its 5th step, so that row 0 ends early
     # (followed by padding) while the other rows run to max_new_tokens
-    first = sampling.sample(model, prompt_ids, prompt_mask, tokenizer, greedy, method="dynamic")
+    first = sampling.sample(model, prompt_ids, prompt_mask, tokenizer, **greedy, method="dynamic")
     tokenizer.eos_token_id = int(first[0][0, 5 + 4])
     # bfloat16: the static way runs a shadow with bfloat16 Linear weights, the same bits
     with torch.autocast(prompt_ids.device.type, dtype=torch.bfloat16, enabled=autocast):
-        dynamic = sampling.sample(model, prompt_ids, prompt_mask, tokenizer, greedy, method="dynamic")
+        dynamic = sampling.sample(model, prompt_ids, prompt_mask, tokenizer, **greedy, method="dynamic")
         # three prompts run as a bucket of four rows and 64 prompt columns; twice, so that the
         # second call reuses the bucket's cache (and graph)
-        static = [sampling.sample(model, prompt_ids, prompt_mask, tokenizer, greedy, method=method)
+        static = [sampling.sample(model, prompt_ids, prompt_mask, tokenizer, **greedy, method=method)
                   for _ in range(2)]
     assert dynamic[2][0].sum() == 5 and dynamic[2][1:].sum(-1).tolist() == [12, 12]
     for got in static:
@@ -72,11 +73,11 @@ def test_static_masks_end_at_the_first_eos_and_honour_min_new_tokens(method):
     bias[2] = 100.0  # eos by far the likeliest token
     model.lm_head.register_forward_hook(lambda module, inputs, output: output + bias)
     torch.manual_seed(0)
-    ids, attention_mask, response_mask = sampling.sample(model, prompt_ids, prompt_mask, tokenizer, settings(),
+    ids, attention_mask, response_mask = sampling.sample(model, prompt_ids, prompt_mask, tokenizer, **settings(),
                                                          method=method)
     assert ids[:, 5:].tolist() == [[2]] * 3 and response_mask[:, 5:].tolist() == [[1]] * 3  # cut after the longest
     ids, attention_mask, response_mask = sampling.sample(model, prompt_ids, prompt_mask, tokenizer,
-                                                         settings(min_new_tokens=3), method=method)
+                                                         **settings(min_new_tokens=3), method=method)
     assert ids[:, 8].tolist() == [2, 2, 2] and not (ids[:, 5:8] == 2).any()
     assert response_mask[:, 5:].sum(-1).tolist() == [4, 4, 4]
     assert torch.equal(attention_mask[:, 5:], response_mask[:, 5:])
@@ -86,12 +87,12 @@ def test_static_masks_end_at_the_first_eos_and_honour_min_new_tokens(method):
 def test_static_top_k_1_is_greedy_and_responses_end_in_padding(method):
     model, prompt_ids, prompt_mask = peaked_model(method)
     tokenizer = argparse.Namespace(pad_token_id=0, eos_token_id=2)
-    greedy = sampling.sample(model, prompt_ids, prompt_mask, tokenizer, settings(temperature=0.0), method=method)
+    greedy = sampling.sample(model, prompt_ids, prompt_mask, tokenizer, **settings(temperature=0.0), method=method)
     tokenizer.eos_token_id = int(greedy[0][0, 5 + 4])
     torch.manual_seed(0)
     ids, attention_mask, response_mask = sampling.sample(model, prompt_ids, prompt_mask, tokenizer,
-                                                         settings(top_k=1, temperature=1.5), method=method)
-    assert torch.equal(ids, sampling.sample(model, prompt_ids, prompt_mask, tokenizer, settings(temperature=0.0),
+                                                         **settings(top_k=1, temperature=1.5), method=method)
+    assert torch.equal(ids, sampling.sample(model, prompt_ids, prompt_mask, tokenizer, **settings(temperature=0.0),
                                             method=method)[0])
     assert response_mask[0, 5:].tolist() == [1] * 5 + [0] * 7 and (ids[0, 10:] == 0).all()
     assert torch.equal(attention_mask[:, :5], prompt_mask) and not response_mask[:, :5].any()
@@ -111,10 +112,94 @@ def test_draws_follow_the_temperature_top_k_top_p_distribution(method):
     torch.manual_seed(0)
     ids, _, _ = sampling.sample(model, prompt_ids[:1].repeat(n, 1), prompt_mask[:1].repeat(n, 1),
                                 argparse.Namespace(pad_token_id=0, eos_token_id=2),
-                                settings(max_new_tokens=2, temperature=0.5, top_k=4, top_p=0.9), method=method)
+                                **settings(max_new_tokens=2, temperature=0.5, top_k=4, top_p=0.9), method=method)
     for drawn in (ids[:, -2].cpu(), ids[:, -1].cpu()):  # the first token, then a decode step's
         counts = torch.bincount(drawn, minlength=50).double()
         assert counts.sum() == counts[[10, 11, 12]].sum()  # nothing outside top-k and top-p
         # each frequency within 4.5 standard deviations of its probability
         sigma = (expected * (1 - expected) / n).sqrt()
         assert ((counts[[10, 11, 12]] / n - expected).abs() < 4.5 * sigma).all(), (counts / n, expected)
+
+
+def test_a_response_ends_at_any_end_id_and_min_new_tokens_holds_them_all_back():
+    # The generation config lists two end ids (2 and 3), the tokenizer's eos is 2. A model whose
+    # likeliest token is 3 ends every response there; with min_new_tokens both are held back.
+    model, prompt_ids, prompt_mask = peaked_model()
+    model.generation_config.eos_token_id = [2, 3]
+    tokenizer = argparse.Namespace(pad_token_id=0, eos_token_id=2)
+    assert sampling.end_ids(model, tokenizer) == (2, 3)
+    bias = torch.zeros(50)
+    bias[3], bias[2] = 100.0, 50.0
+    model.lm_head.register_forward_hook(lambda module, inputs, output: output + bias)
+    for method in ("dynamic", "static"):
+        ids, _, response_mask = sampling.sample(model, prompt_ids, prompt_mask, tokenizer, **settings(), method=method)
+        assert ids[:, 5].tolist() == [3, 3, 3] and response_mask[:, 5:].sum(-1).tolist() == [1, 1, 1]
+        ids, _, response_mask = sampling.sample(model, prompt_ids, prompt_mask, tokenizer,
+                                                **settings(min_new_tokens=2), method=method)
+        assert not (ids[:, 5:7] == 2).any() and not (ids[:, 5:7] == 3).any() and ids[:, 7].tolist() == [3, 3, 3]
+        assert response_mask[:, 5:].sum(-1).tolist() == [3, 3, 3]
+
+
+def test_a_bucket_made_in_inference_mode_serves_a_later_call_under_no_grad():
+    model, prompt_ids, prompt_mask = peaked_model()
+    tokenizer = argparse.Namespace(pad_token_id=0, eos_token_id=2)
+    greedy = settings(temperature=0.0)
+    with torch.inference_mode():
+        first = sampling.sample(model, prompt_ids, prompt_mask, tokenizer, **greedy, method="static")
+    with torch.no_grad():  # the same bucket: its state is updated in place
+        again = sampling.sample(model, prompt_ids, prompt_mask, tokenizer, **greedy, method="static")
+    assert len(sampling.static_sampler(model).buckets) == 1
+    assert torch.equal(first[0], again[0])
+
+
+def test_buckets_are_bounded_least_recently_used_first():
+    model, prompt_ids, prompt_mask = peaked_model()
+    tokenizer = argparse.Namespace(pad_token_id=0, eos_token_id=2)
+    sampler = sampling.static_sampler(model)
+    limit = sampler.MAX_BUCKETS
+    # max_new_tokens is part of a bucket's key: limit + 2 buckets, the first one used again before the last two
+    for n in [*range(1, limit + 1), 1, limit + 1, limit + 2]:
+        sampling.sample(model, prompt_ids, prompt_mask, tokenizer, **settings(max_new_tokens=n), method="static")
+    kept = [key[2].max_new_tokens for key in sampler.buckets]  # least recently used first
+    assert kept == [*range(4, limit + 1), 1, limit + 1, limit + 2]  # 2 and 3 are gone
+
+
+def test_a_static_way_that_fails_at_first_use_warns_once_and_samples_dynamically(monkeypatch):
+    model, prompt_ids, prompt_mask = peaked_model()
+    tokenizer = argparse.Namespace(pad_token_id=0, eos_token_id=2)
+    greedy = settings(temperature=0.0)
+    dynamic = sampling.sample(model, prompt_ids, prompt_mask, tokenizer, **greedy, method="dynamic")
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("a model this sampler cannot run")
+
+    monkeypatch.setattr(sampling.DecodeLoop, "start", broken)
+    with pytest.warns(UserWarning, match="static sampler failed at its first use.*cannot run"):
+        fallback = sampling.sample(model, prompt_ids, prompt_mask, tokenizer, **greedy, method="static")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once only
+        again = sampling.sample(model, prompt_ids, prompt_mask, tokenizer, **greedy, method="static")
+    for got in (fallback, again):
+        for tensor, expected in zip(got, dynamic):
+            assert torch.equal(tensor, expected)
+
+
+def test_a_static_way_that_ran_once_raises_its_later_failures(monkeypatch):
+    model, prompt_ids, prompt_mask = peaked_model()
+    tokenizer = argparse.Namespace(pad_token_id=0, eos_token_id=2)
+    sampling.sample(model, prompt_ids, prompt_mask, tokenizer, **settings(), method="static")
+    monkeypatch.setattr(sampling.DecodeLoop, "start", lambda *args: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        sampling.sample(model, prompt_ids, prompt_mask, tokenizer, **settings(), method="static")
+
+
+def test_unknown_or_impossible_methods_are_refused_by_name():
+    model, prompt_ids, prompt_mask = peaked_model()
+    tokenizer = argparse.Namespace(pad_token_id=0, eos_token_id=2)
+    with pytest.raises(sampling.SamplerError, match="unknown sampling method 'fast'"):
+        sampling.sample(model, prompt_ids, prompt_mask, tokenizer, method="fast")
+    if not torch.cuda.is_available():
+        with pytest.raises(sampling.SamplerError, match="graph sampler needs a CUDA device"):
+            sampling.sample(model, prompt_ids, prompt_mask, tokenizer, method="graph")
+    assert sampling.choose_method(model, "auto", cuda=False) == "dynamic"
+    assert sampling.choose_method(model, "auto", cuda=True) == "graph"

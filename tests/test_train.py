@@ -489,8 +489,7 @@ def argparse_namespace(**values):
 
 
 def sampling_args(**overrides):
-    values = dict(max_new_tokens=6, min_new_tokens=0, temperature=0.8, top_k=50, top_p=0.95)
-    return argparse_namespace(**{**values, **overrides})
+    return {**dict(max_new_tokens=6, min_new_tokens=0, temperature=0.8, top_k=50, top_p=0.95), **overrides}
 
 
 @pytest.mark.parametrize("settings", [dict(temperature=0.0), dict(top_k=1), dict(top_p=1e-6)])
@@ -500,7 +499,7 @@ def test_sampler_greedy_limits_match_generate(settings):
     expected = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, do_sample=False,
                               max_new_tokens=6, pad_token_id=0, eos_token_id=2)
     input_ids, attention_mask, response_mask = sampling.sample(model, prompt_ids, prompt_mask, tokenizer,
-                                                            sampling_args(**settings))
+                                                            **sampling_args(**settings))
     new = expected[:, 4:]
     assert torch.equal(input_ids[:, :4], prompt_ids)
     assert torch.equal(attention_mask[:, :4], prompt_mask)
@@ -516,13 +515,13 @@ def test_sampler_masks_end_at_the_first_eos_and_honour_min_new_tokens():
     eos_bias[2] = 100.0
     model.lm_head.register_forward_hook(lambda module, inputs, output: output + eos_bias)
     ids, attention_mask, response_mask = sampling.sample(model, prompt_ids, prompt_mask, tokenizer,
-                                                      sampling_args())
+                                                      **sampling_args())
     assert response_mask[:, 4:].sum(-1).tolist() == [1, 1]
     assert ids[:, 4].tolist() == [2, 2]
     assert (ids[:, 5:] == 0).all() and (attention_mask[:, 5:] == 0).all()
     # ...unless min_new_tokens forbids it: then eos comes exactly after 3 tokens
     ids, attention_mask, response_mask = sampling.sample(model, prompt_ids, prompt_mask, tokenizer,
-                                                      sampling_args(min_new_tokens=3))
+                                                      **sampling_args(min_new_tokens=3))
     assert response_mask[:, 4:].sum(-1).tolist() == [4, 4]
     assert ids[:, 7].tolist() == [2, 2] and not (ids[:, 4:7] == 2).any()
     assert torch.equal(attention_mask[:, 4:], response_mask[:, 4:])
@@ -533,7 +532,7 @@ def test_sampler_follows_top_k():
     model, prompt_ids, prompt_mask, tokenizer = sampling_model(seed=1)
     torch.manual_seed(0)
     ids, attention_mask, response_mask = sampling.sample(model, prompt_ids, prompt_mask, tokenizer,
-                                                      sampling_args(top_k=3, temperature=2.0, top_p=1.0))
+                                                      **sampling_args(top_k=3, temperature=2.0, top_p=1.0))
     logits = tidpo.forward_logits(model, ids, attention_mask)
     for b in range(2):
         for t in range(4, ids.shape[1]):
