@@ -150,6 +150,104 @@ def test_token_logps_random_vs_loop_reference():
     assert_close(out, expected, **EXACT)
 
 
+def plain_token_logps(logits, input_ids, response_mask):
+    """token_logps written with plain autograd: the whole [B, L, V] in float32 at least."""
+    logits = logits.float() if logits.dtype == torch.bfloat16 else logits
+    next_ids = torch.cat([input_ids[:, 1:], input_ids[:, :1]], dim=1).unsqueeze(-1)  # the last is never used
+    next_logps = logits.gather(-1, next_ids).squeeze(-1) - logits.logsumexp(-1)
+    logps = torch.cat([torch.zeros_like(next_logps[:, :1]), next_logps[:, :-1]], dim=1)
+    return logps * response_mask
+
+
+def value_and_grad(function, logits, *args, loss_weights):
+    """function's output and the gradient of sum(output * loss_weights) with respect to logits."""
+    logits = logits.detach().requires_grad_(True)
+    out = function(logits, *args)
+    (out * loss_weights).sum().backward()
+    return out.detach(), logits.grad
+
+
+@pytest.fixture
+def small_chunks(monkeypatch):
+    # 3 rows of 40 logits per chunk: the [B, L] rows are split unevenly, across sequences
+    monkeypatch.setattr(tidpo, "_CHUNK_ELEMENTS", 3 * 40)
+
+
+def test_token_logps_gradient_is_onehot_minus_softmax(small_chunks):
+    # d log softmax(x)[target] / dx = onehot(target) - softmax(x), at the position that predicts
+    # each response token; 0 at every other position.
+    gen = torch.Generator().manual_seed(3)
+    batch, length, vocab = 3, 7, 40
+    logits = 4 * torch.randn(batch, length, vocab, generator=gen, dtype=torch.float64)
+    input_ids = torch.randint(0, vocab, (batch, length), generator=gen)
+    _, response_mask = random_masks(gen, batch, length)
+    loss_weights = torch.randn(batch, length, generator=gen, dtype=torch.float64)
+    _, grad = value_and_grad(tidpo.token_logps, logits, input_ids, response_mask, loss_weights=loss_weights)
+    expected = torch.zeros_like(logits)
+    for b in range(batch):
+        for t in response_positions(response_mask[b]):
+            onehot = torch.zeros(vocab, dtype=torch.float64)
+            onehot[input_ids[b, t]] = 1
+            expected[b, t - 1] = loss_weights[b, t] * (onehot - logits[b, t - 1].softmax(-1))
+    assert_close(grad, expected, **EXACT)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_token_logps_equals_the_plain_formula(dtype, small_chunks):
+    # The chunked forward and the written-out backward against plain autograd on the whole tensor:
+    # the same float32 arithmetic. Values to 1e-5; gradients to 1e-5, or, for bfloat16 logits, to
+    # one bfloat16 rounding step (2^-8 relative), as both round a float32 gradient to bfloat16.
+    gen = torch.Generator().manual_seed(4)
+    batch, length, vocab = 3, 9, 40
+    logits = (5 * torch.randn(batch, length, vocab, generator=gen)).to(dtype)
+    input_ids = torch.randint(0, vocab, (batch, length), generator=gen)
+    _, response_mask = random_masks(gen, batch, length)
+    loss_weights = torch.randn(batch, length, generator=gen)
+    out, grad = value_and_grad(tidpo.token_logps, logits, input_ids, response_mask, loss_weights=loss_weights)
+    expected, expected_grad = value_and_grad(plain_token_logps, logits, input_ids, response_mask,
+                                             loss_weights=loss_weights)
+    assert out.dtype == torch.float32 and grad.dtype == dtype
+    assert_close(out, expected, rtol=0, atol=1e-5)
+    assert_close(grad, expected_grad, rtol=0 if dtype == torch.float32 else 2 ** -8, atol=1e-5)
+
+
+def test_token_logps_keeps_no_float32_copy_of_the_logits():
+    # For the backward, autograd keeps the logits themselves (they exist anyway) and [B, L] numbers,
+    # never a tensor of the logits' size: plain autograd would keep a float32 copy, 2x bf16 logits.
+    gen = torch.Generator().manual_seed(5)
+    logits = torch.randn(2, 6, 50, generator=gen).bfloat16().requires_grad_(True)
+    input_ids = torch.randint(0, 50, (2, 6), generator=gen)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        tidpo.token_logps(logits, input_ids, torch.ones(2, 6))
+    large = [t for t in saved if t.numel() >= logits.numel()]
+    assert len(large) == 1 and large[0].data_ptr() == logits.data_ptr() and large[0].dtype == torch.bfloat16
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        plain_token_logps(logits, input_ids, torch.ones(2, 6))  # the test would see the plain formula's copy
+    assert any(t.dtype == torch.float32 and t.numel() == logits.numel() for t in saved)
+
+
+def test_token_logps_without_gradients():
+    # The frozen reference's forward: inference mode, no graph, the same numbers.
+    gen = torch.Generator().manual_seed(6)
+    logits = torch.randn(2, 5, 30, generator=gen, dtype=torch.float64)
+    input_ids = torch.randint(0, 30, (2, 5), generator=gen)
+    response_mask = torch.tensor([[0, 1, 1, 1, 0], [0, 0, 0, 1, 1]])
+    with torch.inference_mode():
+        out = tidpo.token_logps(logits, input_ids, response_mask)
+    assert_close(out, plain_token_logps(logits, input_ids, response_mask), **EXACT)
+
+
+@pytest.mark.parametrize("logits_shape, ids_shape, mask_shape, message", [
+    ((2, 5), (2, 5), (2, 5), r"logits must be a \[B, L, V\] tensor of floats, got shape \[2, 5\]"),
+    ((2, 5, 7), (2, 4), (2, 5), r"input_ids must have shape \[2, 5\].*got shape \[2, 4\]"),
+    ((2, 5, 7), (2, 5), (5,), r"response_mask must have shape \[2, 5\].*got shape \[5\]"),
+])
+def test_token_logps_rejects_mismatched_shapes(logits_shape, ids_shape, mask_shape, message):
+    with pytest.raises(ValueError, match=message):
+        tidpo.token_logps(torch.zeros(logits_shape), torch.zeros(ids_shape, dtype=torch.long), torch.ones(mask_shape))
+
+
 # ---------------------------------------------------------------------------------------------
 # gaussian_prior (Eq. 7): exp(-0.5 ((t - mu) / sigma)^2), mu = (T - 1) / 2, sigma = T / 4
 # ---------------------------------------------------------------------------------------------
@@ -719,6 +817,64 @@ def test_sequence_kl_random_vs_reference():
     out = tidpo.sequence_kl(policy_logits.bfloat16(), ref_logits.bfloat16(), response_mask)
     assert out.dtype == torch.float32
     assert_close(out.double(), expected, rtol=0.05, atol=0.05)
+
+
+def plain_sequence_kl(policy_logits, ref_logits, response_mask):
+    """sequence_kl written with plain autograd on the whole [B, L, V]."""
+    policy_logps, ref_logps = policy_logits.log_softmax(-1), ref_logits.log_softmax(-1)
+    kl = (ref_logps.exp() * (ref_logps - policy_logps)).sum(-1)
+    return (kl[:, :-1] * response_mask[:, 1:]).sum(-1)
+
+
+def test_sequence_kl_gradients_vs_closed_forms(small_chunks):
+    # KL(q || p) with p = softmax(policy logits), q = softmax(ref logits):
+    #   d KL / d policy logits = p - q,   d KL / d ref logits = q * (log q - log p - KL)
+    # at the positions that predict response tokens, 0 elsewhere.
+    gen = torch.Generator().manual_seed(20)
+    batch, length, vocab = 3, 7, 40
+    policy_logits = (2 * torch.randn(batch, length, vocab, generator=gen, dtype=torch.float64)).requires_grad_(True)
+    ref_logits = (2 * torch.randn(batch, length, vocab, generator=gen, dtype=torch.float64)).requires_grad_(True)
+    _, response_mask = random_masks(gen, batch, length)
+    loss_weights = torch.randn(batch, generator=gen, dtype=torch.float64)
+    (tidpo.sequence_kl(policy_logits, ref_logits, response_mask) * loss_weights).sum().backward()
+    expected_policy, expected_ref = torch.zeros_like(policy_logits), torch.zeros_like(ref_logits)
+    for b in range(batch):
+        for t in response_positions(response_mask[b]):
+            log_p, log_q = policy_logits[b, t - 1].detach().log_softmax(-1), ref_logits[b, t - 1].detach().log_softmax(-1)
+            kl = (log_q.exp() * (log_q - log_p)).sum()
+            expected_policy[b, t - 1] = loss_weights[b] * (log_p.exp() - log_q.exp())
+            expected_ref[b, t - 1] = loss_weights[b] * log_q.exp() * (log_q - log_p - kl)
+    assert_close(policy_logits.grad, expected_policy, **EXACT)
+    assert_close(ref_logits.grad, expected_ref, **EXACT)
+
+
+def test_sequence_kl_bfloat16_equals_the_plain_float32_formula(small_chunks):
+    # bfloat16 logits: the same float32 arithmetic as plain autograd on the float32 values. Values
+    # to float32 rounding of sums of up to 40 x 9 terms; gradients (the policy's, rounded to
+    # bfloat16 by both) to one bfloat16 rounding step.
+    gen = torch.Generator().manual_seed(21)
+    batch, length, vocab = 3, 9, 40
+    policy_logits = (3 * torch.randn(batch, length, vocab, generator=gen)).bfloat16()
+    ref_logits = (3 * torch.randn(batch, length, vocab, generator=gen)).bfloat16()
+    _, response_mask = random_masks(gen, batch, length)
+    loss_weights = torch.randn(batch, generator=gen)
+    out, grad = value_and_grad(tidpo.sequence_kl, policy_logits, ref_logits, response_mask,
+                               loss_weights=loss_weights)
+    expected, expected_grad = value_and_grad(lambda p, r, m: plain_sequence_kl(p.float(), r.float(), m),
+                                             policy_logits, ref_logits, response_mask, loss_weights=loss_weights)
+    assert out.dtype == torch.float32 and grad.dtype == torch.bfloat16
+    assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    assert_close(grad, expected_grad, rtol=2 ** -8, atol=1e-5)
+
+
+def test_sequence_kl_rejects_mismatched_shapes():
+    logits = torch.zeros(2, 5, 7)
+    with pytest.raises(ValueError, match=r"policy_logits must be a \[B, L, V\] tensor of floats, got shape \[10, 7\]"):
+        tidpo.sequence_kl(logits.view(10, 7), logits.view(10, 7), torch.ones(2, 5))
+    with pytest.raises(ValueError, match=r"ref_logits must have shape \[2, 5, 7\].*got shape \[2, 5, 8\]"):
+        tidpo.sequence_kl(logits, torch.zeros(2, 5, 8), torch.ones(2, 5))
+    with pytest.raises(ValueError, match=r"response_mask must have shape \[2, 5\].*got shape \[2, 4\]"):
+        tidpo.sequence_kl(logits, logits, torch.ones(2, 4))
 
 
 # ---------------------------------------------------------------------------------------------
