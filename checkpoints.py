@@ -16,7 +16,7 @@ import torch.distributed as dist
 
 # A checkpoint continues the run that wrote it: these flags may differ on --resume, the rest may not.
 MAY_CHANGE_ON_RESUME = ("steps", "epochs", "lr", "fp32", "device", "log_every", "save_every", "keep_last",
-                        "output_dir", "resume")
+                        "output_dir", "resume", "gradient_checkpointing")
 CHECKPOINT_FORMAT = "tidpo train.py checkpoint, version 1"
 CHECKPOINT_NAME = re.compile(r"step-(\d+)\.pt")
 

@@ -32,6 +32,7 @@ from torch.profiler import record_function  # labels the parts of a step for ben
 
 import checkpoints
 import data
+import memory
 import tidpo
 from evaluate import evaluate
 import sampling
@@ -112,6 +113,8 @@ def build_parser(description=__doc__):
                    "used rmsprop with lr 5e-6 and 150 warmup steps")
     a.add_argument("--warmup-steps", type=int, default=10, help="linear warmup, then constant")
     a.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping (0: off)")
+    a.add_argument("--gradient-checkpointing", action="store_true", help="the policy recomputes each layer's "
+                   "activations in the backward instead of keeping them: less memory, a forward more of compute")
     a.add_argument("--sft-steps", type=int, default=300, help="built-in model only: SFT steps before TI-DPO")
     a.add_argument("--sft-lr", type=float, default=3e-3, help="learning rate of that SFT")
     a.add_argument("--seed", type=int, default=0, help="seeds the model, data order, sampling and the "
@@ -325,7 +328,7 @@ def tidpo_step(policy, ref, batch, tokenizer, args, device, autocast):
     if tidpo_on and args.gamma != 0:
         # Eq. 13's anchor: a response sampled from the current policy for the same prompt, without
         # gradient; its summed log-ratio d is then computed with gradient.
-        with autocast, record_function("sample anchors"):
+        with autocast, record_function("sample anchors"), memory.eval_mode(module):
             anchor = sample(module, batch["prompt_input_ids"].to(device), batch["prompt_attention_mask"].to(device),
                             tokenizer, max_new_tokens=args.max_new_tokens, min_new_tokens=args.min_new_tokens,
                             temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, method=args.sampler)
@@ -405,6 +408,8 @@ def train_loop(policy, ref, train_pairs, tokenizer, args, run, resume, before):
     through DistributedDataParallel, which averages the gradients over the processes.
     """
     device, autocast, rank, world_size, log = run.device, run.autocast, run.rank, run.world_size, run.log
+    if args.gradient_checkpointing:
+        memory.checkpoint_activations(policy)  # in training mode until the end of the loop
     train_policy = policy
     if world_size > 1:
         # DDP's constructor also gives every process rank 0's weights.
@@ -506,6 +511,7 @@ def train_loop(policy, ref, train_pairs, tokenizer, args, run, resume, before):
                      "window": {"sums": sums, "count": count}, "history": history, "before": before}
             if rank == 0:
                 checkpoint = checkpoints.save_checkpoint(state, args.output_dir, args.keep_last)
+    policy.eval()
     return history
 
 
