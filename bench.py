@@ -13,12 +13,15 @@ gives each one's median step time and its ratio to DPO's, and the last line the 
 
 Peak memory: on CUDA, max allocated over two steps of each variant, measured one after another
 in this process (DPO first, full TI-DPO, whose sampler keeps its caches, last); on the CPU, the
-growth of resident memory over three steps, each variant in a process of its own. Also printed:
+growth of resident memory over three steps, each variant in a process of its own. Next to it, the
+figure of memory.step_peak_bytes for the same settings (the CPU: without the weights of the policy
+and the reference, which are in memory before the steps). Also printed:
 the DPO step's model FLOP utilisation (6 x the parameters that multiply, all but the input
 embedding, x the pairs' tokens per step / step time / the GPU's dense bfloat16 peak) and the
 anchor sampler's time per decoded token.
 
-Every train.py flag applies too (--batch-size, --device, --fp32, the sampling flags, ...). The
+Every train.py flag applies too (--batch-size, --device, --fp32, --gradient-checkpointing, the
+sampling flags, ...). The
 anchors of full TI-DPO are as long as the responses.
 """
 
@@ -36,6 +39,7 @@ import torch
 from torch.profiler import record_function
 
 import data
+import memory
 import sampling
 import train
 
@@ -65,6 +69,8 @@ def bench_setup(args, device):
     with device:  # the weights are made where they are used: no copy from the CPU
         policy = LlamaForCausalLM(config).eval()
     ref = copy.deepcopy(policy).requires_grad_(False)
+    if args.gradient_checkpointing:
+        memory.checkpoint_activations(policy)
     tokenizer = argparse.Namespace(pad_token_id=0, eos_token_id=2)
 
     def tokens(n):
@@ -153,7 +159,7 @@ def decode_seconds_per_token(policy, batch_list, tokenizer, args, device, autoca
                for batch in batch_list]
     settings = dict(max_new_tokens=args.max_new_tokens, min_new_tokens=args.min_new_tokens,
                     temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, method=args.sampler)
-    with autocast:
+    with autocast, memory.eval_mode(policy):
         sampling.sample(policy, *prompts[0], tokenizer, **settings)
         synchronize(device)
         start = time.perf_counter()
@@ -169,7 +175,7 @@ def check_sampler(policy, batch, tokenizer, args, device, autocast):
     bfloat16 rounding may flip a near-tie of a random model, after which a row goes its own way)."""
     greedy = dict(max_new_tokens=args.max_new_tokens, min_new_tokens=args.min_new_tokens, temperature=0.0)
     prompts = batch["prompt_input_ids"].to(device), batch["prompt_attention_mask"].to(device)
-    with autocast:
+    with autocast, memory.eval_mode(policy):
         tokens = {method: sampling.sample(policy, *prompts, tokenizer, **greedy, method=method)[0]
                   for method in ("graph", "static", "dynamic")}
     length = min(t.shape[1] for t in tokens.values())
@@ -201,16 +207,16 @@ def cuda_memory(policy, ref, optimizer, batch_list, tokenizer, args, device, aut
     sampling.forget(policy)
     gc.collect()
     torch.cuda.empty_cache()
-    memory = {}
+    measured = {}
     for name in BENCH_VARIANTS:
         torch.cuda.reset_peak_memory_stats(device)
         before = torch.cuda.memory_allocated(device)
         for batch in batch_list[:2]:
             bench_step(policy, ref, optimizer, batch, tokenizer, variant_args(args, name), device, autocast)
         peak = torch.cuda.max_memory_allocated(device)
-        memory[name] = {"peak_bytes": peak, "step_bytes": peak - before}
+        measured[name] = {"peak_bytes": peak, "step_bytes": peak - before}
         say(f"  peak memory of {name}: {peak / 2**20:.0f} MiB")
-    return memory
+    return measured
 
 
 def bench(args, argv, device, autocast):
@@ -243,17 +249,21 @@ def bench(args, argv, device, autocast):
         check_sampler(policy, batch_list[0], tokenizer, variant_args(args, "tidpo"), device, autocast)
     if args.bench_profile:
         bench_profile(policy, ref, optimizer, variant_args(args, "tidpo"), batch_list, tokenizer, device, autocast)
+    length = args.bench_prompt_length + args.bench_response_length
+    formula = {name: memory.step_peak_bytes(policy.config, args.batch_size, length, length, name == "tidpo",
+                                            args.gradient_checkpointing, gpu=device.type == "cuda")
+               for name in BENCH_VARIANTS}
     if device.type == "cuda":
-        memory = cuda_memory(policy, ref, optimizer, batch_list, tokenizer, args, device, autocast)
+        measured = cuda_memory(policy, ref, optimizer, batch_list, tokenizer, args, device, autocast)
     else:
         del policy, ref, optimizer  # free the parent's share before the children run
         gc.collect()
-        memory = {}
+        measured = {}
         for name in BENCH_VARIANTS:  # each variant in its own process, so one peak cannot hide another
             say(f"  peak memory of {name} (own process)")
             child = subprocess.run([sys.executable, os.path.abspath(__file__), *argv, "--bench-variant", name],
                                    capture_output=True, text=True, check=True)
-            memory[name] = json.loads(child.stdout.strip().splitlines()[-1])
+            measured[name] = json.loads(child.stdout.strip().splitlines()[-1])
 
     pair_tokens = sum(int(b["chosen_attention_mask"].sum() + b["rejected_attention_mask"].sum())
                       for b in batch_list) / len(batch_list)
@@ -269,16 +279,21 @@ def bench(args, argv, device, autocast):
         f"{'bf16 peak' if peak else 'no known peak for this device'}); anchor sampler ({sampler}): "
         f"{1000 * decode:.2f} ms per token, batch {args.batch_size}"
         + (f"; graph capture {', '.join(f'{1000 * s:.0f} ms' for s in captures.values())}" if captures else ""))
-    say(f"{'variant':<18}{'s/step':>9}{'x dpo':>8}{'tokens/s':>10}{'peak MiB':>10}{'step MiB':>10}")
+    # CUDA: peak allocated; CPU: the growth of resident memory over the steps (the process's
+    # libraries would otherwise dilute the ratio), which the formula gives without the weights
+    key = "peak_bytes" if device.type == "cuda" else "step_bytes"
+    for terms in formula.values():
+        terms["step"] = terms["total"] - terms["weights"] - terms["reference"]
+    formula_key = "total" if device.type == "cuda" else "step"
+    say(f"{'variant':<18}{'s/step':>9}{'x dpo':>8}{'tokens/s':>10}{'peak MiB':>10}{'step MiB':>10}"
+        f"{'formula':>10}  (memory.step_peak_bytes: the {'peak' if device.type == 'cuda' else 'step'} MiB, "
+        f"{'with' if args.gradient_checkpointing else 'without'} checkpointing)")
     for name in BENCH_VARIANTS:
         say(f"{name:<18}{median[name]:>9.4f}{median[name] / median['dpo']:>8.2f}"
-            f"{pair_tokens / median[name]:>10.0f}{memory[name]['peak_bytes'] / 2**20:>10.1f}"
-            f"{memory[name]['step_bytes'] / 2**20:>10.1f}")
-    # CUDA: peak allocated; CPU: the growth of resident memory over the steps (the process's
-    # libraries would otherwise dilute the ratio)
-    key = "peak_bytes" if device.type == "cuda" else "step_bytes"
+            f"{pair_tokens / median[name]:>10.0f}{measured[name]['peak_bytes'] / 2**20:>10.1f}"
+            f"{measured[name]['step_bytes'] / 2**20:>10.1f}{formula[name][formula_key] / 2**20:>10.1f}")
     ratios = {"no_triplet": median["tidpo_no_triplet"] / median["dpo"], "full": median["tidpo"] / median["dpo"],
-              "mem": memory["tidpo"][key] / memory["dpo"][key]}
+              "mem": measured["tidpo"][key] / measured["dpo"][key]}
     say(f"bench: tidpo_no_triplet/dpo={ratios['no_triplet']:.2f} tidpo/dpo={ratios['full']:.2f} "
         f"peak_mem tidpo/dpo={ratios['mem']:.2f}")
     return ratios
