@@ -4,8 +4,9 @@
     eval_mode                the policy out of training mode for a block (the sampler's cache)
     step_peak_bytes          what a step of DPO or full TI-DPO needs on a GPU, term by term
 
-docs/training.md's "will it fit?" table comes from step_peak_bytes; bench.py prints it next to
-the peak it measures.
+    python memory.py         # docs/training.md's table: a step's GPU memory for Qwen2.5 0.5B, 1.5B, 7B
+
+bench.py prints step_peak_bytes's figure next to the peak it measures.
 """
 
 from contextlib import contextmanager

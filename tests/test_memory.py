@@ -99,3 +99,77 @@ def test_train_with_checkpointing_gives_the_same_run(tmp_path):
     for step_off, step_on in zip(off["history"], on["history"], strict=True):
         assert step_on == pytest.approx(step_off, rel=1e-5, abs=1e-6)
     assert on["after"] == pytest.approx(off["after"], rel=1e-5, abs=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# step_peak_bytes: the formula of docs/training.md's table
+# ---------------------------------------------------------------------------------------------
+
+
+def small_config(layers=1, tied=True):
+    # h = 4, i = 8, 2 heads of 2 with 1 key/value head: kv = 2, V = 10
+    return LlamaConfig(vocab_size=10, hidden_size=4, intermediate_size=8, num_hidden_layers=layers,
+                       num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=tied)
+
+
+def test_step_peak_bytes_hand_case():
+    # Linear: q, o 4 x 4 each, k, v 4 x 2 each, gate, up, down 4 x 8 each: 32 + 16 + 96 = 144;
+    # embedding 10 x 4 = 40 (tied output layer); norms 3 x 4 = 12. P = 196.
+    # 1 pair of 3 tokens: N = 6 tokens with gradient (chosen and rejected).
+    terms = memory.step_peak_bytes(small_config(), pairs=1, length=3, anchor_length=4, full_tidpo=False,
+                                   checkpointing=False)
+    assert terms["weights"] == terms["gradients"] == 4 * 196
+    assert terms["adamw"] == 8 * 196
+    assert terms["reference"] == 2 * (144 + 40) + 4 * 40  # bfloat16 Linear (output layer too), float32 embedding
+    assert terms["autocast copies"] == 2 * (144 + 40)
+    assert terms["activations"] == 6 * (30 * 4 + 8 * 8 + 4 * 2)  # one layer, bfloat16
+    assert terms["logits"] == 2 * 6 * 10 * 2 + 12 * 60  # logits and gradient, float32 temporaries
+    assert "sampler" not in terms
+    assert terms["total"] == sum(value for name, value in terms.items() if name != "total")
+    # checkpointing keeps each layer's float32 input (4h per token) and recomputes one layer
+    on = memory.step_peak_bytes(small_config(layers=2), 1, 3, 4, False, True)
+    assert on["activations"] == 6 * 2 * 16 + 6 * (30 * 4 + 8 * 8 + 4 * 2)
+    # full TI-DPO: the anchor's 4 tokens carry gradient too, and the sampler holds its shadow and
+    # a static cache (k and v, 1 row, 4 + 64 positions, kv 2, bfloat16)
+    full = memory.step_peak_bytes(small_config(), 1, 3, 4, True, False)
+    assert full["activations"] == 10 * (30 * 4 + 8 * 8 + 4 * 2)
+    assert full["sampler"] == 2 * (144 + 40) + 2 * 2 * 1 * 1 * (4 + 64) * 2
+    cpu = memory.step_peak_bytes(small_config(), 1, 3, 4, False, False, gpu=False)
+    assert cpu["reference"] == 4 * 196 and "autocast copies" not in cpu
+    assert cpu["activations"] == 6 * (32 * 4 + 16 * 8 + 8 * 2)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_step_peak_bytes_counts_the_parameters_of_the_model(tied):
+    config = LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=96, num_hidden_layers=3,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tied)
+    params = sum(p.numel() for p in LlamaForCausalLM(config).parameters())
+    assert memory.step_peak_bytes(config, 1, 4, 4, False, False)["weights"] == 4 * params
+
+
+def test_activation_bytes_are_what_autograd_saves_per_layer():
+    # float32: what a decoder layer saves for the backward (weights left out), per token, is
+    # 32h + 16i + 8kv bytes, plus a few numbers per token (the norms' reciprocal square roots).
+    h, i, kv, tokens = 64, 192, 32, 2 * 48
+
+    def saved_bytes(layers):
+        config = LlamaConfig(vocab_size=20, hidden_size=h, intermediate_size=i, num_hidden_layers=layers,
+                             num_attention_heads=4, num_key_value_heads=2)
+        model = LlamaForCausalLM(config)
+        weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        storages = {}
+
+        def pack(tensor):
+            storage = tensor.untyped_storage()
+            if storage.data_ptr() not in weights:
+                storages[storage.data_ptr()] = storage.nbytes()
+            return tensor
+
+        ids = torch.randint(0, 20, (2, tokens // 2))
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            model(ids, attention_mask=torch.ones_like(ids), use_cache=False)
+        return sum(storages.values())
+
+    per_layer_per_token = (saved_bytes(3) - saved_bytes(2)) / tokens
+    formula = sum(c * n for c, n in zip(memory.ACTIVATION_BYTES["float32"], (h, i, kv)))
+    assert formula <= per_layer_per_token <= formula + 32
