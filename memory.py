@@ -82,8 +82,8 @@ def step_peak_bytes(config, pairs, length, anchor_length, full_tidpo, checkpoint
             logits, the reference's Linear weights in bfloat16); False for the CPU in float32.
 
     The peak is at the start of the backward: every activation and the logits are still held,
-    and the logits' gradient is being made. The policy's gradients are counted whole (an upper
-    bound: they fill in while the activations are freed).
+    and the logits' gradient is being made. The policy's gradients are counted whole, as if all
+    were already there (they fill in while the activations are freed).
     """
     h, i, layers, vocab = config.hidden_size, config.intermediate_size, config.num_hidden_layers, config.vocab_size
     head_dim = getattr(config, "head_dim", None) or h // config.num_attention_heads
