@@ -17,6 +17,8 @@ The file follows the paper's order:
     triplet_loss           Eq. 13    anchor pulled to the chosen response, pushed from the rejected
     sequence_kl            (release) TDPO2's sequential KL, optional
     tidpo_loss             Eq. 12-14 the full objective; Eq. 3 (DPO) when weights are 1 and gamma = 0
+and, at the end, the log-softmax behind token_logps and sequence_kl, with its backward written out
+so that a large vocabulary's logits are never copied whole into float32.
 
 Conventions. Per-token tensors are [B, L] and aligned with `input_ids`: entry [b, t] concerns
 token input_ids[b, t]. `response_mask[b, t]` is 1 exactly on response tokens (prompt and
@@ -40,7 +42,8 @@ def _check_logits(name, logits):
     # shape checks only: they cost nothing, and a wrong shape would otherwise fail deep inside
     # (or broadcast silently into wrong numbers)
     if not torch.is_tensor(logits) or logits.dim() != 3 or not logits.is_floating_point():
-        what = f"shape {list(logits.shape)}, dtype {logits.dtype}" if torch.is_tensor(logits) else type(logits).__name__
+        what = (f"shape {list(logits.shape)}, dtype {logits.dtype}" if torch.is_tensor(logits)
+                else type(logits).__name__)
         raise ValueError(f"{name} must be a [B, L, V] tensor of floats, got {what}")
 
 
@@ -371,9 +374,9 @@ def tidpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref
 #
 # With plain autograd, log_softmax of bfloat16 logits keeps a float32 copy of the whole [B, L, V]
 # for the backward (2x the logits), and makes float32 temporaries and gradients of the same size:
-# 8x the logits at the peak, 37 GiB for 16 pairs x 512 tokens of a 152k vocabulary. A loop over
-# chunks of rows alone would not help, since autograd would still keep every chunk's float32 copy.
-# So these two functions have their backward written out: the forward keeps only the logits
+# 8x the logits at the peak, 37 GiB for 16 pairs (32 rows) x 512 tokens of a 152k vocabulary. A
+# loop over chunks of rows alone would not help: autograd would still keep every chunk's float32
+# copy. So these two functions have their backward written out: the forward keeps only the logits
 # (which exist anyway) and one log-sum-exp per row; the backward recomputes the softmax of a
 # chunk of rows at a time and writes the gradient straight into one tensor of the logits' dtype.
 # The arithmetic is the plain formula's, in float32 (or float64 when that came in).
