@@ -21,7 +21,7 @@ def checkpoint_activations(model):
     Dropout at 0 keeps a training-mode forward exactly the eval-mode forward, so the attribution
     (Eq. 5-6) and the log-probs stay deterministic. Non-reentrant checkpointing lets the
     attribution's autograd.grad to the input embeddings and the loss's backward each recompute the
-    layers they need from the same forward; the reentrant kind cannot run that first backward.
+    layers they need from the same forward; the reentrant kind refuses torch.autograd.grad.
     """
     for module in model.modules():
         if isinstance(module, torch.nn.modules.dropout._DropoutNd):
@@ -43,8 +43,8 @@ def checkpoint_activations(model):
 def eval_mode(model):
     """`model` in eval mode inside the block, then back in the mode it had.
 
-    For the sampler: up to transformers 5.2x, a checkpointed layer in training mode drops the KV
-    cache, even without gradients.
+    For the sampler: in transformers 5.17 (not in 5.24) a checkpointed layer in training mode drops
+    the KV cache, even without gradients.
     """
     training = model.training
     model.eval()
@@ -60,7 +60,7 @@ def eval_mode(model):
 #   float32:                   8 numbers of h (residual, norms, q, attention output, ...), 4 of i
 #                              (gate, up, SiLU, their product), 2 of kv (k, v): 32h + 16i + 8kv
 #   bfloat16 autocast (GPU):   the residual stream and the norms stay float32, the rest bfloat16:
-#                              30h + 8i + 4kv
+#                              30h + 8i + 4kv (counted under the CPU's bfloat16 autocast)
 # With checkpointing a layer keeps only its float32 input (4h) and recomputes the rest in the
 # backward, one layer at a time.
 ACTIVATION_BYTES = {"float32": (32, 16, 8), "bfloat16": (30, 8, 4)}
