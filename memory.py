@@ -16,7 +16,8 @@ import torch
 
 def checkpoint_activations(model):
     """Turn on transformers' activation checkpointing, non-reentrant, and put `model` in training
-    mode (transformers checkpoints only there) with every dropout probability set to 0.
+    mode (transformers checkpoints only there) with every dropout probability set to 0. Returns a
+    function that turns it off again.
 
     Dropout at 0 keeps a training-mode forward exactly the eval-mode forward, so the attribution
     (Eq. 5-6) and the log-probs stay deterministic. Non-reentrant checkpointing lets the
@@ -35,8 +36,18 @@ def checkpoint_activations(model):
     enable({"use_reentrant": False})
     # A training forward builds no KV cache (transformers would turn it off with a warning); the
     # sampler asks for its cache explicitly.
-    model.config.use_cache = False
+    use_cache, model.config.use_cache = model.config.use_cache, False
     model.train()
+
+    def undo():
+        """Back to eval mode, checkpointing off, and the config's use_cache as it came (it is saved
+        with the policy, and users' generate() reads it)."""
+        disable = getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable
+        disable()
+        model.config.use_cache = use_cache
+        model.eval()
+
+    return undo
 
 
 @contextmanager

@@ -408,8 +408,8 @@ def train_loop(policy, ref, train_pairs, tokenizer, args, run, resume, before):
     through DistributedDataParallel, which averages the gradients over the processes.
     """
     device, autocast, rank, world_size, log = run.device, run.autocast, run.rank, run.world_size, run.log
-    if args.gradient_checkpointing:
-        memory.checkpoint_activations(policy)  # in training mode until the end of the loop
+    # in training mode until the end of the loop
+    end_checkpointing = memory.checkpoint_activations(policy) if args.gradient_checkpointing else policy.eval
     train_policy = policy
     if world_size > 1:
         # DDP's constructor also gives every process rank 0's weights.
@@ -511,7 +511,7 @@ def train_loop(policy, ref, train_pairs, tokenizer, args, run, resume, before):
                      "window": {"sums": sums, "count": count}, "history": history, "before": before}
             if rank == 0:
                 checkpoint = checkpoints.save_checkpoint(state, args.output_dir, args.keep_last)
-    policy.eval()
+    end_checkpointing()
     return history
 
 

@@ -30,11 +30,16 @@ def test_checkpointed_training_mode_is_the_eval_forward():
     torch.manual_seed(0)
     model = GPT2LMHeadModel(GPT2Config(vocab_size=50, n_embd=32, n_layer=2, n_head=4, n_positions=16))
     expected = model.eval()(torch.arange(10).view(2, 5)).logits
-    memory.checkpoint_activations(model)
-    assert model.training
+    assert model.config.use_cache
+    end = memory.checkpoint_activations(model)
+    assert model.training and not model.config.use_cache
     assert all(m.p == 0 for m in model.modules() if isinstance(m, torch.nn.Dropout))
     for _ in range(2):
         assert torch.equal(model(torch.arange(10).view(2, 5)).logits, expected)
+    # Ended: eval mode, no checkpointing, and the config (saved with the policy) as it came.
+    end()
+    assert not model.training and model.config.use_cache
+    assert not any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
 
 
 def test_eval_mode_restores_the_mode():
