@@ -82,7 +82,9 @@ MECHANISM_METHODS = ["dpo", "tidpo", "uniform_weights", "oracle_triplet", "tidpo
 # critical phrase does.
 MECHANISM_SETTINGS = [("default", 0.2), ("spurious", 0.2)]
 MECHANISM_SEEDS = [0, 1, 2, 3, 4]
-NOISE = [0.0, 0.1, 0.2, 0.4]  # Table B8's noise levels
+# Table B8's noise levels but 0%, where every method reaches held-out accuracy 1 on the built-in task (an
+# earlier grid of 96 runs measured it); `--noise 0 0.1 0.2 0.4` runs it too
+NOISE = [0.1, 0.2, 0.4]
 SEEDS = [0, 1, 2]
 STEPS = 128  # 4 epochs of the 512 built-in training pairs at batch 16
 
