@@ -92,7 +92,7 @@ def plain_loss(policy, ref, pairs, anchor, args):
 def test_step_matches_the_plain_computation(gamma, monkeypatch):
     policy, ref, pairs, batch, anchor = setup()
     args = argparse.Namespace(loss="tidpo", weights="hybrid", beta=0.1, gamma=gamma, lam=0.7, margin=0.01,
-                              weight_scale="mean", kl_alpha=0.0, attribution="paper")
+                              weight_scale="mean", kl_alpha=0.0, attribution="paper", triplet_grad="all")
     monkeypatch.setattr(train, "sample", lambda *a, **k: anchor)
     tokenizer = argparse.Namespace(pad_token_id=PAD, eos_token_id=EOS)
 
