@@ -87,7 +87,7 @@ def build_parser(description=__doc__):
                    "attribution: paper (Eq. 5-6), or variants beyond the paper: no-final (the final response "
                    "token left out of the normalisation), grad-x-input (|gradient . embedding|, final left out)")
     a.add_argument("--triplet-grad", choices=tidpo.TRIPLET_GRADS, default="all", help="which triplet points carry "
-                   "its gradient: all (Eq. 38), or anchor (beyond the paper: the chosen and rejected points held fixed)")
+                   "its gradient: all (Eq. 38), or anchor (beyond the paper: chosen and rejected points held fixed)")
     a.add_argument("--kl-alpha", type=float, default=0.0, help="weight of TDPO2's sequential KL, as in the "
                    "authors' release (they use 0.5); 0 is the paper's Eq. 14")
 
