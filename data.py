@@ -79,7 +79,11 @@ def load_jsonl(path) -> list[dict]:
 def _check_record(record, where):
     for field in FIELDS:
         if field not in record:
-            raise DataError(f"{where}: field '{field}' is missing")
+            # A misspelled field ("reject") is the likely cause: name the keys that are no field.
+            others = [key for key in record if key not in FIELDS]
+            hint = f" (the record has {', '.join(repr(key) for key in others)}; the fields are " \
+                   f"{', '.join(repr(name) for name in FIELDS)})" if others else ""
+            raise DataError(f"{where}: field '{field}' is missing{hint}")
     # The prompt decides the format; the two responses must follow it.
     conversational = isinstance(record["prompt"], list)
     for field in FIELDS:

@@ -26,10 +26,26 @@ padding are 0). Every response must be one contiguous run of tokens that follows
 prompt token, so that each response token has a position that predicts it.
 
 The loss functions take tensors only: they know nothing about models, tokenizers or devices.
+They check what can be checked without waiting for the device (shapes, names, plain numbers) and
+raise a ValueError that names the argument.
 """
 
 import torch
 import torch.nn.functional as F
+
+
+def _check_shape(where, name, tensor, shape, dims):
+    # A ValueError naming the argument unless tensor.shape == shape; `dims` says what each
+    # dimension is ("B, L"). Sizes only: nothing here waits for the device.
+    if tuple(tensor.shape) != tuple(shape):
+        raise ValueError(f"{where}: {name} must have shape [{dims}] = {list(shape)}, got {list(tensor.shape)}")
+
+
+def _check_dims(where, name, tensor, dims):
+    # The first tensor of a call fixes the sizes; this checks only its number of dimensions.
+    if tensor.dim() != len(dims.split(",")):
+        raise ValueError(f"{where}: {name} must have shape [{dims}], got {list(tensor.shape)}")
+    return tensor.shape
 
 
 def _at_least_float32(x):
@@ -120,6 +136,7 @@ def gradient_attribution(model, input_ids, attention_mask, response_mask, attrib
             trainable parameters), so the caller builds its loss from them without a second forward.
         importance: [B, L] detached scores I_i >= 0 on response tokens, 0 elsewhere.
     """
+    _check_attribution(attribution)  # before the forward, not after it
     logits, grad, embeddings = target_gradient(model, input_ids, attention_mask, response_mask)
     return logits, importance_scores(grad, embeddings, response_mask, attribution)
 
@@ -135,6 +152,9 @@ def target_gradient(model, input_ids, attention_mask, response_mask):
     Rows are independent: the rows of a batch do not interact in a transformer, so the gradient of
     the sum of the rows' targets gives each row the gradient of its own target.
     """
+    shape = _check_dims("target_gradient", "input_ids", input_ids, "B, L")
+    _check_shape("target_gradient", "attention_mask", attention_mask, shape, "B, L")
+    _check_shape("target_gradient", "response_mask", response_mask, shape, "B, L")
     embeddings = model.get_input_embeddings()(input_ids)
     if not embeddings.requires_grad:  # a frozen model: attribute anyway, to its inputs
         embeddings = embeddings.detach().requires_grad_(True)
@@ -156,8 +176,10 @@ def importance_scores(grad, embeddings, response_mask, attribution="paper"):
 
     Only response tokens keep a score; prompt and padding positions are 0.
     """
-    if attribution not in ATTRIBUTIONS:
-        raise ValueError(f"attribution must be one of {ATTRIBUTIONS}, got {attribution!r}")
+    _check_attribution(attribution)
+    shape = _check_dims("importance_scores", "grad", grad, "B, L, E")
+    _check_shape("importance_scores", "embeddings", embeddings, shape, "B, L, E")
+    _check_shape("importance_scores", "response_mask", response_mask, shape[:2], "B, L")
     if attribution == "grad-x-input":
         importance = grad_x_input(grad, embeddings)
     else:
@@ -167,6 +189,11 @@ def importance_scores(grad, embeddings, response_mask, attribution="paper"):
     if attribution != "paper":
         importance = leave_out_final(importance, response_mask)
     return importance.detach()
+
+
+def _check_attribution(attribution):
+    if attribution not in ATTRIBUTIONS:
+        raise ValueError(f"attribution must be one of {ATTRIBUTIONS}, got {attribution!r}")
 
 
 def _last_response_position(response_mask):
@@ -207,6 +234,8 @@ def gaussian_prior(length, dtype=torch.float32, device=None):
     It counters the U-shaped position bias of LMs ("lost in the middle") by favouring the
     middle of a response. Example, T = 5: [0.2780, 0.7261, 1.0000, 0.7261, 0.2780].
     """
+    if isinstance(length, bool) or not isinstance(length, int) or length < 1:
+        raise ValueError(f"gaussian_prior: length must be a whole number of tokens >= 1, got {length!r}")
     positions = torch.arange(length, dtype=dtype, device=device)
     return _gaussian(positions, torch.tensor(float(length), dtype=dtype, device=device))
 
@@ -217,16 +246,21 @@ def hybrid_weights(importance, response_mask, lam=0.7, scale="mean"):
     Args:
         importance: [B, L] attribution scores I_i (from gradient_attribution), >= 0.
         response_mask: [B, L] 1 on each row's response (one contiguous run per row).
-        lam: lambda of Eq. 8, the share of the attribution; 1 - lam goes to the prior.
+        lam: lambda of Eq. 8 in [0, 1], the share of the attribution; 1 - lam goes to the prior.
         scale: "mean" -> weights average 1 over the response (uniform weights reproduce DPO, and
             beta keeps its usual meaning); "sum" -> Eq. 8 as written, weights sum to 1.
 
     Returns:
         [B, L] weights, 0 off the response. Where a row's importance sums to 0 (no usable
-        attribution), the prior alone.
+        attribution), the prior alone. A row without response tokens gets all 0 (whether one is
+        empty is not checked here: that would wait for the device; data.py never makes one).
     """
     if scale not in ("mean", "sum"):
-        raise ValueError(f"scale must be 'mean' or 'sum', got {scale!r}")
+        raise ValueError(f"hybrid_weights: scale must be 'mean' or 'sum', got {scale!r}")
+    if not 0 <= lam <= 1:  # outside [0, 1] one of the two shares is negative, and so are weights
+        raise ValueError(f"hybrid_weights: lam must be in [0, 1], got {lam!r}")
+    shape = _check_dims("hybrid_weights", "importance", importance, "B, L")
+    _check_shape("hybrid_weights", "response_mask", response_mask, shape, "B, L")
     mask = response_mask.to(_at_least_float32(importance).dtype)
     importance = importance.to(mask.dtype) * mask
     length = mask.sum(dim=-1, keepdim=True)  # T of each row
@@ -255,6 +289,9 @@ def weighted_logratio(policy_logps, ref_logps, weights):
     Returns:
         [B] the weighted log-ratio of each sequence.
     """
+    shape = _check_dims("weighted_logratio", "policy_logps", policy_logps, "B, L")
+    _check_shape("weighted_logratio", "ref_logps", ref_logps, shape, "B, L")
+    _check_shape("weighted_logratio", "weights", weights, shape, "B, L")
     policy_logps, ref_logps = _at_least_float32(policy_logps), _at_least_float32(ref_logps)
     # Eq. 11 (one side): sum_t w_t * lr_t,  lr_t = log pi_theta(y_t | x, y_<t) - log pi_ref(y_t | x, y_<t)
     return (weights.to(policy_logps.dtype) * (policy_logps - ref_logps)).sum(dim=-1)
@@ -274,6 +311,9 @@ def triplet_loss(anchor_logratio, chosen_logratio, rejected_logratio, margin):
     Returns:
         [B] max(0, (d - b)^2 - (c - d)^2 + alpha).
     """
+    shape = _check_dims("triplet_loss", "anchor_logratio", anchor_logratio, "B")
+    _check_shape("triplet_loss", "chosen_logratio", chosen_logratio, shape, "B")
+    _check_shape("triplet_loss", "rejected_logratio", rejected_logratio, shape, "B")
     d, b, c = anchor_logratio, chosen_logratio, rejected_logratio
     # Eq. 13: L_triplet = max(0, (d - b)^2 - (c - d)^2 + alpha)
     return torch.clamp((d - b) ** 2 - (c - d) ** 2 + margin, min=0)
@@ -302,9 +342,15 @@ def sequence_kl(policy_logits, ref_logits, response_mask):
     return (kl[:, :-1] * response_mask[:, 1:].to(kl.dtype)).sum(dim=-1)
 
 
+# Which of the triplet's points carry its gradient. "all" is the paper's (Eq. 38): anchor d, chosen b
+# and rejected c. "anchor" goes beyond the paper: b and c are constants, so the triplet moves only
+# the anchor, and the chosen and rejected responses are trained by Eq. 12 alone.
+TRIPLET_GRADS = ("all", "anchor")
+
+
 def tidpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
                chosen_weights, rejected_weights, beta=0.1, anchor_logratio=None, gamma=0.1,
-               margin=0.01, kl_chosen=None, kl_rejected=None, kl_alpha=0.0):
+               margin=0.01, kl_chosen=None, kl_rejected=None, kl_alpha=0.0, triplet_grad="all"):
     """The TI-DPO objective (Eq. 14 = Eq. 12 + gamma * Eq. 13), averaged over the batch.
 
     Args:
@@ -318,6 +364,7 @@ def tidpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref
         margin: alpha of Eq. 13 (0.01 as in the authors' release; the paper gives no value).
         kl_chosen, kl_rejected: [B] sequence_kl of y_w and y_l, used only when kl_alpha != 0.
         kl_alpha: weight of TDPO2's sequential KL (the release: 0.5; Eq. 14: 0).
+        triplet_grad: one of TRIPLET_GRADS; "all" (Eq. 38) unless measuring the anchor-only variant.
 
     Returns:
         loss: scalar.
@@ -327,7 +374,25 @@ def tidpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref
             loss/dpo_w (Eq. 12) and loss/triplet (Eq. 13, 0 without an anchor).
 
     With all weights 1, anchor_logratio None (or gamma 0) and kl_alpha 0, this is DPO (Eq. 3).
+
+    The chosen and rejected tensors may have different lengths L; chosen_weights must match the
+    chosen log-probs, rejected_weights the rejected ones.
     """
+    if triplet_grad not in TRIPLET_GRADS:
+        raise ValueError(f"tidpo_loss: triplet_grad must be one of {TRIPLET_GRADS}, got {triplet_grad!r}")
+    chosen_shape = _check_dims("tidpo_loss", "policy_chosen_logps", policy_chosen_logps, "B, L")
+    _check_shape("tidpo_loss", "ref_chosen_logps", ref_chosen_logps, chosen_shape, "B, L")
+    _check_shape("tidpo_loss", "chosen_weights", chosen_weights, chosen_shape, "B, L")
+    rejected_shape = _check_dims("tidpo_loss", "policy_rejected_logps", policy_rejected_logps, "B, L")
+    if rejected_shape[0] != chosen_shape[0]:
+        raise ValueError(f"tidpo_loss: policy_chosen_logps has {chosen_shape[0]} rows and policy_rejected_logps "
+                         f"{rejected_shape[0]}: one row each per pair")
+    _check_shape("tidpo_loss", "ref_rejected_logps", ref_rejected_logps, rejected_shape, "B, L")
+    _check_shape("tidpo_loss", "rejected_weights", rejected_weights, rejected_shape, "B, L")
+    # An anchor of shape [B, L] would broadcast against [B] into a [B, L] loss without a word.
+    for name, value in (("anchor_logratio", anchor_logratio), ("kl_chosen", kl_chosen), ("kl_rejected", kl_rejected)):
+        if value is not None:
+            _check_shape("tidpo_loss", name, value, chosen_shape[:1], "B")
     chosen_weighted = weighted_logratio(policy_chosen_logps, ref_chosen_logps, chosen_weights)
     rejected_weighted = weighted_logratio(policy_rejected_logps, ref_rejected_logps, rejected_weights)
     # Eq. 11: Delta_r_token = sum_t w^w_t lr_t(y_w) - sum_t w^l_t lr_t(y_l)
@@ -346,6 +411,8 @@ def tidpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref
         # y_w and y_l do not have.
         chosen_logratio = (_at_least_float32(policy_chosen_logps) - ref_chosen_logps).sum(dim=-1)
         rejected_logratio = (_at_least_float32(policy_rejected_logps) - ref_rejected_logps).sum(dim=-1)
+        if triplet_grad == "anchor":  # beyond the paper: b and c as constants (see TRIPLET_GRADS)
+            chosen_logratio, rejected_logratio = chosen_logratio.detach(), rejected_logratio.detach()
         triplet = triplet_loss(_at_least_float32(anchor_logratio), chosen_logratio,
                                rejected_logratio, margin)
     else:

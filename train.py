@@ -87,6 +87,8 @@ def build_parser(description=__doc__):
     a.add_argument("--attribution", choices=tidpo.ATTRIBUTIONS, default="paper", help="hybrid weights' "
                    "attribution: paper (Eq. 5-6), or variants beyond the paper: no-final (the final response "
                    "token left out of the normalisation), grad-x-input (|gradient . embedding|, final left out)")
+    a.add_argument("--triplet-grad", choices=tidpo.TRIPLET_GRADS, default="all", help="which triplet points carry "
+                   "its gradient: all (Eq. 38), or anchor (beyond the paper: chosen and rejected points held fixed)")
     a.add_argument("--kl-alpha", type=float, default=0.0, help="weight of TDPO2's sequential KL, as in the "
                    "authors' release (they use 0.5); 0 is the paper's Eq. 14")
 
@@ -377,7 +379,7 @@ def tidpo_step(policy, ref, batch, tokenizer, args, device, autocast):
     loss, metrics = tidpo.tidpo_loss(
         logps[:n], logps[n:], ref_logps[:n], ref_logps[n:], weights[:n], weights[n:], beta=args.beta,
         anchor_logratio=anchor_logratio, gamma=args.gamma if tidpo_on else 0.0, margin=args.margin,
-        kl_alpha=args.kl_alpha if tidpo_on else 0.0, **kl)
+        kl_alpha=args.kl_alpha if tidpo_on else 0.0, triplet_grad=args.triplet_grad, **kl)
     if kl:  # the KL term sits inside loss/dpo_w; logged apart, so that a bad KL can be told from a bad margin
         metrics["loss/kl"] = (args.kl_alpha * (kl["kl_rejected"] - kl["kl_chosen"])).detach().mean()
     return loss, metrics

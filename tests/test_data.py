@@ -126,6 +126,8 @@ def test_load_jsonl_plain_and_conversational(tmp_path):
     ('{"prompt": "p", "chosen": ', ["invalid JSON"]),
     ('["p", "yes", "no"]', ["JSON object"]),
     ({"prompt": "p", "rejected": "no"}, ["field 'chosen'", "missing"]),
+    ({"prompt": "p", "chosen": "yes", "reject": "no"},
+     ["field 'rejected' is missing (the record has 'reject'; the fields are 'prompt', 'chosen', 'rejected')"]),
     ({"prompt": "p", "chosen": 3, "rejected": "no"}, ["field 'chosen'", "string"]),
     ({"prompt": 3, "chosen": "yes", "rejected": "no"}, ["field 'prompt'", "string"]),
     ({"prompt": [{"role": "user"}], "chosen": [], "rejected": []}, ["field 'prompt'", "'content'"]),

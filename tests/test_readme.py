@@ -37,6 +37,37 @@ def test_worked_example_numbers_by_hand():
     assert f"L_DPO-w = -log sigmoid(0.1 * {delta:.4f}) = {-math.log(1 / (1 + math.exp(-0.1 * delta))):.4f}" in README
 
 
+def test_readme_triplet_gradient_on_the_worked_example():
+    # The README: each chosen token's log-ratio gets +0.196 from the triplet (2 gamma (b - d)) and
+    # -0.046 w_t from Eq. 12, so the net gradient is positive on every chosen token.
+    sys.path.insert(0, str(ROOT / "examples"))
+    import tidpo
+    import worked_example as example
+
+    chosen = example.PAIR["chosen"]
+    rejected = example.PAIR["rejected"]
+    chosen_lr = torch.tensor([chosen["logratio"]], dtype=torch.float64, requires_grad=True)
+    rejected_lr = torch.tensor([rejected["logratio"]], dtype=torch.float64)
+    chosen_w = tidpo.hybrid_weights(torch.tensor([chosen["importance"]], dtype=torch.float64),
+                                    torch.ones_like(chosen_lr), lam=example.LAM)
+    rejected_w = tidpo.hybrid_weights(torch.tensor([rejected["importance"]], dtype=torch.float64),
+                                      torch.ones_like(rejected_lr), lam=example.LAM)
+    grads = {}
+    for triplet_grad in ("all", "anchor"):
+        loss, metrics = tidpo.tidpo_loss(chosen_lr, rejected_lr, torch.zeros_like(chosen_lr),
+                                         torch.zeros_like(rejected_lr), chosen_w, rejected_w, beta=example.BETA,
+                                         anchor_logratio=torch.tensor([example.ANCHOR_LOGRATIO], dtype=torch.float64),
+                                         gamma=example.GAMMA, margin=example.MARGIN, triplet_grad=triplet_grad)
+        (grads[triplet_grad],) = torch.autograd.grad(loss, chosen_lr)
+    from_triplet = grads["all"] - grads["anchor"]
+    from_dpo_per_weight = grads["anchor"] / chosen_w
+    assert "each chosen token gets $+0.196$ from the triplet and\n$-0.046\\, w^w_t$ from Eq. 12" in README
+    assert torch.allclose(from_triplet, torch.full_like(from_triplet, 0.196), atol=5e-13)  # 2 * 0.1 * (0.78 + 0.20)
+    assert torch.allclose(from_dpo_per_weight, torch.full_like(from_dpo_per_weight, -0.046), atol=5e-4)
+    assert f"$w^w_t \\le {chosen_w.max().item():.2f}$" in README
+    assert (grads["all"] > 0).all()
+
+
 def test_readme_loss_snippet_runs_and_gives_log_2_plus_the_triplet_margin_at_the_start(capsys):
     (snippet,) = re.findall(r"```python\n(.*?)```", README, flags=re.S)
     sys.path.insert(0, str(ROOT))

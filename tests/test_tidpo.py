@@ -746,13 +746,14 @@ def test_dpo_w_gradient_matches_eq33():
     assert_close(grads[3], -expected_rejected, **EXACT)
 
 
-def test_tidpo_loss_gradient_matches_eq33_plus_eq38():
+@pytest.mark.parametrize("triplet_grad", tidpo.TRIPLET_GRADS)
+def test_tidpo_loss_gradient_matches_eq33_plus_eq38(triplet_grad):
     p = make_pairs(17)
     batch, beta, gamma, margin = p.policy_chosen.shape[0], 0.2, 0.3, 0.01
     anchor = anchors_on_both_sides(p).requires_grad_(True)
     p.policy_chosen.requires_grad_(True)
     p.policy_rejected.requires_grad_(True)
-    loss, _ = call_loss(p, beta=beta, anchor_logratio=anchor, gamma=gamma, margin=margin)
+    loss, _ = call_loss(p, beta=beta, anchor_logratio=anchor, gamma=gamma, margin=margin, triplet_grad=triplet_grad)
     grad_chosen, grad_rejected, grad_anchor = torch.autograd.grad(
         loss, (p.policy_chosen, p.policy_rejected, anchor))
     rows = reference_rows(p, beta, anchor=anchor, gamma=gamma, margin=margin)
@@ -760,13 +761,96 @@ def test_tidpo_loss_gradient_matches_eq33_plus_eq38():
     for b, r in enumerate(rows):
         dpo = beta / batch * (1 - sigmoid(beta * r.delta))  # Eq. 33
         hinge = gamma / batch if r.active else 0.0  # Eq. 38, only where the hinge is active
+        on_points = hinge if triplet_grad == "all" else 0.0  # "anchor": b and c are constants
         chosen_pos, rejected_pos = response_positions(p.chosen_mask[b]), response_positions(p.rejected_mask[b])
         # b and c are UNWEIGHTED sums: every response token gets the same triplet gradient.
-        expected_chosen = -dpo * p.chosen_weights[b, chosen_pos] + hinge * (-2 * (r.d - r.b))
-        expected_rejected = dpo * p.rejected_weights[b, rejected_pos] + hinge * (-2 * (r.c - r.d))
+        expected_chosen = -dpo * p.chosen_weights[b, chosen_pos] + on_points * (-2 * (r.d - r.b))
+        expected_rejected = dpo * p.rejected_weights[b, rejected_pos] + on_points * (-2 * (r.c - r.d))
         assert_close(grad_chosen[b, chosen_pos], expected_chosen, **EXACT)
         assert_close(grad_rejected[b, rejected_pos], expected_rejected, **EXACT)
         assert grad_anchor[b].item() == pytest.approx(hinge * (2 * (r.d - r.b) + 2 * (r.c - r.d)), abs=1e-12)
+
+
+def test_triplet_gradient_on_the_chosen_response_hand_case():
+    # One token each side: b = -1.0 - (-1.5) = 0.5, c = -2.0 - (-1.8) = -0.2, anchor d = 0, alpha = 0.01:
+    # Eq. 13 = (0 - 0.5)^2 - (-0.2 - 0)^2 + 0.01 = 0.25 - 0.04 + 0.01 = 0.22 (active), the same loss
+    # whichever points carry the gradient: 0.6587595555486971 (test_dpo_hand_case) + 0.1 * 0.22.
+    # DPO's push on the chosen token: -beta (1 - sigmoid(beta Delta)) = -0.1 (1 - sigmoid(0.07)) = -0.0482507...
+    dpo_push = -0.1 * (1 - sigmoid(0.07))
+    # Eq. 38 with gamma = 0.1: d/db = gamma * -2 (d - b) = +0.1, d/dc = gamma * -2 (c - d) = +0.04,
+    # d/dd = gamma * (2 (d - b) + 2 (c - d)) = 0.1 * (-1.0 - 0.4) = -0.14.
+    expected = {"all": (dpo_push + 0.1, -dpo_push + 0.04), "anchor": (dpo_push, -dpo_push)}
+    assert expected["all"][0] > 0  # a descent step LOWERS the chosen token's log-prob here
+    for triplet_grad, (chosen_grad, rejected_grad) in expected.items():
+        policy_chosen = torch.tensor([[0.0, -1.0]], dtype=torch.float64, requires_grad=True)
+        policy_rejected = torch.tensor([[0.0, -2.0]], dtype=torch.float64, requires_grad=True)
+        anchor = torch.tensor([0.0], dtype=torch.float64, requires_grad=True)
+        mask = torch.tensor([[0.0, 1.0]], dtype=torch.float64)
+        loss, _ = tidpo.tidpo_loss(policy_chosen, policy_rejected, torch.tensor([[0.0, -1.5]], dtype=torch.float64),
+                                   torch.tensor([[0.0, -1.8]], dtype=torch.float64), mask, mask, beta=0.1,
+                                   anchor_logratio=anchor, gamma=0.1, margin=0.01, triplet_grad=triplet_grad)
+        assert loss.item() == pytest.approx(0.6587595555486971 + 0.022, abs=1e-12)
+        grads = torch.autograd.grad(loss, (policy_chosen, policy_rejected, anchor))
+        assert grads[0][0, 1].item() == pytest.approx(chosen_grad, abs=1e-12), triplet_grad
+        assert grads[1][0, 1].item() == pytest.approx(rejected_grad, abs=1e-12), triplet_grad
+        assert grads[2].item() == pytest.approx(-0.14, abs=1e-12), triplet_grad
+
+
+# ---------------------------------------------------------------------------------------------
+# Input checks: shapes, names and numbers, without waiting for the device
+# ---------------------------------------------------------------------------------------------
+
+def bad_calls():
+    """(what is wrong, the call, the words its message must contain)."""
+    logps, other = torch.zeros(3, 5), torch.zeros(3, 4)
+    mask = torch.ones(3, 5)
+    loss_args = (logps, logps, logps, logps, mask, mask)
+    return [
+        ("lam above 1", lambda: tidpo.hybrid_weights(logps, mask, lam=7.0), "lam"),
+        ("lam below 0", lambda: tidpo.hybrid_weights(logps, mask, lam=-0.1), "lam"),
+        ("scale name", lambda: tidpo.hybrid_weights(logps, mask, scale="sum1"), "scale"),
+        ("mask shape", lambda: tidpo.hybrid_weights(logps, other), "response_mask"),
+        ("importance [B]", lambda: tidpo.hybrid_weights(logps[:, 0], mask), "importance"),
+        ("prior length 0", lambda: tidpo.gaussian_prior(0), "length"),
+        ("prior length 2.5", lambda: tidpo.gaussian_prior(2.5), "length"),
+        ("ref shape", lambda: tidpo.weighted_logratio(logps, other, mask), "ref_logps"),
+        ("weights shape", lambda: tidpo.weighted_logratio(logps, logps, other), "weights"),
+        ("triplet point shape", lambda: tidpo.triplet_loss(logps[:, 0], logps, logps[:, 0], 0.01), "chosen_logratio"),
+        ("anchor [B, L] with L == B", lambda: tidpo.tidpo_loss(*loss_args, anchor_logratio=torch.zeros(3, 3)),
+         "anchor_logratio"),
+        ("anchor of another batch", lambda: tidpo.tidpo_loss(*loss_args, anchor_logratio=torch.zeros(4)),
+         "anchor_logratio"),
+        ("ref shape", lambda: tidpo.tidpo_loss(logps, logps, other, logps, mask, mask), "ref_chosen_logps"),
+        ("rejected weights", lambda: tidpo.tidpo_loss(logps, logps, logps, logps, mask, other), "rejected_weights"),
+        ("rows differ", lambda: tidpo.tidpo_loss(logps, logps[:2], logps, logps[:2], mask, mask[:2]),
+         "policy_rejected_logps"),
+        ("kl shape", lambda: tidpo.tidpo_loss(*loss_args, kl_chosen=torch.zeros(3), kl_rejected=torch.zeros(3, 1),
+                                              kl_alpha=0.5), "kl_rejected"),
+        ("triplet_grad name", lambda: tidpo.tidpo_loss(*loss_args, triplet_grad="chosen"), "triplet_grad"),
+        ("attribution name", lambda: tidpo.importance_scores(torch.zeros(3, 5, 2), torch.zeros(3, 5, 2), mask,
+                                                             "gradient"), "attribution"),
+        ("embeddings shape", lambda: tidpo.importance_scores(torch.zeros(3, 5, 2), torch.zeros(3, 5, 3), mask),
+         "embeddings"),
+        ("attention_mask shape", lambda: tidpo.gradient_attribution(None, mask.long(), other, mask),
+         "attention_mask"),
+    ]
+
+
+@pytest.mark.parametrize("index", range(len(bad_calls())), ids=[case[0] for case in bad_calls()])
+def test_public_functions_name_the_bad_argument(index):
+    _, call, name = bad_calls()[index]
+    with pytest.raises(ValueError, match=name):
+        call()
+
+
+def test_chosen_and_rejected_may_have_different_lengths():
+    # Padded apart, y_w and y_l are [B, L_w] and [B, L_l]: more padding on one side changes nothing.
+    p = make_pairs(18)
+    loss, _ = call_loss(p, beta=0.1)
+    padded = SimpleNamespace(**vars(p))
+    for name in ("policy_rejected", "ref_rejected", "rejected_weights"):
+        setattr(padded, name, torch.nn.functional.pad(getattr(p, name), (0, 3)))
+    assert call_loss(padded, beta=0.1)[0].item() == pytest.approx(loss.item(), abs=1e-12)
 
 
 # ---------------------------------------------------------------------------------------------
