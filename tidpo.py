@@ -54,19 +54,13 @@ def _at_least_float32(x):
     return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
-def _check_logits(name, logits):
-    # shape checks only: they cost nothing, and a wrong shape would otherwise fail deep inside
-    # (or broadcast silently into wrong numbers)
+def _check_logits(where, name, logits):
+    # The logits fix B and L for the other arguments; a [B, L] tensor of floats in their place
+    # would otherwise fail deep inside, or broadcast silently into wrong numbers.
     if not torch.is_tensor(logits) or logits.dim() != 3 or not logits.is_floating_point():
         what = (f"shape {list(logits.shape)}, dtype {logits.dtype}" if torch.is_tensor(logits)
                 else type(logits).__name__)
-        raise ValueError(f"{name} must be a [B, L, V] tensor of floats, got {what}")
-
-
-def _check_shape(name, tensor, shape, meaning):
-    if not torch.is_tensor(tensor) or tensor.shape != shape:
-        what = f"shape {list(tensor.shape)}" if torch.is_tensor(tensor) else type(tensor).__name__
-        raise ValueError(f"{name} must have shape {list(shape)} ({meaning}), got {what}")
+        raise ValueError(f"{where}: {name} must be a [B, L, V] tensor of floats, got {what}")
 
 
 def token_logps(logits, input_ids, response_mask):
@@ -84,9 +78,9 @@ def token_logps(logits, input_ids, response_mask):
     t - 1. Shifting here, once, lets every other tensor in this file stay aligned with input_ids.
     Token 0 has no predicting position and always gets 0 (it is never a response token).
     """
-    _check_logits("logits", logits)
-    _check_shape("input_ids", input_ids, logits.shape[:2], "the logits' [B, L]")
-    _check_shape("response_mask", response_mask, logits.shape[:2], "the logits' [B, L]")
+    _check_logits("token_logps", "logits", logits)
+    _check_shape("token_logps", "input_ids", input_ids, logits.shape[:2], "B, L")
+    _check_shape("token_logps", "response_mask", response_mask, logits.shape[:2], "B, L")
     next_ids = F.pad(input_ids[:, 1:], (0, 1))  # next_ids[b, t] = input_ids[b, t + 1]
     # log softmax evaluated only at the target: logit minus log-sum-exp, in float32 (at least), a
     # few rows at a time (see _LogSoftmaxAtTarget: no float32 copy of the whole [B, L, V]). The
@@ -333,9 +327,9 @@ def sequence_kl(policy_logits, ref_logits, response_mask):
         [B] sum over response tokens t of KL(pi_ref(. | x, y_<t) || pi_theta(. | x, y_<t)), the
         full-vocabulary KL of the two distributions that predict token t (logits at t - 1).
     """
-    _check_logits("policy_logits", policy_logits)
-    _check_shape("ref_logits", ref_logits, policy_logits.shape, "policy_logits' [B, L, V]")
-    _check_shape("response_mask", response_mask, policy_logits.shape[:2], "policy_logits' [B, L]")
+    _check_logits("sequence_kl", "policy_logits", policy_logits)
+    _check_shape("sequence_kl", "ref_logits", ref_logits, policy_logits.shape, "B, L, V")
+    _check_shape("sequence_kl", "response_mask", response_mask, policy_logits.shape[:2], "B, L")
     # entry t is the KL of the distributions at position t, which predict token t + 1 (computed a
     # few rows at a time, see _SequentialKL)
     kl = _SequentialKL.apply(policy_logits.flatten(0, 1), ref_logits.flatten(0, 1)).view(policy_logits.shape[:2])

@@ -239,9 +239,9 @@ def test_token_logps_without_gradients():
 
 
 @pytest.mark.parametrize("logits_shape, ids_shape, mask_shape, message", [
-    ((2, 5), (2, 5), (2, 5), r"logits must be a \[B, L, V\] tensor of floats, got shape \[2, 5\]"),
-    ((2, 5, 7), (2, 4), (2, 5), r"input_ids must have shape \[2, 5\].*got shape \[2, 4\]"),
-    ((2, 5, 7), (2, 5), (5,), r"response_mask must have shape \[2, 5\].*got shape \[5\]"),
+    ((2, 5), (2, 5), (2, 5), r"token_logps: logits must be a \[B, L, V\] tensor of floats, got shape \[2, 5\]"),
+    ((2, 5, 7), (2, 4), (2, 5), r"token_logps: input_ids must have shape \[B, L\] = \[2, 5\], got \[2, 4\]"),
+    ((2, 5, 7), (2, 5), (5,), r"token_logps: response_mask must have shape \[B, L\] = \[2, 5\], got \[5\]"),
 ])
 def test_token_logps_rejects_mismatched_shapes(logits_shape, ids_shape, mask_shape, message):
     with pytest.raises(ValueError, match=message):
@@ -953,11 +953,11 @@ def test_sequence_kl_bfloat16_equals_the_plain_float32_formula(small_chunks):
 
 def test_sequence_kl_rejects_mismatched_shapes():
     logits = torch.zeros(2, 5, 7)
-    with pytest.raises(ValueError, match=r"policy_logits must be a \[B, L, V\] tensor of floats, got shape \[10, 7\]"):
+    with pytest.raises(ValueError, match=r"sequence_kl: policy_logits must be a \[B, L, V\] tensor of floats, got shape \[10, 7\]"):
         tidpo.sequence_kl(logits.view(10, 7), logits.view(10, 7), torch.ones(2, 5))
-    with pytest.raises(ValueError, match=r"ref_logits must have shape \[2, 5, 7\].*got shape \[2, 5, 8\]"):
+    with pytest.raises(ValueError, match=r"sequence_kl: ref_logits must have shape \[B, L, V\] = \[2, 5, 7\], got \[2, 5, 8\]"):
         tidpo.sequence_kl(logits, torch.zeros(2, 5, 8), torch.ones(2, 5))
-    with pytest.raises(ValueError, match=r"response_mask must have shape \[2, 5\].*got shape \[2, 4\]"):
+    with pytest.raises(ValueError, match=r"sequence_kl: response_mask must have shape \[B, L\] = \[2, 5\], got \[2, 4\]"):
         tidpo.sequence_kl(logits, logits, torch.ones(2, 4))
 
 
