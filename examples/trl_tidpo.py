@@ -67,6 +67,7 @@ from trl import DPOConfig, DPOTrainer
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tidpo.py and data.py sit one folder up
 import data  # noqa: E402
 import tidpo  # noqa: E402
+from sampling import end_ids  # noqa: E402
 
 HOOK = "_compute_loss"
 HOOK_PARAMETERS = ["self", "model", "inputs", "return_outputs"]
@@ -164,11 +165,14 @@ class TIDPOTrainer(DPOTrainer):
             if wrong:
                 raise ValueError(f"TIDPOTrainer: {message}")
         tokenizer = self.processing_class
-        self.pad_token_id, self.eos_token_id = tokenizer.pad_token_id, tokenizer.eos_token_id
+        self.pad_token_id = tokenizer.pad_token_id
+        # An anchor ends at any end id: the tokenizer's eos and those of the model's generation config
+        # (Llama 3 lists <|eot_id|> and <|end_of_text|>, Qwen2.5 <|im_end|> and <|endoftext|>).
+        self.end_ids = list(end_ids(self.model, tokenizer))
         sampling = dict(do_sample=True, temperature=args.anchor_temperature, top_k=args.anchor_top_k,
                         top_p=args.anchor_top_p) if args.anchor_temperature > 0 else dict(do_sample=False)
         self.anchor_generation = GenerationConfig(max_new_tokens=args.anchor_max_new_tokens, **sampling,
-                                                  pad_token_id=self.pad_token_id, eos_token_id=self.eos_token_id)
+                                                  pad_token_id=self.pad_token_id, eos_token_id=self.end_ids)
 
     def _compute_loss(self, model, inputs, return_outputs):
         """The TI-DPO loss of one collated batch; records the metrics the way DPOTrainer does."""
@@ -230,10 +234,10 @@ class TIDPOTrainer(DPOTrainer):
     def sample_anchors(self, model, prompt_ids, prompt_mask):
         """One response per left-padded prompt from the current policy, as (input_ids, attention_mask,
         response_mask) of prompt + response, left-padded like the prompts; a response ends at its
-        first EOS (included), and what generate() wrote after it becomes padding.
+        first end id (included), and what generate() wrote after it becomes padding.
 
         Uses transformers' generate(), with this trainer's anchor_* settings, rather than train.py's
-        hand-written sampler, so that this file depends on tidpo.py and data.py only.
+        hand-written sampler: TRL users know generate(), and it handles every architecture.
         """
         policy = self.accelerator.unwrap_model(model)  # generate() is the model's, not the DDP wrapper's
         # In training mode, activation checkpointing turns the KV cache off; dropout is off either way.
@@ -245,8 +249,8 @@ class TIDPOTrainer(DPOTrainer):
         finally:
             policy.train(was_training)
         generated = sequences[:, prompt_ids.shape[1]:]
-        is_eos = (generated == self.eos_token_id).long()
-        response_mask = (is_eos.cumsum(-1) - is_eos == 0).long()  # no EOS before this token
+        is_end = torch.isin(generated, torch.tensor(self.end_ids, device=generated.device)).long()
+        response_mask = (is_end.cumsum(-1) - is_end == 0).long()  # no end id before this token
         generated = torch.where(response_mask.bool(), generated, self.pad_token_id)
         return (torch.cat([prompt_ids, generated], 1), torch.cat([prompt_mask, response_mask], 1),
                 torch.cat([torch.zeros_like(prompt_mask), response_mask], 1))

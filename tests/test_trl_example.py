@@ -72,10 +72,12 @@ def models(task, perturb):
     return policy.train(), ref
 
 
-def make_trainer(task, tmp_path, trainer_class=TIDPOTrainer, perturb=True, **settings):
+def make_trainer(task, tmp_path, trainer_class=TIDPOTrainer, perturb=True, end_ids=None, **settings):
     train, tokenizer, _ = task
     config_class = TIDPOConfig if trainer_class is TIDPOTrainer else DPOConfig
     policy, ref = models(task, perturb)
+    if end_ids is not None:  # the end ids of the policy's generation config
+        policy.generation_config.eos_token_id = end_ids
     config = config_class(output_dir=str(tmp_path / trainer_class.__name__), **COMMON, **settings)
     records = Dataset.from_list([{f: r[f] for f in data.FIELDS} for r in train])
     return trainer_class(policy, ref_model=ref, args=config, train_dataset=records, processing_class=tokenizer)
@@ -255,6 +257,14 @@ def test_anchor_responses_end_at_their_first_eos(task, tmp_path):
     assert response.tolist() == [[0, 0, 0, 1, 1, 0, 0], [0, 0, 0, 1, 1, 1, 1], [0, 0, 0, 1, 0, 0, 0]]
     assert attention.tolist() == [[0, 1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0, 0]]
     del trainer.model.generate
+
+    # A second end id in the model's generation config (Llama 3 lists <|eot_id|> beside
+    # <|end_of_text|>) ends a response too, in generate() and in the cut: token 13 here.
+    two_ends = make_trainer(task, tmp_path, end_ids=[13, eos])
+    assert sorted(two_ends.anchor_generation.eos_token_id) == sorted([13, eos])
+    two_ends.model.generate = lambda **kwargs: torch.cat([kwargs["input_ids"], generated], 1)
+    _, _, response = two_ends.sample_anchors(two_ends.model, prompt_ids, prompt_mask)
+    assert response.tolist() == [[0, 0, 0, 1, 1, 0, 0], [0, 0, 0, 1, 1, 0, 0], [0, 0, 0, 1, 0, 0, 0]]
 
     # The real generate(): the prompts are kept, at most anchor_max_new_tokens follow, in training mode after.
     trainer.anchor_generation.max_new_tokens = 5
