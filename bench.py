@@ -159,7 +159,7 @@ def decode_seconds_per_token(policy, batch_list, tokenizer, args, device, autoca
                for batch in batch_list]
     settings = dict(max_new_tokens=args.max_new_tokens, min_new_tokens=args.min_new_tokens,
                     temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, method=args.sampler)
-    with autocast, memory.eval_mode(policy):
+    with autocast:
         sampling.sample(policy, *prompts[0], tokenizer, **settings)
         synchronize(device)
         start = time.perf_counter()
@@ -175,7 +175,7 @@ def check_sampler(policy, batch, tokenizer, args, device, autocast):
     bfloat16 rounding may flip a near-tie of a random model, after which a row goes its own way)."""
     greedy = dict(max_new_tokens=args.max_new_tokens, min_new_tokens=args.min_new_tokens, temperature=0.0)
     prompts = batch["prompt_input_ids"].to(device), batch["prompt_attention_mask"].to(device)
-    with autocast, memory.eval_mode(policy):
+    with autocast:
         tokens = {method: sampling.sample(policy, *prompts, tokenizer, **greedy, method=method)[0]
                   for method in ("graph", "static", "dynamic")}
     length = min(t.shape[1] for t in tokens.values())

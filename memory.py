@@ -1,15 +1,12 @@
 """Memory: activation checkpointing for the policy, and the formula for a step's peak memory.
 
     checkpoint_activations   the policy recomputes each layer's activations in the backward
-    eval_mode                the policy out of training mode for a block (the sampler's cache)
     step_peak_bytes          what a step of DPO or full TI-DPO needs on a GPU, term by term
 
     python memory.py         # docs/training.md's table: a step's GPU memory for Qwen2.5 0.5B, 1.5B, 7B
 
 bench.py prints step_peak_bytes's figure next to the peak it measures.
 """
-
-from contextlib import contextmanager
 
 import torch
 
@@ -48,21 +45,6 @@ def checkpoint_activations(model):
         model.eval()
 
     return undo
-
-
-@contextmanager
-def eval_mode(model):
-    """`model` in eval mode inside the block, then back in the mode it had.
-
-    For the sampler: in transformers 5.17 (not in 5.24) a checkpointed layer in training mode drops
-    the KV cache, even without gradients.
-    """
-    training = model.training
-    model.eval()
-    try:
-        yield model
-    finally:
-        model.train(training)
 
 
 # Bytes that one decoder layer (Llama, Qwen2: RMSNorm, attention through SDPA, SwiGLU MLP) keeps

@@ -24,6 +24,7 @@ those of earlier versions.
 """
 
 import collections
+import contextlib
 import copy
 import inspect
 import time
@@ -67,8 +68,26 @@ def sample(model, prompt_ids, prompt_mask, tokenizer, *, max_new_tokens=64, min_
     longest response. If a static way fails at its first use for a model, it warns once and that
     model is sampled the dynamic way from then on.
     """
-    settings = Settings(max_new_tokens, min_new_tokens, temperature, top_k, top_p, end_ids(model, tokenizer),
-                        tokenizer.pad_token_id)
+    with eval_mode(model):
+        return _sample(model, prompt_ids, prompt_mask, tokenizer, Settings(
+            max_new_tokens, min_new_tokens, temperature, top_k, top_p, end_ids(model, tokenizer),
+            tokenizer.pad_token_id), method)
+
+
+@contextlib.contextmanager
+def eval_mode(model):
+    """`model` in eval mode inside the block, then back in the mode it had. A policy trained with
+    activation checkpointing is in training mode, where transformers 5.17 (not 5.24) drops a
+    checkpointed layer's KV cache, even without gradients."""
+    training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(training)
+
+
+def _sample(model, prompt_ids, prompt_mask, tokenizer, settings, method):
     method = choose_method(model, method, prompt_ids.is_cuda)
     sampler = static_sampler(model) if method != "dynamic" else None
     if sampler is not None and not sampler.failed:

@@ -330,7 +330,7 @@ def tidpo_step(policy, ref, batch, tokenizer, args, device, autocast):
     if tidpo_on and args.gamma != 0:
         # Eq. 13's anchor: a response sampled from the current policy for the same prompt, without
         # gradient; its summed log-ratio d is then computed with gradient.
-        with autocast, record_function("sample anchors"), memory.eval_mode(module):
+        with autocast, record_function("sample anchors"):
             anchor = sample(module, batch["prompt_input_ids"].to(device), batch["prompt_attention_mask"].to(device),
                             tokenizer, max_new_tokens=args.max_new_tokens, min_new_tokens=args.min_new_tokens,
                             temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, method=args.sampler)

@@ -17,6 +17,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 import data  # noqa: E402
 import memory  # noqa: E402
+import sampling  # noqa: E402
 import train  # noqa: E402
 
 # ---------------------------------------------------------------------------------------------
@@ -44,7 +45,7 @@ def test_checkpointed_training_mode_is_the_eval_forward():
 
 def test_eval_mode_restores_the_mode():
     model = torch.nn.Linear(2, 2).train()
-    with memory.eval_mode(model):
+    with sampling.eval_mode(model):
         assert not model.training
     assert model.training
 
