@@ -215,6 +215,8 @@ def collate(pairs, pad_id) -> dict[str, torch.Tensor]:
         prompt only, left-padded so that generate() continues every row at the end.
     {side}_critical_mask  [B, L_side]
         only if every pair has "{side}_critical" (response-token indices).
+    flipped  [B] bool
+        only if every pair has "flipped" (the built-in task: labels swapped by label noise).
     """
     batch = {}
     for side in RESPONSES:
@@ -244,6 +246,8 @@ def collate(pairs, pad_id) -> dict[str, torch.Tensor]:
         prompt_attention[row, width - length:] = 1
     batch["prompt_input_ids"] = prompt_ids
     batch["prompt_attention_mask"] = prompt_attention
+    if all("flipped" in pair for pair in pairs):  # the built-in task knows which labels it swapped
+        batch["flipped"] = torch.tensor([pair["flipped"] for pair in pairs])
     return batch
 
 
@@ -401,7 +405,7 @@ def builtin_task(seed=0, n_train=512, n_heldout=128, label_noise=0.0,
     """Generate (train, heldout) records with known ground truth, deterministic per seed.
 
     Records: prompt, chosen, rejected (strings), chosen_critical / rejected_critical
-    (the phrase that decides the preference), domain and source. label_noise
+    (the phrase that decides the preference), domain, source and flipped. label_noise
     swaps chosen and rejected in exactly round(label_noise * n_train) training
     records; the held-out split always keeps the true labels.
 
@@ -425,8 +429,11 @@ def builtin_task(seed=0, n_train=512, n_heldout=128, label_noise=0.0,
                for i in range(n_heldout)]
     # Drawn after every record exists, so the records themselves do not depend on
     # label_noise: the same seed gives the same task, only with some labels flipped.
+    for record in train + heldout:
+        record["flipped"] = False
     for index in rng.sample(range(n_train), round(label_noise * n_train)):
         record = train[index]
+        record["flipped"] = True
         record["chosen"], record["rejected"] = record["rejected"], record["chosen"]
         record["chosen_critical"], record["rejected_critical"] = (record["rejected_critical"],
                                                                    record["chosen_critical"])
@@ -533,5 +540,6 @@ def encode_builtin(tokenizer, records, max_length) -> list[dict]:
             kept = len(pair[f"{side}_ids"])
             positions = critical_positions(tokenizer, record[side], record[f"{side}_critical"])
             pair[f"{side}_critical"] = [index for index in positions if index < kept]
+        pair["flipped"] = record.get("flipped", False)
         encoded.append(pair)
     return encoded

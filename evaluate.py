@@ -7,6 +7,7 @@ The metrics are pure functions of lists and tensors, so that each can be checked
     win_rate                               policy against reference, prompt by prompt
     critical_share, topk_hit_rate          where a weighting puts its weight (built-in task)
     critical_margin                        the preference on the critical tokens alone (built-in task)
+    triplet_active_by_label, with_shares   where Eq. 13's hinge acts: flipped or clean pairs (built-in task)
 """
 
 import collections
@@ -100,6 +101,42 @@ def critical_margin(chosen_logratio, rejected_logratio, chosen_critical, rejecte
 
 
 # ----------------------------------------------------------------------------- the evaluation
+
+
+def triplet_active_by_label(logratios, response_mask, anchor_logratios, anchor_mask, flipped, margin,
+                            triplet=tidpo.triplet_loss):
+    """Where Eq. 13's hinge is active, split by the built-in task's flipped labels.
+
+    Args:
+        logratios, response_mask: [2B, L] per-token log-ratios of the chosen rows, then the rejected.
+        anchor_logratios, anchor_mask: [B, L_a] the anchors'.
+        flipped: [B] bool, True where the training pair's labels were swapped (label noise).
+
+    Returns shares of the whole batch (so that they average over micro-batches and processes like
+    every other metric): triplet/active_flipped_pairs, triplet/active_clean_pairs, flipped_pairs.
+    with_shares turns them into the share of flipped and of clean pairs whose hinge is active.
+    """
+    n = len(flipped)
+    with torch.no_grad():
+        active = triplet(anchor_logratios, anchor_mask, logratios[:n], response_mask[:n],
+                         logratios[n:], response_mask[n:], margin) > 0
+    flipped = flipped.bool()
+    return {"triplet/active_flipped_pairs": (active & flipped).float().mean(),
+            "triplet/active_clean_pairs": (active & ~flipped).float().mean(),
+            "flipped_pairs": flipped.float().mean()}
+
+
+def with_shares(means):
+    """`means` plus triplet/active_on_flipped and triplet/active_on_clean where the window held
+    flipped and clean pairs: the share of each kind of pair whose triplet hinge is active."""
+    if "flipped_pairs" not in means or "triplet/active_flipped_pairs" not in means:
+        return means
+    shares = dict(means)
+    if means["flipped_pairs"] > 0:
+        shares["triplet/active_on_flipped"] = means["triplet/active_flipped_pairs"] / means["flipped_pairs"]
+    if means["flipped_pairs"] < 1:
+        shares["triplet/active_on_clean"] = means["triplet/active_clean_pairs"] / (1 - means["flipped_pairs"])
+    return shares
 
 
 @torch.no_grad()

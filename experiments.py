@@ -55,11 +55,15 @@ METHODS = {
     "random_weights": ["--loss", "tidpo", "--weights", "random"],
     "no_prior": ["--loss", "tidpo", "--lam", "1"],
     "prior_only": ["--loss", "tidpo", "--lam", "0"],
-    "tdpo2_kl": ["--loss", "tidpo", "--kl-alpha", "0.5"],
+    # The configuration the paper reports (its final hyperparameter table): beta 0.1, gamma 0.1, lambda 0.7
+    # and the TDPO2 sequential-KL weight 0.5, a term Eq. 14 does not contain (train.py's defaults + --kl-alpha)
+    "tidpo_reported": ["--loss", "tidpo", "--kl-alpha", "0.5"],
     # Eq. 8 as written (weights sum to 1, so Eq. 11 is a weighted average, about 1/T of DPO's sum), and,
-    # beyond the paper, the triplet with only the anchor carrying its gradient (chosen and rejected fixed)
+    # beyond the paper (see HOOKS): the triplet with only the anchor carrying its gradient, and the
+    # triplet on summed log-ratios (one point per response) instead of token by token
     "tidpo_eq8_sum": ["--loss", "tidpo", "--weight-scale", "sum"],
-    "tidpo_anchor_grad": ["--loss", "tidpo", "--triplet-grad", "anchor"],
+    "tidpo_anchor_grad": ["--loss", "tidpo"],
+    "tidpo_points_triplet": ["--loss", "tidpo"],
     # Beyond the paper (built-in task): the attribution's variants and oracle weights on the known critical
     # tokens, in Eq. 12 alone (gamma 0) so that each differs from DPO only in its weights; the oracle at
     # DPO's per-token scale (1 on each critical token, 0 elsewhere), and as a perfect attribution through
@@ -71,12 +75,35 @@ METHODS = {
     "oracle_eq8": ["--loss", "tidpo", "--weights", "oracle", "--oracle-scale", "hybrid", "--lam", "1", "--gamma", "0"],
     "oracle_triplet": ["--loss", "tidpo", "--weights", "oracle"],
 }
-GRID_METHODS = ["dpo", "tidpo", "tidpo_no_triplet", "uniform_weights", "random_weights", "no_prior", "prior_only",
-                "tdpo2_kl", "tidpo_eq8_sum", "tidpo_anchor_grad"]
-# DPO and the full TI-DPO (Eq. 14, triplet included) with the paper's weights, uniform weights and oracle
-# weights; then Eq. 12 alone (no triplet) with each weighting.
-MECHANISM_METHODS = ["dpo", "tidpo", "uniform_weights", "oracle_triplet", "tidpo_no_triplet", "tidpo_no_final",
+GRID_METHODS = ["dpo", "tidpo", "tidpo_reported", "tidpo_no_triplet", "uniform_weights", "random_weights", "no_prior",
+                "prior_only", "tidpo_eq8_sum", "tidpo_anchor_grad", "tidpo_points_triplet"]
+# DPO and the full TI-DPO (Eq. 14, triplet included; and the paper's reported configuration) with the
+# paper's weights, uniform weights and oracle weights; then Eq. 12 alone (no triplet) with each weighting.
+MECHANISM_METHODS = ["dpo", "tidpo", "tidpo_reported", "uniform_weights", "oracle_triplet", "tidpo_no_triplet", "tidpo_no_final",
                      "tidpo_grad_x_input", "prior_only_no_triplet", "oracle", "oracle_eq8"]
+
+
+def points_triplet_loss(anchor_logratios, anchor_mask, chosen_logratios, chosen_mask, rejected_logratios,
+                        rejected_mask, margin):
+    """[B] Eq. 13 on one point per response (beyond the paper): its summed log-ratio, d for the anchor,
+    b and c for the chosen and rejected, max(0, (d - b)^2 - (c - d)^2 + alpha). Each token's gradient is
+    then a difference of sums, about T times the per-token triplet's (tidpo.triplet_loss)."""
+    d, b, c = (torch.where(mask.bool(), logratios, 0.0).sum(-1) for logratios, mask in
+               ((anchor_logratios, anchor_mask), (chosen_logratios, chosen_mask), (rejected_logratios, rejected_mask)))
+    return torch.clamp((d - b) ** 2 - (c - d) ** 2 + margin, min=0)
+
+
+def anchor_grad_triplet_loss(anchor_logratios, anchor_mask, chosen_logratios, chosen_mask, rejected_logratios,
+                             rejected_mask, margin):
+    """[B] tidpo.triplet_loss with the chosen and rejected log-ratios held fixed (beyond the paper): the
+    triplet moves only the anchor, and the chosen and rejected responses are trained by Eq. 12 alone."""
+    return tidpo.triplet_loss(anchor_logratios, anchor_mask, chosen_logratios.detach(), chosen_mask,
+                              rejected_logratios.detach(), rejected_mask, margin)
+
+
+# The methods that swap a part of the step for a variant (train.main's hooks, see train.tidpo_step)
+HOOKS = {"tidpo_anchor_grad": {"triplet": anchor_grad_triplet_loss},
+         "tidpo_points_triplet": {"triplet": points_triplet_loss}}
 # (task, label noise): without noise every method reaches accuracy 1 on both settings. With 20% of the
 # labels flipped, the spurious cue (which follows the given labels) agrees with them more often than the
 # critical phrase does.
@@ -127,7 +154,7 @@ def run_group(job):
                         "--seed", str(job["seed"]), "--output-dir", run_dir]
                 start = time.perf_counter()
                 with open(run_dir + ".log", "w") as log, redirect_stdout(log):
-                    result = train.main(argv)
+                    result = train.main(argv, hooks=HOOKS.get(method))
                 seconds = time.perf_counter() - start
                 print(f"{name}: held-out accuracy {result['after']['accuracy']:.3f} ({seconds:.1f} s)", flush=True)
                 records.append({"method": method, "noise": job["noise"], "seed": job["seed"], "seconds": seconds,
@@ -183,6 +210,43 @@ def noise_label(noise):
     return f"{100 * noise:g}%"
 
 
+def history_values(records, metric, when, **where):
+    """`metric` of each matching run's history: its first logged window ("start"), its last ("end"),
+    or its mean over all windows ("mean"); runs that never logged it are left out."""
+    values = []
+    for r in records:
+        if all(r[k] == v for k, v in where.items()):
+            logged = [h[metric] for h in r["history"] if metric in h]
+            if logged:
+                values.append({"start": logged[0], "end": logged[-1], "mean": statistics.mean(logged)}[when])
+    return values
+
+
+DYNAMICS = [("logps/chosen", "start"), ("logps/chosen", "end"), ("logps/rejected", "start"), ("logps/rejected", "end"),
+            ("triplet/logratio_anchor", "end"), ("triplet/logratio_chosen", "end"), ("triplet/logratio_rejected", "end"),
+            ("triplet/distance_chosen", "end"), ("triplet/distance_rejected", "end"), ("triplet/active", "start"),
+            ("triplet/active", "end"), ("triplet/active_on_flipped", "mean"), ("triplet/active_on_clean", "mean")]
+
+
+def dynamics_table(records, methods, **where):
+    """Markdown: what training does to the likelihoods and where Eq. 13's hinge acts. The policy's summed
+    log-probabilities of the chosen and rejected responses (training batches, first and last logged window),
+    the summed log-ratios of anchor, chosen and rejected responses at the end, the triplet's distances D(y, y_w) and D(y, y_l) at the end, the share of pairs with an active hinge,
+    and that share among the label-flipped pairs and among the clean ones (mean over training)."""
+    header = ["method", "logp chosen, start", "end", "logp rejected, start", "end", "log-ratio anchor, end",
+              "chosen, end", "rejected, end", "D(y, y_w), end",
+              "D(y, y_l), end", "hinge active, start", "end", "active on flipped", "active on clean"]
+    rows = []
+    for m in methods:
+        row = [m]
+        for metric, when in DYNAMICS:
+            values = history_values(records, metric, when, method=m, **where)
+            row.append(cell(values, 2 if metric.startswith(("logps", "triplet/distance", "triplet/logratio")) else 3)
+                       if values else "")
+        rows.append(row)
+    return markdown(header, rows)
+
+
 def write_tables(records, methods, noise_levels, output_dir):
     """Table B8 as table.csv and table.md, the other metrics as summary.md, every run as runs.csv.
     Returns the text printed for the user."""
@@ -192,6 +256,15 @@ def write_tables(records, methods, noise_levels, output_dir):
     header = ["method"] + [f"noise {noise_label(n)}" for n in noise_levels]
     rows = [[m] + [cell(values_of(records, "accuracy", method=m, noise=n)) for n in noise_levels] for m in methods]
     table = markdown(header, rows)
+    # What the policy generates, next to how it ranks the given pairs (the same runs)
+    judge_title = f"The judge's score of the policy's samples and the policy's win rate against the reference ({seeds})"
+    judge = markdown(["method"] + [f"{kind}, {noise_label(n)}" for n in noise_levels for kind in ("judge", "wins")],
+                     [[m] + [cell(values_of(records, metric, method=m, noise=n))
+                             for n in noise_levels for metric in ("judge/policy", "win_rate")] for m in methods])
+    dynamics_title = (f"Training dynamics at noise {noise_label(noise_levels[len(noise_levels) // 2])} ({seeds}): "
+                      "summed log-probabilities, the triplet's distances and where its hinge is active")
+    dynamics = dynamics_table(records, methods, noise=noise_levels[len(noise_levels) // 2])
+    table = f"{table}\n{judge_title}\n\n{judge}\n{dynamics_title}\n\n{dynamics}"
     with open(os.path.join(output_dir, "table.md"), "w") as f:
         f.write(f"{title}\n\n{table}")
     with open(os.path.join(output_dir, "table.csv"), "w", newline="") as f:
@@ -309,12 +382,18 @@ def mechanism_tables(records, methods, settings, lam=0.7):
     for task, noise in settings:
         runs = [r for r in records if r["task"] == task]
         parts.append(f"### Task {task}, label noise {noise_label(noise)} ({spread})\n\n"
-                     "Held-out preference by the plain DPO reward: on whole responses, and on the critical "
-                     "tokens alone\n")
-        parts.append(markdown(["method", "accuracy", "critical accuracy", "margin", "critical margin"],
+                     "Held-out preference by the plain DPO reward, on whole responses and on the critical "
+                     "tokens alone; the judge's score of the policy's samples and its win rate against the "
+                     "reference's\n")
+        parts.append(markdown(["method", "accuracy", "critical accuracy", "margin", "critical margin", "judge",
+                               "wins"],
                               [[m] + [cell(values_of(runs, metric, method=m))
-                                      for metric in ("accuracy", "critical_accuracy", "margin", "critical_margin")]
+                                      for metric in ("accuracy", "critical_accuracy", "margin", "critical_margin",
+                                                     "judge/policy", "win_rate")]
                                for m in methods]))
+        parts.append("\nTraining dynamics: summed log-probabilities of the training batches' responses, the "
+                     "triplet's distances and where its hinge is active\n")
+        parts.append(dynamics_table(runs, methods))
         placement = []
         for kind in PLACEMENT_KINDS:
             row = [kind]

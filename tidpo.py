@@ -14,6 +14,7 @@ The file follows the paper's order:
     gaussian_prior         Eq. 7     a bell over response positions
     hybrid_weights         Eq. 8     importance and prior mixed into per-token weights
     weighted_logratio      Eq. 11    one weighted sum of per-token log-ratios
+    triplet_distance       Eq. 13    the squared distance of two responses' log-ratios, token by token
     triplet_loss           Eq. 13    anchor pulled to the chosen response, pushed from the rejected
     sequence_kl            (release) TDPO2's sequential KL, optional
     tidpo_loss             Eq. 12-14 the full objective; Eq. 3 (DPO) when weights are 1 and gamma = 0
@@ -217,6 +218,7 @@ def leave_out_final(importance, response_mask):
 
 def _gaussian(position, length):
     # Eq. 7: P_prior(t) = exp(-0.5 * ((t - mu) / sigma)^2), mu = (T - 1) / 2, sigma = T / 4
+    # (the paper's sigma; the authors' released configuration uses T / 8, a narrower bell)
     mu = (length - 1) / 2
     sigma = length / 4
     return torch.exp(-0.5 * ((position - mu) / sigma) ** 2)
@@ -291,26 +293,62 @@ def weighted_logratio(policy_logps, ref_logps, weights):
     return (weights.to(policy_logps.dtype) * (policy_logps - ref_logps)).sum(dim=-1)
 
 
-def triplet_loss(anchor_logratio, chosen_logratio, rejected_logratio, margin):
-    """Triplet loss (Eq. 13) on sequence-level points.
+def _left_aligned(logratios, mask, width):
+    # [B, width] each row's response entries moved to the front, in order (t = 0, 1, ...), with a
+    # matching mask; padding may sit on either side of the response, and L may be below `width`.
+    order = torch.argsort((mask == 0).to(torch.int8), dim=-1, stable=True)  # response tokens first
+    values = torch.where(mask.bool(), logratios, torch.zeros_like(logratios)).gather(-1, order)
+    on = mask.gather(-1, order).to(values.dtype)
+    return F.pad(values, (0, width - values.shape[-1])), F.pad(on, (0, width - on.shape[-1]))
 
-    Each response is the point d (anchor), b (chosen), c (rejected): its summed, unweighted
-    log-ratio. The loss pulls the anchor towards the chosen response and pushes it from the
-    rejected one, by at least `margin` (alpha of Eq. 13).
+
+def triplet_distance(anchor_logratios, anchor_mask, other_logratios, other_mask):
+    """[B] the squared distance of Eq. 13 between an anchor and another response, token by token.
 
     Args:
-        anchor_logratio, chosen_logratio, rejected_logratio: [B].
+        anchor_logratios, other_logratios: [B, L_a] and [B, L_o] per-token log-ratios
+            log pi_theta(y_t) - log pi_ref(y_t), unweighted; any value off the response.
+        anchor_mask, other_mask: [B, L_a] and [B, L_o], 1 on each row's response tokens.
+
+    The two responses are aligned by position from each one's first token, and only the
+    positions both have count: the longer response's tail adds nothing (as the authors' code does).
+    """
+    width = max(anchor_logratios.shape[-1], other_logratios.shape[-1])
+    anchor, anchor_on = _left_aligned(_at_least_float32(anchor_logratios), anchor_mask, width)
+    other, other_on = _left_aligned(_at_least_float32(other_logratios), other_mask, width)
+    # D(y, y') = sum_{t < min(T_y, T_y')} (a_t - o_t)^2
+    return ((anchor - other) ** 2 * anchor_on * other_on).sum(dim=-1)
+
+
+def triplet_loss(anchor_logratios, anchor_mask, chosen_logratios, chosen_mask,
+                 rejected_logratios, rejected_mask, margin):
+    """Triplet loss (Eq. 13) with the token-by-token distances of the paper's gradient (Eq. 34).
+
+    The anchor y is a response sampled from the current policy for the same prompt. The loss pulls
+    its per-token log-ratios towards the chosen response's and pushes them from the rejected
+    response's, by at least `margin` (alpha of Eq. 13). All three carry gradient.
+
+    Args:
+        anchor_logratios, chosen_logratios, rejected_logratios: [B, L_a], [B, L_w], [B, L_l]
+            per-token log-ratios, unweighted (lengths may differ; padding on either side).
+        anchor_mask, chosen_mask, rejected_mask: the same shapes, 1 on response tokens.
         margin: alpha of Eq. 13 (float).
 
     Returns:
-        [B] max(0, (d - b)^2 - (c - d)^2 + alpha).
+        [B] max(0, D(y, y_w) - D(y, y_l) + alpha), D as in triplet_distance.
     """
-    shape = _check_dims("triplet_loss", "anchor_logratio", anchor_logratio, "B")
-    _check_shape("triplet_loss", "chosen_logratio", chosen_logratio, shape, "B")
-    _check_shape("triplet_loss", "rejected_logratio", rejected_logratio, shape, "B")
-    d, b, c = anchor_logratio, chosen_logratio, rejected_logratio
-    # Eq. 13: L_triplet = max(0, (d - b)^2 - (c - d)^2 + alpha)
-    return torch.clamp((d - b) ** 2 - (c - d) ** 2 + margin, min=0)
+    for name, logratios, mask in (("anchor", anchor_logratios, anchor_mask),
+                                  ("chosen", chosen_logratios, chosen_mask),
+                                  ("rejected", rejected_logratios, rejected_mask)):
+        _check_dims("triplet_loss", f"{name}_logratios", logratios, "B, L")
+        _check_shape("triplet_loss", f"{name}_mask", mask, logratios.shape, "B, L")
+        if logratios.shape[0] != anchor_logratios.shape[0]:
+            raise ValueError(f"triplet_loss: {name}_logratios has {logratios.shape[0]} rows and "
+                             f"anchor_logratios {anchor_logratios.shape[0]}: one row each per pair")
+    to_chosen = triplet_distance(anchor_logratios, anchor_mask, chosen_logratios, chosen_mask)
+    to_rejected = triplet_distance(anchor_logratios, anchor_mask, rejected_logratios, rejected_mask)
+    # Eq. 13: L_triplet = max(0, D(y, y_w) - D(y, y_l) + alpha)
+    return torch.clamp(to_chosen - to_rejected + margin, min=0)
 
 
 def sequence_kl(policy_logits, ref_logits, response_mask):
@@ -336,15 +374,10 @@ def sequence_kl(policy_logits, ref_logits, response_mask):
     return (kl[:, :-1] * response_mask[:, 1:].to(kl.dtype)).sum(dim=-1)
 
 
-# Which of the triplet's points carry its gradient. "all" is the paper's (Eq. 38): anchor d, chosen b
-# and rejected c. "anchor" goes beyond the paper: b and c are constants, so the triplet moves only
-# the anchor, and the chosen and rejected responses are trained by Eq. 12 alone.
-TRIPLET_GRADS = ("all", "anchor")
-
-
 def tidpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
-               chosen_weights, rejected_weights, beta=0.1, anchor_logratio=None, gamma=0.1,
-               margin=0.01, kl_chosen=None, kl_rejected=None, kl_alpha=0.0, triplet_grad="all"):
+               chosen_weights, rejected_weights, beta=0.1, anchor_logratios=None, anchor_mask=None,
+               chosen_mask=None, rejected_mask=None, gamma=0.1, margin=0.01, kl_chosen=None,
+               kl_rejected=None, kl_alpha=0.0, triplet=triplet_loss):
     """The TI-DPO objective (Eq. 14 = Eq. 12 + gamma * Eq. 13), averaged over the batch.
 
     Args:
@@ -352,28 +385,29 @@ def tidpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref
         ref_chosen_logps, ref_rejected_logps: [B, L] the same for pi_ref (no gradient needed).
         chosen_weights, rejected_weights: [B, L] hybrid_weights w^w_t and w^l_t (constants).
         beta: inverse temperature of the preference margin.
-        anchor_logratio: [B] summed log-ratio d of a response sampled from pi_theta for the same
-            prompt (with gradient), or None for no triplet term.
+        anchor_logratios: [B, L_a] per-token log-ratios of a response sampled from pi_theta for the
+            same prompt (with gradient), or None for no triplet term.
+        anchor_mask: [B, L_a] 1 on the anchor's response tokens; with the anchor, chosen_mask and
+            rejected_mask ([B, L], 1 on response tokens) are needed too.
         gamma: weight of the triplet term.
         margin: alpha of Eq. 13 (0.01 as in the authors' release; the paper gives no value).
         kl_chosen, kl_rejected: [B] sequence_kl of y_w and y_l, used only when kl_alpha != 0.
-        kl_alpha: weight of TDPO2's sequential KL (the release: 0.5; Eq. 14: 0).
-        triplet_grad: one of TRIPLET_GRADS; "all" (Eq. 38) unless measuring the anchor-only variant.
+        kl_alpha: weight of TDPO2's sequential KL (the paper's reported runs: 0.5; Eq. 14: 0).
+        triplet: the function of Eq. 13 (triplet_loss); a hook for variants beyond the paper.
 
     Returns:
         loss: scalar.
-        metrics: dict of detached 0-dim tensors (no host sync): rewards/chosen, rewards/rejected
-            (beta times the weighted log-ratios of Eq. 11, batch mean), rewards/margins,
-            rewards/accuracies, logps/chosen, logps/rejected (summed policy log-probs),
-            loss/dpo_w (Eq. 12) and loss/triplet (Eq. 13, 0 without an anchor).
+        metrics: dict of detached 0-dim tensors (no host sync), batch means, TRL's names where TRL
+            has them: rewards/chosen, rewards/rejected (beta times the weighted log-ratios of
+            Eq. 11), rewards/margins, rewards/accuracies, logps/chosen, logps/rejected (summed
+            policy log-probs), loss/dpo_w (Eq. 12), loss/triplet (Eq. 13, 0 without an anchor) and,
+            with an anchor, triplet/distance_chosen, triplet/distance_rejected (D(y, y_w), D(y, y_l))
+            triplet/active (the share of pairs whose hinge is active) and triplet/logratio_anchor,
+            _chosen, _rejected (each response's summed, unweighted log-ratio: where the anchor sits).
 
-    With all weights 1, anchor_logratio None (or gamma 0) and kl_alpha 0, this is DPO (Eq. 3).
-
-    The chosen and rejected tensors may have different lengths L; chosen_weights must match the
-    chosen log-probs, rejected_weights the rejected ones.
+    With all weights 1, no anchor (or gamma 0) and kl_alpha 0, this is DPO (Eq. 3). The chosen and
+    rejected tensors may have different lengths L; each side's weights and mask match its log-probs.
     """
-    if triplet_grad not in TRIPLET_GRADS:
-        raise ValueError(f"tidpo_loss: triplet_grad must be one of {TRIPLET_GRADS}, got {triplet_grad!r}")
     chosen_shape = _check_dims("tidpo_loss", "policy_chosen_logps", policy_chosen_logps, "B, L")
     _check_shape("tidpo_loss", "ref_chosen_logps", ref_chosen_logps, chosen_shape, "B, L")
     _check_shape("tidpo_loss", "chosen_weights", chosen_weights, chosen_shape, "B, L")
@@ -383,10 +417,21 @@ def tidpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref
                          f"{rejected_shape[0]}: one row each per pair")
     _check_shape("tidpo_loss", "ref_rejected_logps", ref_rejected_logps, rejected_shape, "B, L")
     _check_shape("tidpo_loss", "rejected_weights", rejected_weights, rejected_shape, "B, L")
-    # An anchor of shape [B, L] would broadcast against [B] into a [B, L] loss without a word.
-    for name, value in (("anchor_logratio", anchor_logratio), ("kl_chosen", kl_chosen), ("kl_rejected", kl_rejected)):
-        if value is not None:
+    for name, value in (("kl_chosen", kl_chosen), ("kl_rejected", kl_rejected)):
+        if value is not None:  # a [B, L] KL would broadcast against [B] into a [B, L] loss
             _check_shape("tidpo_loss", name, value, chosen_shape[:1], "B")
+    with_triplet = anchor_logratios is not None and gamma != 0
+    if with_triplet:
+        for name, value in (("anchor_mask", anchor_mask), ("chosen_mask", chosen_mask),
+                            ("rejected_mask", rejected_mask)):
+            if value is None:
+                raise ValueError(f"tidpo_loss: the triplet (anchor_logratios given, gamma != 0) needs {name}")
+        _check_shape("tidpo_loss", "chosen_mask", chosen_mask, chosen_shape, "B, L")
+        _check_shape("tidpo_loss", "rejected_mask", rejected_mask, rejected_shape, "B, L")
+        _check_dims("tidpo_loss", "anchor_logratios", anchor_logratios, "B, L")
+        if anchor_logratios.shape[0] != chosen_shape[0]:
+            raise ValueError(f"tidpo_loss: anchor_logratios has {anchor_logratios.shape[0]} rows and "
+                             f"policy_chosen_logps {chosen_shape[0]}: one anchor per pair")
     chosen_weighted = weighted_logratio(policy_chosen_logps, ref_chosen_logps, chosen_weights)
     rejected_weighted = weighted_logratio(policy_rejected_logps, ref_rejected_logps, rejected_weights)
     # Eq. 11: Delta_r_token = sum_t w^w_t lr_t(y_w) - sum_t w^l_t lr_t(y_l)
@@ -399,20 +444,29 @@ def tidpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref
     # Eq. 12: L_DPO-w = -log sigmoid(beta * Delta_r_token)
     dpo_w = -F.logsigmoid(beta * delta)
 
-    if anchor_logratio is not None and gamma != 0:
-        # The triplet's points are the UNWEIGHTED summed log-ratios b and c: Eq. 13 compares whole
-        # responses, and the paper's token-by-token distances (Eq. 34) need equal lengths, which y,
-        # y_w and y_l do not have.
-        chosen_logratio = (_at_least_float32(policy_chosen_logps) - ref_chosen_logps).sum(dim=-1)
-        rejected_logratio = (_at_least_float32(policy_rejected_logps) - ref_rejected_logps).sum(dim=-1)
-        if triplet_grad == "anchor":  # beyond the paper: b and c as constants (see TRIPLET_GRADS)
-            chosen_logratio, rejected_logratio = chosen_logratio.detach(), rejected_logratio.detach()
-        triplet = triplet_loss(_at_least_float32(anchor_logratio), chosen_logratio,
-                               rejected_logratio, margin)
+    metrics = {}
+    if with_triplet:
+        # The triplet compares the UNWEIGHTED per-token log-ratios of the three responses.
+        chosen_logratios = _at_least_float32(policy_chosen_logps) - ref_chosen_logps
+        rejected_logratios = _at_least_float32(policy_rejected_logps) - ref_rejected_logps
+        triplet_term = triplet(anchor_logratios, anchor_mask, chosen_logratios, chosen_mask,
+                               rejected_logratios, rejected_mask, margin)
+        with torch.no_grad():
+            metrics["triplet/distance_chosen"] = triplet_distance(
+                anchor_logratios, anchor_mask, chosen_logratios, chosen_mask).mean()
+            metrics["triplet/distance_rejected"] = triplet_distance(
+                anchor_logratios, anchor_mask, rejected_logratios, rejected_mask).mean()
+            metrics["triplet/active"] = (triplet_term > 0).float().mean()
+            # where the anchor sits: the three responses' summed, unweighted log-ratios
+            for name, logratios, mask in (("anchor", anchor_logratios, anchor_mask),
+                                          ("chosen", chosen_logratios, chosen_mask),
+                                          ("rejected", rejected_logratios, rejected_mask)):
+                summed = torch.where(mask.bool(), _at_least_float32(logratios), 0.0).sum(dim=-1)
+                metrics[f"triplet/logratio_{name}"] = summed.mean()
     else:
-        triplet = torch.zeros_like(dpo_w)
+        triplet_term = torch.zeros_like(dpo_w)
     # Eq. 14: L_TI-DPO = L_DPO-w + gamma * L_triplet, batch mean
-    loss = (dpo_w + gamma * triplet).mean()
+    loss = (dpo_w + gamma * triplet_term).mean()
 
     with torch.no_grad():
         chosen_rewards = beta * chosen_weighted
@@ -425,7 +479,8 @@ def tidpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref
             "logps/chosen": _at_least_float32(policy_chosen_logps).sum(dim=-1).mean(),
             "logps/rejected": _at_least_float32(policy_rejected_logps).sum(dim=-1).mean(),
             "loss/dpo_w": dpo_w.mean(),
-            "loss/triplet": triplet.mean(),
+            "loss/triplet": triplet_term.mean(),
+            **metrics,
         }
     return loss, {name: value.detach() for name, value in metrics.items()}
 

@@ -34,7 +34,7 @@ import checkpoints
 import data
 import memory
 import tidpo
-from evaluate import evaluate
+import evaluate
 import sampling
 from sampling import sample
 
@@ -87,8 +87,6 @@ def build_parser(description=__doc__):
     a.add_argument("--attribution", choices=tidpo.ATTRIBUTIONS, default="paper", help="hybrid weights' "
                    "attribution: paper (Eq. 5-6), or variants beyond the paper: no-final (the final response "
                    "token left out of the normalisation), grad-x-input (|gradient . embedding|, final left out)")
-    a.add_argument("--triplet-grad", choices=tidpo.TRIPLET_GRADS, default="all", help="which triplet points carry "
-                   "its gradient: all (Eq. 38), or anchor (beyond the paper: chosen and rejected points held fixed)")
     a.add_argument("--kl-alpha", type=float, default=0.0, help="weight of TDPO2's sequential KL, as in the "
                    "authors' release (they use 0.5); 0 is the paper's Eq. 14")
 
@@ -311,7 +309,7 @@ def reference_logps(ref, input_ids, attention_mask, response_mask, autocast):
     return logits, logps.clone()  # inference tensors cannot be saved for backward: a plain copy can
 
 
-def tidpo_step(policy, ref, batch, tokenizer, args, device, autocast):
+def tidpo_step(policy, ref, batch, tokenizer, args, device, autocast, hooks=None):
     """Loss and metrics of one micro-batch.
 
     Chosen and rejected go through each model in one forward. The policy's forward also gives the
@@ -323,7 +321,11 @@ def tidpo_step(policy, ref, batch, tokenizer, args, device, autocast):
     in the backward; sampling and the anchors' forward use the module itself, since DDP expects one
     forward per backward. The anchors' gradients are not lost: autograd adds up all of a
     parameter's gradient in the backward before DDP's hook for that parameter fires.
+
+    `hooks` lets experiments.py swap in a variant beyond the paper: {"triplet": a function with
+    tidpo.triplet_loss's arguments}.
     """
+    triplet = (hooks or {}).get("triplet", tidpo.triplet_loss)
     module = policy.module if isinstance(policy, DistributedDataParallel) else policy
     n = len(batch["chosen_input_ids"])
     tidpo_on = args.loss == "tidpo"
@@ -337,9 +339,10 @@ def tidpo_step(policy, ref, batch, tokenizer, args, device, autocast):
         with autocast, record_function("anchor forwards"):
             anchor_logps = tidpo.token_logps(tidpo.forward_logits(module, *anchor[:2]), anchor[0], anchor[2])
         # outside the `with`: reference_logps enters the autocast itself (nested, it would stay on after the exit)
-        anchor_logratio = (anchor_logps - reference_logps(ref, *anchor, autocast)[1]).sum(-1)
+        anchor_logratios = anchor_logps - reference_logps(ref, *anchor, autocast)[1]  # [B, L_a], per token
+        anchor_mask = anchor[2]
     else:
-        anchor_logratio = None
+        anchor_logratios = anchor_mask = None
 
     stacked = data.stack_pair(batch, tokenizer.pad_token_id)  # chosen rows [:n], rejected rows [n:]
     input_ids, attention_mask, response_mask = (tensor.to(device) for tensor in stacked)
@@ -378,8 +381,13 @@ def tidpo_step(policy, ref, batch, tokenizer, args, device, autocast):
         kl = {"kl_chosen": kl_both[:n], "kl_rejected": kl_both[n:]}
     loss, metrics = tidpo.tidpo_loss(
         logps[:n], logps[n:], ref_logps[:n], ref_logps[n:], weights[:n], weights[n:], beta=args.beta,
-        anchor_logratio=anchor_logratio, gamma=args.gamma if tidpo_on else 0.0, margin=args.margin,
-        kl_alpha=args.kl_alpha if tidpo_on else 0.0, triplet_grad=args.triplet_grad, **kl)
+        anchor_logratios=anchor_logratios, anchor_mask=anchor_mask, chosen_mask=response_mask[:n],
+        rejected_mask=response_mask[n:], gamma=args.gamma if tidpo_on else 0.0, margin=args.margin,
+        kl_alpha=args.kl_alpha if tidpo_on else 0.0, triplet=triplet, **kl)
+    if anchor_logratios is not None and "flipped" in batch:  # built-in task: where the hinge acts
+        metrics.update(evaluate.triplet_active_by_label(
+            logps - ref_logps, response_mask, anchor_logratios, anchor_mask, batch["flipped"].to(device),
+            args.margin, triplet))
     if kl:  # the KL term sits inside loss/dpo_w; logged apart, so that a bad KL can be told from a bad margin
         metrics["loss/kl"] = (args.kl_alpha * (kl["kl_rejected"] - kl["kl_chosen"])).detach().mean()
     return loss, metrics
@@ -468,7 +476,7 @@ def train_loop(policy, ref, train_pairs, tokenizer, args, run, resume, before):
             # DDP reduces the gradients only at the last micro-batch of a step.
             last = micro_step == args.grad_accum - 1
             with train_policy.no_sync() if world_size > 1 and not last else nullcontext():
-                loss, metrics = tidpo_step(train_policy, ref, batch, tokenizer, args, device, autocast)
+                loss, metrics = tidpo_step(train_policy, ref, batch, tokenizer, args, device, autocast, run.hooks)
                 # DDP averages the processes' gradients. Weighting each process's batch-mean loss by
                 # its share of the pairs times the number of processes makes that average the
                 # gradient of the whole batch's mean loss, however the pairs split.
@@ -495,7 +503,7 @@ def train_loop(policy, ref, train_pairs, tokenizer, args, run, resume, before):
         count += 1
 
         if step % args.log_every == 0 or step == steps:
-            means = {name: value / count for name, value in sums.items()}
+            means = evaluate.with_shares({name: value / count for name, value in sums.items()})
             seconds = (time.perf_counter() - t0) / count
             # The training batch's accuracy and margin are those of the WEIGHTED rewards (Eq. 11);
             # the held-out accuracy and margin use the plain, unweighted DPO reward.
@@ -566,9 +574,11 @@ def setup_run(args):
     return run
 
 
-def main(argv=None):
+def main(argv=None, hooks=None):
+    """One run; `hooks` (see tidpo_step) are for experiments.py's variants beyond the paper."""
     args = parse_args(sys.argv[1:] if argv is None else list(argv))
     run = setup_run(args)
+    run.hooks = hooks or {}
     log = run.log
 
     # Set-up. Everything that can fail on the user's input comes before the output folder is made.
@@ -604,7 +614,7 @@ def main(argv=None):
     if resume:
         before = resume["before"]
     else:
-        before = evaluate(policy, ref, heldout_pairs, tokenizer, args, run.device, run.autocast, with_samples=False)
+        before = evaluate.evaluate(policy, ref, heldout_pairs, tokenizer, args, run.device, run.autocast, with_samples=False)
         log(f"held-out before: accuracy {before['accuracy']:.3f}, margin {before['margin']:.4f}",
             {"phase": "eval", "when": "before", **before})
 
@@ -613,7 +623,7 @@ def main(argv=None):
 
     # Evaluation after the loop: the same numbers, and samples scored by the built-in task's judge.
     judge = args.data is None
-    after = evaluate(policy, ref, heldout_pairs, tokenizer, args, run.device, run.autocast, with_samples=judge)
+    after = evaluate.evaluate(policy, ref, heldout_pairs, tokenizer, args, run.device, run.autocast, with_samples=judge)
     line = f"held-out after: accuracy {after['accuracy']:.3f}, margin {after['margin']:.4f}"
     if judge:
         line += (f"; judge score of samples: policy {after['judge/policy']:+.3f}, reference "

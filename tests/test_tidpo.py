@@ -480,47 +480,118 @@ def test_weighted_logratio_random_vs_reference():
 
 
 # ---------------------------------------------------------------------------------------------
-# triplet_loss (Eq. 13): max(0, (d - b)^2 - (c - d)^2 + alpha), and its gradient (Eq. 38)
+# triplet_loss (Eq. 13): max(0, D(y, y_w) - D(y, y_l) + alpha), D summed token by token over the
+# positions both responses have, and its gradient (Eq. 38)
 # ---------------------------------------------------------------------------------------------
 
-def test_triplet_loss_both_sides_of_the_hinge():
-    # Row 0: d = 1, b = 3, c = 2, alpha = 0.5: (1 - 3)^2 - (2 - 1)^2 + 0.5 = 4 - 1 + 0.5 = 3.5
-    # Row 1: d = 1, b = 2, c = 4, alpha = 0.5: (1 - 2)^2 - (4 - 1)^2 + 0.5 = 1 - 9 + 0.5 = -7.5 -> 0
-    anchor = torch.tensor([1.0, 1.0], dtype=torch.float64, requires_grad=True)
-    chosen = torch.tensor([3.0, 2.0], dtype=torch.float64, requires_grad=True)
-    rejected = torch.tensor([2.0, 4.0], dtype=torch.float64, requires_grad=True)
-    loss = tidpo.triplet_loss(anchor, chosen, rejected, margin=0.5)
-    assert_close(loss, torch.tensor([3.5, 0.0], dtype=torch.float64), **EXACT)
-    # Eq. 38, row 0: d/dd = 2(d - b) + 2(c - d) = -4 + 2 = -2, d/db = -2(d - b) = 4,
-    # d/dc = -2(c - d) = -2. Row 1 is clamped: no gradient at all.
-    grads = torch.autograd.grad(loss.sum(), (anchor, chosen, rejected))
-    assert_close(grads[0], torch.tensor([-2.0, 0.0], dtype=torch.float64), **EXACT)
-    assert_close(grads[1], torch.tensor([4.0, 0.0], dtype=torch.float64), **EXACT)
-    assert_close(grads[2], torch.tensor([-2.0, 0.0], dtype=torch.float64), **EXACT)
+def reference_distance(anchor_values, other_values):
+    """sum_{t < min(T_a, T_o)} (a_t - o_t)^2 with plain Python (zip stops at the shorter list)."""
+    return sum((a - o) ** 2 for a, o in zip(anchor_values, other_values))
+
+
+def values_on(tensor_row, mask_row):
+    """The response entries of one row, in order."""
+    return [float(tensor_row[t].detach()) for t in response_positions(mask_row)]
+
+
+def f64(rows):
+    return torch.tensor(rows, dtype=torch.float64)
+
+
+def test_triplet_loss_equal_lengths_hand_case():
+    # a = [1, 2], w = [0, 0], l = [3, 3], alpha = 0.5:
+    # D(y, y_w) = 1 + 4 = 5, D(y, y_l) = 4 + 1 = 5, loss = 5 - 5 + 0.5 = 0.5 (active)
+    anchor, chosen, rejected = (f64(rows).requires_grad_() for rows in ([[1.0, 2.0]], [[0.0, 0.0]], [[3.0, 3.0]]))
+    mask = torch.ones(1, 2)
+    loss = tidpo.triplet_loss(anchor, mask, chosen, mask, rejected, mask, margin=0.5)
+    assert_close(loss, f64([0.5]), **EXACT)
+    # Eq. 38: dL/dw_t = 2 (w_t - a_t) = [-2, -4]; dL/dl_t = 2 (a_t - l_t) = [-4, -2];
+    # dL/da_t = 2 (a_t - w_t) - 2 (a_t - l_t) = [2 + 4, 4 + 2] = [6, 6]
+    grad_anchor, grad_chosen, grad_rejected = torch.autograd.grad(loss.sum(), (anchor, chosen, rejected))
+    assert_close(grad_chosen, f64([[-2.0, -4.0]]), **EXACT)
+    assert_close(grad_rejected, f64([[-4.0, -2.0]]), **EXACT)
+    assert_close(grad_anchor, f64([[6.0, 6.0]]), **EXACT)
+
+
+def test_triplet_loss_unequal_lengths_and_padding_hand_case():
+    # Anchor a = [1, -1, 2] right-padded, chosen w = [0.5, -0.5] left-padded, rejected l = [3, 0, 1, 1]
+    # padded on both sides; the padding holds 9s and 7s, which must not count. Each argument has its own L.
+    anchor = f64([[1.0, -1.0, 2.0, 9.0, 9.0]]).requires_grad_()
+    anchor_mask = torch.tensor([[1, 1, 1, 0, 0]])
+    chosen = f64([[7.0, 7.0, 0.5, -0.5]]).requires_grad_()
+    chosen_mask = torch.tensor([[0, 0, 1, 1]])
+    rejected = f64([[7.0, 3.0, 0.0, 1.0, 1.0, 7.0]]).requires_grad_()
+    rejected_mask = torch.tensor([[0, 1, 1, 1, 1, 0]])
+    # D(y, y_w) over t < 2: (1 - 0.5)^2 + (-1 + 0.5)^2 = 0.5
+    # D(y, y_l) over t < 3: (1 - 3)^2 + (-1 - 0)^2 + (2 - 1)^2 = 6 (l_3 has no anchor token to meet)
+    assert_close(tidpo.triplet_distance(anchor, anchor_mask, chosen, chosen_mask), f64([0.5]), **EXACT)
+    assert_close(tidpo.triplet_distance(anchor, anchor_mask, rejected, rejected_mask), f64([6.0]), **EXACT)
+    # alpha = 0.01: 0.5 - 6 + 0.01 < 0, clamped; alpha = 6: 0.5 - 6 + 6 = 0.5, active
+    assert tidpo.triplet_loss(anchor, anchor_mask, chosen, chosen_mask, rejected, rejected_mask, 0.01).item() == 0
+    loss = tidpo.triplet_loss(anchor, anchor_mask, chosen, chosen_mask, rejected, rejected_mask, margin=6.0)
+    assert_close(loss, f64([0.5]), **EXACT)
+    grad_anchor, grad_chosen, grad_rejected = torch.autograd.grad(loss.sum(), (anchor, chosen, rejected))
+    # dL/dw_t = 2 (w_t - a_t), t < 2: [2 (0.5 - 1), 2 (-0.5 + 1)] = [-1, 1] at positions 2, 3
+    assert_close(grad_chosen, f64([[0.0, 0.0, -1.0, 1.0]]), **EXACT)
+    # dL/dl_t = 2 (a_t - l_t), t < 3: [2 (1 - 3), 2 (-1 - 0), 2 (2 - 1)] = [-4, -2, 2] at positions 1-3; l_3: 0
+    assert_close(grad_rejected, f64([[0.0, -4.0, -2.0, 2.0, 0.0, 0.0]]), **EXACT)
+    # dL/da_t = 2 (a_t - w_t) [t < 2] - 2 (a_t - l_t) [t < 3]: [1 + 4, -1 + 2, 0 - 2] = [5, 1, -2]
+    assert_close(grad_anchor, f64([[5.0, 1.0, -2.0, 0.0, 0.0]]), **EXACT)
+
+
+def random_triplet(seed, batch=24):
+    """Anchor, chosen and rejected log-ratios [B, L] of three different widths, with random response
+    lengths and padding on either side (random_masks), garbage off the response, float64."""
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for length in (7, 10, 5):
+        _, mask = random_masks(gen, batch, length)
+        values = torch.randn(batch, length, generator=gen, dtype=torch.float64)
+        out += [torch.where(mask.bool(), values, 100.0).requires_grad_(), mask]  # 100 off the response
+    return out
 
 
 def test_triplet_loss_random_vs_reference_and_eq38():
-    gen = torch.Generator().manual_seed(9)
-    batch, margin = 32, 0.3
-    anchor, chosen, rejected = (torch.randn(batch, generator=gen, dtype=torch.float64).requires_grad_()
-                                for _ in range(3))
-    loss = tidpo.triplet_loss(anchor, chosen, rejected, margin)
+    margin = 0.5
+    anchor, anchor_mask, chosen, chosen_mask, rejected, rejected_mask = random_triplet(9)
+    loss = tidpo.triplet_loss(anchor, anchor_mask, chosen, chosen_mask, rejected, rejected_mask, margin)
     expected, active = [], []
-    for d, b, c in zip(anchor.tolist(), chosen.tolist(), rejected.tolist()):
-        value = (d - b) ** 2 - (c - d) ** 2 + margin
+    for b in range(len(anchor)):
+        a, w, l = (values_on(x[b], m[b]) for x, m in ((anchor, anchor_mask), (chosen, chosen_mask),
+                                                       (rejected, rejected_mask)))
+        value = reference_distance(a, w) - reference_distance(a, l) + margin
         expected.append(max(0.0, value))
         active.append(value > 0)
-    assert 0 < sum(active) < batch  # both sides of the hinge are exercised
-    assert_close(loss, torch.tensor(expected, dtype=torch.float64), **EXACT)
+    assert 0 < sum(active) < len(anchor)  # both sides of the hinge are exercised
+    assert_close(loss, f64(expected), **EXACT)
 
     grads = torch.autograd.grad(loss.sum(), (anchor, chosen, rejected))
-    expected_grads = torch.zeros(3, batch, dtype=torch.float64)
-    for i, (d, b, c) in enumerate(zip(anchor.tolist(), chosen.tolist(), rejected.tolist())):
-        if active[i]:  # Eq. 38 at sequence level
-            expected_grads[:, i] = torch.tensor([2 * (d - b) + 2 * (c - d), -2 * (d - b), -2 * (c - d)],
-                                                dtype=torch.float64)
+    expected_grads = [torch.zeros_like(x) for x in (anchor, chosen, rejected)]
+    for b in range(len(anchor)):
+        if not active[b]:
+            continue
+        a_pos, w_pos, l_pos = (response_positions(m[b]) for m in (anchor_mask, chosen_mask, rejected_mask))
+        for t, (i, j) in enumerate(zip(a_pos, w_pos)):  # Eq. 38, t < min(T_a, T_w)
+            a_t, w_t = float(anchor[b, i]), float(chosen[b, j])
+            expected_grads[1][b, j] = 2 * (w_t - a_t)
+            expected_grads[0][b, i] += 2 * (a_t - w_t)
+        for t, (i, j) in enumerate(zip(a_pos, l_pos)):  # t < min(T_a, T_l)
+            a_t, l_t = float(anchor[b, i]), float(rejected[b, j])
+            expected_grads[2][b, j] = 2 * (a_t - l_t)
+            expected_grads[0][b, i] -= 2 * (a_t - l_t)
     for grad, expected_grad in zip(grads, expected_grads):
         assert_close(grad, expected_grad, **EXACT)
+
+
+def test_triplet_loss_float32_inputs_match_float64():
+    anchor, anchor_mask, chosen, chosen_mask, rejected, rejected_mask = random_triplet(10)
+    exact = tidpo.triplet_loss(anchor, anchor_mask, chosen, chosen_mask, rejected, rejected_mask, 0.5)
+    rounded = [x.detach().float() if x.is_floating_point() else x
+               for x in (anchor, anchor_mask, chosen, chosen_mask, rejected, rejected_mask)]
+    loss = tidpo.triplet_loss(*rounded, 0.5)
+    assert loss.dtype == torch.float32
+    # the inputs' float32 rounding (2^-24 relative on values of order 1), squared and summed over <= 10 terms
+    assert_close(loss.double(), exact.detach(), rtol=1e-5, atol=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -541,9 +612,11 @@ def make_pairs(seed, batch=6, length=9):
 
 def reference_rows(p, beta, anchor=None, gamma=0.0, margin=0.0, kl_chosen=None, kl_rejected=None,
                    kl_alpha=0.0):
-    """Per row: the weighted log-ratios, Delta, the DPO-w loss and the triplet loss, in float64."""
+    """Per row: the weighted log-ratios, Delta, the DPO-w loss and the triplet loss, in float64.
+    `anchor` is (anchor_logratios, anchor_mask)."""
     p = SimpleNamespace(**{name: value.detach() if torch.is_tensor(value) else value
                            for name, value in vars(p).items()})
+    anchor = None if anchor is None else [x.detach() for x in anchor]
     rows = []
     for b in range(p.policy_chosen.shape[0]):
         chosen_pos, rejected_pos = response_positions(p.chosen_mask[b]), response_positions(p.rejected_mask[b])
@@ -560,28 +633,41 @@ def reference_rows(p, beta, anchor=None, gamma=0.0, margin=0.0, kl_chosen=None, 
                               rejected_sum=sum(float(p.policy_rejected[b, t]) for t in rejected_pos),
                               triplet=0.0, active=False)
         if anchor is not None:
-            d, chosen_point, rejected_point = anchor[b].item(), sum(lr_chosen), sum(lr_rejected)
-            value = (d - chosen_point) ** 2 - (rejected_point - d) ** 2 + margin  # Eq. 13
+            anchor_values = values_on(anchor[0][b], anchor[1][b])
+            to_chosen = reference_distance(anchor_values, lr_chosen)
+            to_rejected = reference_distance(anchor_values, lr_rejected)
+            value = to_chosen - to_rejected + margin  # Eq. 13
             row.triplet, row.active = max(0.0, value), value > 0
-            row.d, row.b, row.c = d, chosen_point, rejected_point
+            row.a, row.w, row.l = anchor_values, lr_chosen, lr_rejected
+            row.to_chosen, row.to_rejected = to_chosen, to_rejected
         rows.append(row)
     return rows
 
 
-def call_loss(p, **kwargs):
+def call_loss(p, anchor=None, **kwargs):
+    if anchor is not None:  # (anchor_logratios, anchor_mask) and the two responses' masks
+        kwargs.update(anchor_logratios=anchor[0], anchor_mask=anchor[1], chosen_mask=p.chosen_mask,
+                      rejected_mask=p.rejected_mask)
     return tidpo.tidpo_loss(p.policy_chosen, p.policy_rejected, p.ref_chosen, p.ref_rejected,
                             p.chosen_weights, p.rejected_weights, **kwargs)
 
 
 def anchors_on_both_sides(p):
-    """An anchor near the rejected point for even rows (hinge active), near the chosen point
-    for odd rows (hinge clamped, given |b - c| > 0.12)."""
-    chosen_point = (p.policy_chosen - p.ref_chosen).sum(-1)
-    rejected_point = (p.policy_rejected - p.ref_rejected).sum(-1)
-    near_rejected = rejected_point + 0.1 * (chosen_point - rejected_point)
-    near_chosen = chosen_point + 0.1 * (rejected_point - chosen_point)
-    even = torch.arange(len(chosen_point)) % 2 == 0
-    return torch.where(even, near_rejected, near_chosen).detach()
+    """(anchor_logratios, anchor_mask), [B, L + 3]: per token, an anchor near the rejected response
+    for even rows (hinge active), near the chosen one for odd rows (hinge clamped unless the responses
+    nearly agree). Token t = 0 .. min(T_w, T_l) - 1 of the anchor is l_t + 0.1 (w_t - l_t) (even rows)
+    or w_t + 0.1 (l_t - w_t) (odd rows); even rows are right-padded, odd rows left-padded, with 5s."""
+    batch, length = p.policy_chosen.shape
+    logratios = torch.full((batch, length + 3), 5.0, dtype=torch.float64)
+    mask = torch.zeros(batch, length + 3, dtype=torch.long)
+    for b in range(batch):
+        w = values_on((p.policy_chosen - p.ref_chosen)[b], p.chosen_mask[b])
+        l = values_on((p.policy_rejected - p.ref_rejected)[b], p.rejected_mask[b])
+        values = [(lt + 0.1 * (wt - lt)) if b % 2 == 0 else (wt + 0.1 * (lt - wt)) for wt, lt in zip(w, l)]
+        start = 1 if b % 2 == 0 else length + 3 - len(values)
+        logratios[b, start:start + len(values)] = f64(values)
+        mask[b, start:start + len(values)] = 1
+    return logratios, mask
 
 
 def test_dpo_hand_case():
@@ -613,9 +699,9 @@ def test_tidpo_loss_with_uniform_weights_is_dpo():
     loss, _ = tidpo.tidpo_loss(*args, beta=beta)
     assert loss.item() == pytest.approx(expected, abs=1e-12)
     # gamma = 0 switches the triplet off even with an anchor; kl_alpha = 0 ignores the KL tensors.
-    anchor = torch.randn(p.policy_chosen.shape[0], generator=p.gen, dtype=torch.float64)
+    anchor, anchor_mask = anchors_on_both_sides(p)
     kl = torch.rand(p.policy_chosen.shape[0], generator=p.gen, dtype=torch.float64)
-    loss, _ = tidpo.tidpo_loss(*args, beta=beta, anchor_logratio=anchor, gamma=0.0,
+    loss, _ = tidpo.tidpo_loss(*args, beta=beta, anchor_logratios=anchor, anchor_mask=anchor_mask, gamma=0.0,
                                kl_chosen=kl, kl_rejected=2 * kl, kl_alpha=0.0)
     assert loss.item() == pytest.approx(expected, abs=1e-12)
     # The "mean" scale makes uniform attribution with lambda = 1 exactly these unit weights.
@@ -633,12 +719,21 @@ def test_tidpo_loss_full_objective_vs_reference():
     rows = reference_rows(p, beta, anchor=anchor, gamma=gamma, margin=margin)
     assert any(r.active for r in rows) and not all(r.active for r in rows)
     expected = sum(r.dpo_w + gamma * r.triplet for r in rows) / len(rows)  # Eq. 14, batch mean
-    loss, metrics = call_loss(p, beta=beta, anchor_logratio=anchor, gamma=gamma, margin=margin)
+    loss, metrics = call_loss(p, anchor, beta=beta, gamma=gamma, margin=margin)
     assert loss.dtype == torch.float64
     assert loss.item() == pytest.approx(expected, abs=1e-12)
-    assert metrics["loss/dpo_w"].item() == pytest.approx(sum(r.dpo_w for r in rows) / len(rows), abs=1e-12)
-    assert metrics["loss/triplet"].item() == pytest.approx(sum(r.triplet for r in rows) / len(rows), abs=1e-12)
+    mean = lambda values: sum(values) / len(values)  # noqa: E731
+    assert metrics["loss/dpo_w"].item() == pytest.approx(mean([r.dpo_w for r in rows]), abs=1e-12)
+    assert metrics["loss/triplet"].item() == pytest.approx(mean([r.triplet for r in rows]), abs=1e-12)
     assert metrics["loss/triplet"].item() > 0
+    # the triplet's diagnostics: its distances, the share of active hinges, where the anchor sits
+    assert metrics["triplet/distance_chosen"].item() == pytest.approx(mean([r.to_chosen for r in rows]), abs=1e-12)
+    assert metrics["triplet/distance_rejected"].item() == pytest.approx(mean([r.to_rejected for r in rows]),
+                                                                        abs=1e-12)
+    assert metrics["triplet/active"].item() == sum(r.active for r in rows) / len(rows)
+    for name, side in (("anchor", "a"), ("chosen", "w"), ("rejected", "l")):
+        summed = mean([sum(getattr(r, side)) for r in rows])
+        assert metrics[f"triplet/logratio_{name}"].item() == pytest.approx(summed, abs=1e-12), name
 
 
 def test_tidpo_loss_metrics():
@@ -675,20 +770,20 @@ def test_tidpo_loss_dtypes_agree(dtype, tolerance):
     p = make_pairs(13)
     anchor = anchors_on_both_sides(p)
     kwargs = dict(beta=0.1, gamma=0.1, margin=0.01)
-    exact, _ = call_loss(p, anchor_logratio=anchor, **kwargs)
+    exact, _ = call_loss(p, anchor, **kwargs)
 
     def cast(x):
         return x.to(dtype)
 
     q = SimpleNamespace(**{name: cast(value) if torch.is_tensor(value) and value.is_floating_point() else value
                            for name, value in vars(p).items()})
-    loss, metrics = call_loss(q, anchor_logratio=cast(anchor), **kwargs)
+    loss, metrics = call_loss(q, (cast(anchor[0]), anchor[1]), **kwargs)
     assert loss.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
     assert metrics["rewards/chosen"].dtype == loss.dtype
     # The arithmetic runs in at least float32: only the rounding of the inputs differs from float64 ...
     rounded = SimpleNamespace(**{name: value.double() if torch.is_tensor(value) and value.is_floating_point()
                                  else value for name, value in vars(q).items()})
-    rounded_loss, _ = call_loss(rounded, anchor_logratio=cast(anchor).double(), **kwargs)
+    rounded_loss, _ = call_loss(rounded, (cast(anchor[0]).double(), anchor[1]), **kwargs)
     assert loss.item() == pytest.approx(rounded_loss.item(), abs=tolerance)
     # ... and that rounding moves the loss by little (bfloat16 keeps 8 significant bits).
     assert loss.item() == pytest.approx(exact.item(), abs=5e-2 if dtype == torch.bfloat16 else tolerance)
@@ -746,54 +841,62 @@ def test_dpo_w_gradient_matches_eq33():
     assert_close(grads[3], -expected_rejected, **EXACT)
 
 
-@pytest.mark.parametrize("triplet_grad", tidpo.TRIPLET_GRADS)
-def test_tidpo_loss_gradient_matches_eq33_plus_eq38(triplet_grad):
+def test_tidpo_loss_gradient_matches_eq33_plus_eq38():
     p = make_pairs(17)
     batch, beta, gamma, margin = p.policy_chosen.shape[0], 0.2, 0.3, 0.01
-    anchor = anchors_on_both_sides(p).requires_grad_(True)
+    anchor, anchor_mask = anchors_on_both_sides(p)
+    anchor.requires_grad_(True)
     p.policy_chosen.requires_grad_(True)
     p.policy_rejected.requires_grad_(True)
-    loss, _ = call_loss(p, beta=beta, anchor_logratio=anchor, gamma=gamma, margin=margin, triplet_grad=triplet_grad)
+    loss, _ = call_loss(p, (anchor, anchor_mask), beta=beta, gamma=gamma, margin=margin)
     grad_chosen, grad_rejected, grad_anchor = torch.autograd.grad(
         loss, (p.policy_chosen, p.policy_rejected, anchor))
-    rows = reference_rows(p, beta, anchor=anchor, gamma=gamma, margin=margin)
+    rows = reference_rows(p, beta, anchor=(anchor, anchor_mask), gamma=gamma, margin=margin)
     assert [r.active for r in rows] == [b % 2 == 0 for b in range(batch)]
     for b, r in enumerate(rows):
         dpo = beta / batch * (1 - sigmoid(beta * r.delta))  # Eq. 33
         hinge = gamma / batch if r.active else 0.0  # Eq. 38, only where the hinge is active
-        on_points = hinge if triplet_grad == "all" else 0.0  # "anchor": b and c are constants
         chosen_pos, rejected_pos = response_positions(p.chosen_mask[b]), response_positions(p.rejected_mask[b])
-        # b and c are UNWEIGHTED sums: every response token gets the same triplet gradient.
-        expected_chosen = -dpo * p.chosen_weights[b, chosen_pos] + on_points * (-2 * (r.d - r.b))
-        expected_rejected = dpo * p.rejected_weights[b, rejected_pos] + on_points * (-2 * (r.c - r.d))
-        assert_close(grad_chosen[b, chosen_pos], expected_chosen, **EXACT)
-        assert_close(grad_rejected[b, rejected_pos], expected_rejected, **EXACT)
-        assert grad_anchor[b].item() == pytest.approx(hinge * (2 * (r.d - r.b) + 2 * (r.c - r.d)), abs=1e-12)
+        anchor_pos = response_positions(anchor_mask[b])
+        expected_chosen = [-dpo * float(p.chosen_weights[b, j]) for j in chosen_pos]
+        expected_rejected = [dpo * float(p.rejected_weights[b, j]) for j in rejected_pos]
+        expected_anchor = [0.0] * len(anchor_pos)
+        # token by token over the positions both responses have (the anchor is min(T_w, T_l) long)
+        for t in range(min(len(r.a), len(r.w))):
+            expected_chosen[t] += hinge * 2 * (r.w[t] - r.a[t])
+            expected_anchor[t] += hinge * 2 * (r.a[t] - r.w[t])
+        for t in range(min(len(r.a), len(r.l))):
+            expected_rejected[t] += hinge * 2 * (r.a[t] - r.l[t])
+            expected_anchor[t] -= hinge * 2 * (r.a[t] - r.l[t])
+        assert_close(grad_chosen[b, chosen_pos], f64(expected_chosen), **EXACT)
+        assert_close(grad_rejected[b, rejected_pos], f64(expected_rejected), **EXACT)
+        assert_close(grad_anchor[b, anchor_pos], f64(expected_anchor), **EXACT)
+        assert grad_anchor[b][anchor_mask[b] == 0].abs().max().item() == 0.0  # padding gets nothing
 
 
 def test_triplet_gradient_on_the_chosen_response_hand_case():
     # One token each side: b = -1.0 - (-1.5) = 0.5, c = -2.0 - (-1.8) = -0.2, anchor d = 0, alpha = 0.01:
-    # Eq. 13 = (0 - 0.5)^2 - (-0.2 - 0)^2 + 0.01 = 0.25 - 0.04 + 0.01 = 0.22 (active), the same loss
-    # whichever points carry the gradient: 0.6587595555486971 (test_dpo_hand_case) + 0.1 * 0.22.
+    # Eq. 13 = (0 - 0.5)^2 - (-0.2 - 0)^2 + 0.01 = 0.25 - 0.04 + 0.01 = 0.22 (active), so the loss is
+    # 0.6587595555486971 (test_dpo_hand_case) + 0.1 * 0.22.
     # DPO's push on the chosen token: -beta (1 - sigmoid(beta Delta)) = -0.1 (1 - sigmoid(0.07)) = -0.0482507...
     dpo_push = -0.1 * (1 - sigmoid(0.07))
-    # Eq. 38 with gamma = 0.1: d/db = gamma * -2 (d - b) = +0.1, d/dc = gamma * -2 (c - d) = +0.04,
-    # d/dd = gamma * (2 (d - b) + 2 (c - d)) = 0.1 * (-1.0 - 0.4) = -0.14.
-    expected = {"all": (dpo_push + 0.1, -dpo_push + 0.04), "anchor": (dpo_push, -dpo_push)}
-    assert expected["all"][0] > 0  # a descent step LOWERS the chosen token's log-prob here
-    for triplet_grad, (chosen_grad, rejected_grad) in expected.items():
-        policy_chosen = torch.tensor([[0.0, -1.0]], dtype=torch.float64, requires_grad=True)
-        policy_rejected = torch.tensor([[0.0, -2.0]], dtype=torch.float64, requires_grad=True)
-        anchor = torch.tensor([0.0], dtype=torch.float64, requires_grad=True)
-        mask = torch.tensor([[0.0, 1.0]], dtype=torch.float64)
-        loss, _ = tidpo.tidpo_loss(policy_chosen, policy_rejected, torch.tensor([[0.0, -1.5]], dtype=torch.float64),
-                                   torch.tensor([[0.0, -1.8]], dtype=torch.float64), mask, mask, beta=0.1,
-                                   anchor_logratio=anchor, gamma=0.1, margin=0.01, triplet_grad=triplet_grad)
-        assert loss.item() == pytest.approx(0.6587595555486971 + 0.022, abs=1e-12)
-        grads = torch.autograd.grad(loss, (policy_chosen, policy_rejected, anchor))
-        assert grads[0][0, 1].item() == pytest.approx(chosen_grad, abs=1e-12), triplet_grad
-        assert grads[1][0, 1].item() == pytest.approx(rejected_grad, abs=1e-12), triplet_grad
-        assert grads[2].item() == pytest.approx(-0.14, abs=1e-12), triplet_grad
+    # Eq. 38 with gamma = 0.1, one token each (a = 0, w = 0.5, l = -0.2): dL/dw = gamma 2 (w - a) = +0.1,
+    # dL/dl = gamma 2 (a - l) = +0.04, dL/da = gamma (2 (a - w) - 2 (a - l)) = 0.1 (-1.0 - 0.4) = -0.14.
+    chosen_grad, rejected_grad = dpo_push + 0.1, -dpo_push + 0.04
+    assert chosen_grad > 0  # a descent step LOWERS the chosen token's log-prob here
+    policy_chosen = torch.tensor([[0.0, -1.0]], dtype=torch.float64, requires_grad=True)
+    policy_rejected = torch.tensor([[0.0, -2.0]], dtype=torch.float64, requires_grad=True)
+    anchor = torch.tensor([[0.0, 0.0]], dtype=torch.float64, requires_grad=True)
+    mask = torch.tensor([[0.0, 1.0]], dtype=torch.float64)
+    loss, _ = tidpo.tidpo_loss(policy_chosen, policy_rejected, torch.tensor([[0.0, -1.5]], dtype=torch.float64),
+                               torch.tensor([[0.0, -1.8]], dtype=torch.float64), mask, mask, beta=0.1,
+                               anchor_logratios=anchor, anchor_mask=mask, chosen_mask=mask, rejected_mask=mask,
+                               gamma=0.1, margin=0.01)
+    assert loss.item() == pytest.approx(0.6587595555486971 + 0.022, abs=1e-12)
+    grads = torch.autograd.grad(loss, (policy_chosen, policy_rejected, anchor))
+    assert grads[0][0, 1].item() == pytest.approx(chosen_grad, abs=1e-12)
+    assert grads[1][0, 1].item() == pytest.approx(rejected_grad, abs=1e-12)
+    assert grads[2][0, 1].item() == pytest.approx(-0.14, abs=1e-12)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -815,18 +918,26 @@ def bad_calls():
         ("prior length 2.5", lambda: tidpo.gaussian_prior(2.5), "length"),
         ("ref shape", lambda: tidpo.weighted_logratio(logps, other, mask), "ref_logps"),
         ("weights shape", lambda: tidpo.weighted_logratio(logps, logps, other), "weights"),
-        ("triplet point shape", lambda: tidpo.triplet_loss(logps[:, 0], logps, logps[:, 0], 0.01), "chosen_logratio"),
-        ("anchor [B, L] with L == B", lambda: tidpo.tidpo_loss(*loss_args, anchor_logratio=torch.zeros(3, 3)),
-         "anchor_logratio"),
-        ("anchor of another batch", lambda: tidpo.tidpo_loss(*loss_args, anchor_logratio=torch.zeros(4)),
-         "anchor_logratio"),
+        ("triplet mask shape", lambda: tidpo.triplet_loss(logps, mask, logps, other, logps, mask, 0.01),
+         "chosen_mask"),
+        ("triplet [B] points", lambda: tidpo.triplet_loss(logps, mask, logps[:, 0], mask, logps, mask, 0.01),
+         "chosen_logratios"),
+        ("triplet rows differ", lambda: tidpo.triplet_loss(logps, mask, logps[:2], mask[:2], logps, mask, 0.01),
+         "chosen_logratios"),
+        ("anchor [B] (summed)", lambda: tidpo.tidpo_loss(*loss_args, anchor_logratios=torch.zeros(3),
+                                                         anchor_mask=torch.ones(3), chosen_mask=mask,
+                                                         rejected_mask=mask), "anchor_logratios"),
+        ("anchor of another batch", lambda: tidpo.tidpo_loss(*loss_args, anchor_logratios=torch.zeros(4, 2),
+                                                             anchor_mask=torch.ones(4, 2), chosen_mask=mask,
+                                                             rejected_mask=mask), "anchor_logratios"),
+        ("anchor without masks", lambda: tidpo.tidpo_loss(*loss_args, anchor_logratios=torch.zeros(3, 2),
+                                                          anchor_mask=torch.ones(3, 2)), "chosen_mask"),
         ("ref shape", lambda: tidpo.tidpo_loss(logps, logps, other, logps, mask, mask), "ref_chosen_logps"),
         ("rejected weights", lambda: tidpo.tidpo_loss(logps, logps, logps, logps, mask, other), "rejected_weights"),
         ("rows differ", lambda: tidpo.tidpo_loss(logps, logps[:2], logps, logps[:2], mask, mask[:2]),
          "policy_rejected_logps"),
         ("kl shape", lambda: tidpo.tidpo_loss(*loss_args, kl_chosen=torch.zeros(3), kl_rejected=torch.zeros(3, 1),
                                               kl_alpha=0.5), "kl_rejected"),
-        ("triplet_grad name", lambda: tidpo.tidpo_loss(*loss_args, triplet_grad="chosen"), "triplet_grad"),
         ("attribution name", lambda: tidpo.importance_scores(torch.zeros(3, 5, 2), torch.zeros(3, 5, 2), mask,
                                                              "gradient"), "attribution"),
         ("embeddings shape", lambda: tidpo.importance_scores(torch.zeros(3, 5, 2), torch.zeros(3, 5, 3), mask),
