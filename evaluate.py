@@ -16,6 +16,7 @@ import math
 import torch
 
 import data
+import memory
 import tidpo
 from sampling import sample
 
@@ -140,14 +141,14 @@ def with_shares(means):
 
 
 @torch.no_grad()
-def evaluate(policy, ref, pairs, tokenizer, args, device, autocast, with_samples):
+def evaluate(policy, ref, pairs, tokenizer, args, device, autocast, with_samples, diagnostics=False):
     """The same held-out evaluation for every method.
 
     - accuracy, margin: the preference by the plain DPO implicit reward (weights 1, so every
       method is scored alike; ties count half).
     - critical_accuracy, critical_margin (pairs with known critical tokens: the built-in task): the
       same on the critical tokens alone (critical_margin above).
-    - weights/{kind}/{side}/{share,top_k} (built-in task): critical_share and topk_hit_rate of these
+    - with diagnostics (experiments.py), weights/{kind}/{side}/{share,top_k} (built-in task): critical_share and topk_hit_rate of these
       weightings of the pair's tokens, from the policy's attribution: attribution alone (lambda 1)
       by Eq. 5-6 ("attribution"), by the variants "no_final" and "grad_x_input" (see
       tidpo.ATTRIBUTIONS); hybrid (--lam) with each of the three ("hybrid", "hybrid_no_final",
@@ -155,7 +156,8 @@ def evaluate(policy, ref, pairs, tokenizer, args, device, autocast, with_samples
     - with_samples (the built-in task's judge: safe phrases count up, risky ones down): the mean
       judge score of responses sampled from the policy and from the reference for the held-out
       prompts, the policy's win rate against the reference's response to the same prompt, and
-      the diversity of the policy's samples: distinct_2, distinct_4, token_entropy, self_bleu.
+      the diversity of the policy's samples: distinct_2, distinct_4, token_entropy and, with
+      diagnostics, self_bleu (sacrebleu, which a plain train.py run does not need).
     """
     correct, margins, placement = 0.0, [], collections.defaultdict(list)
     critical_correct, critical_margins = 0.0, []
@@ -165,7 +167,7 @@ def evaluate(policy, ref, pairs, tokenizer, args, device, autocast, with_samples
         input_ids, attention_mask, response_mask = (tensor.to(device) for tensor in stacked)
         critical = "chosen_critical_mask" in batch
         with autocast:
-            if critical:  # the attribution's forward also gives the logits for the accuracy
+            if critical and diagnostics:  # the attribution's forward also gives the logits for the accuracy
                 with torch.enable_grad():
                     policy_logits, grad, embeddings = tidpo.target_gradient(policy, input_ids, attention_mask,
                                                                             response_mask)
@@ -176,8 +178,8 @@ def evaluate(policy, ref, pairs, tokenizer, args, device, autocast, with_samples
             else:
                 policy_logits = tidpo.forward_logits(policy, input_ids, attention_mask)
             ref_logits = tidpo.forward_logits(ref, input_ids, attention_mask)
-            logratio = (tidpo.token_logps(policy_logits, input_ids, response_mask)
-                        - tidpo.token_logps(ref_logits, input_ids, response_mask))
+            logratio = (memory.token_logps(policy_logits, input_ids, response_mask)
+                        - memory.token_logps(ref_logits, input_ids, response_mask))
         margin = args.beta * (logratio[:n].sum(-1) - logratio[n:].sum(-1))
         correct += (margin > 0).sum().item() + 0.5 * (margin == 0).sum().item()
         margins.append(margin.float())
@@ -186,6 +188,7 @@ def evaluate(policy, ref, pairs, tokenizer, args, device, autocast, with_samples
             on_critical = critical_margin(logratio[:n], logratio[n:], critical_mask[:n], critical_mask[n:], args.beta)
             critical_correct += (on_critical > 0).sum().item() + 0.5 * (on_critical == 0).sum().item()
             critical_margins.append(on_critical.float())
+        if critical and diagnostics:
             no_final = tidpo.leave_out_final(importance, response_mask)
             weightings = {"attribution": tidpo.hybrid_weights(importance, response_mask, lam=1.0),
                           "no_final": tidpo.hybrid_weights(no_final, response_mask, lam=1.0),
@@ -227,5 +230,6 @@ def evaluate(policy, ref, pairs, tokenizer, args, device, autocast, with_samples
         result["distinct_2"] = distinct_n(policy_tokens, 2)
         result["distinct_4"] = distinct_n(policy_tokens, 4)
         result["token_entropy"] = token_entropy(policy_tokens)
-        result["self_bleu"] = self_bleu(policy_texts)
+        if diagnostics:
+            result["self_bleu"] = self_bleu(policy_texts)
     return result

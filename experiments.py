@@ -154,7 +154,7 @@ def run_group(job):
                         "--seed", str(job["seed"]), "--output-dir", run_dir]
                 start = time.perf_counter()
                 with open(run_dir + ".log", "w") as log, redirect_stdout(log):
-                    result = train.main(argv, hooks=HOOKS.get(method))
+                    result = train.main(argv, hooks={**HOOKS.get(method, {}), "diagnostics": True})
                 seconds = time.perf_counter() - start
                 print(f"{name}: held-out accuracy {result['after']['accuracy']:.3f} ({seconds:.1f} s)", flush=True)
                 records.append({"method": method, "noise": job["noise"], "seed": job["seed"], "seconds": seconds,

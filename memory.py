@@ -1,7 +1,9 @@
-"""Memory: activation checkpointing for the policy, and the formula for a step's peak memory.
+"""Memory: activation checkpointing, bounded-memory log-probs and KL, and a step's peak memory.
 
     checkpoint_activations   the policy recomputes each layer's activations in the backward
     step_peak_bytes          what a step of DPO or full TI-DPO needs on a GPU, term by term
+    token_logps, sequence_kl tidpo.py's two formulas over the vocabulary, in bounded memory: the
+                             backward written out, a few rows at a time, no float32 copy of the logits
 
     python memory.py         # docs/training.md's table: a step's GPU memory for Qwen2.5 0.5B, 1.5B, 7B
 
@@ -9,6 +11,8 @@ bench.py prints step_peak_bytes's figure next to the peak it measures.
 """
 
 import torch
+
+import tidpo
 
 
 def checkpoint_activations(model):
@@ -131,6 +135,120 @@ def main(pairs=8, prompt=256, response=256, new_tokens=64):
                                        checkpointing) for checkpointing in (False, True))
             static = off["weights"] + off["gradients"] + off["adamw"] + off["reference"]
             print(f"| {name} | {loss} | {static / 2**30:.1f} | {off['total'] / 2**30:.1f} | {on['total'] / 2**30:.1f} |")
+
+
+
+# ---------------------------------------------------------------------------------------------
+# token_logps and sequence_kl in bounded memory: tidpo.py's formulas for a large vocabulary
+#
+# With plain autograd, log_softmax of bfloat16 logits keeps a float32 copy of the whole [B, L, V]
+# for the backward (2x the logits), and makes float32 temporaries and gradients of the same size:
+# 8x the logits at the peak, 37 GiB for 16 pairs (32 rows) x 512 tokens of a 152k vocabulary. A
+# loop over chunks of rows alone would not help: autograd would still keep every chunk's float32
+# copy. So these two functions have their backward written out: the forward keeps only the logits
+# (which exist anyway) and one log-sum-exp per row; the backward recomputes the softmax of a
+# chunk of rows at a time and writes the gradient straight into one tensor of the logits' dtype.
+# The arithmetic is the plain formula's, in float32 (or float64 when that came in).
+# ---------------------------------------------------------------------------------------------
+
+_CHUNK_ELEMENTS = 2 ** 24  # a chunk is about this many logits (64 MiB in float32)
+
+
+def _row_chunks(logits):
+    rows = max(1, _CHUNK_ELEMENTS // logits.shape[-1])
+    return [slice(start, start + rows) for start in range(0, logits.shape[0], rows)]
+
+
+def _compute_dtype(*logits):
+    # float32 at least (as tidpo.py computes), float64 when that came in
+    dtype = torch.float32
+    for tensor in logits:
+        dtype = torch.promote_types(dtype, tensor.dtype)
+    return dtype
+
+
+class _LogSoftmaxAtTarget(torch.autograd.Function):
+    """[N] log_softmax(logits[n])[targets[n]] for logits [N, V] and targets [N]."""
+
+    @staticmethod
+    def forward(ctx, logits, targets):
+        dtype = _compute_dtype(logits)
+        out = torch.empty(logits.shape[0], dtype=dtype, device=logits.device)
+        logsumexp = torch.empty_like(out)
+        for rows in _row_chunks(logits):
+            chunk = logits[rows].to(dtype)
+            logsumexp[rows] = torch.logsumexp(chunk, dim=-1)
+            out[rows] = chunk.gather(-1, targets[rows, None]).squeeze(-1) - logsumexp[rows]
+        ctx.save_for_backward(logits, targets, logsumexp)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        logits, targets, logsumexp = ctx.saved_tensors
+        grad = torch.empty_like(logits)
+        for rows in _row_chunks(logits):
+            # d(x_target - logsumexp(x)) / dx = onehot(target) - softmax(x)
+            scale = grad_out[rows, None]
+            softmax = torch.exp(logits[rows].to(logsumexp.dtype) - logsumexp[rows, None])
+            grad[rows] = (-scale * softmax).scatter_add_(-1, targets[rows, None], scale)
+        return grad, None
+
+
+class _SequentialKL(torch.autograd.Function):
+    """[N] KL(softmax(ref_logits[n]) || softmax(policy_logits[n])) for logits [N, V]."""
+
+    @staticmethod
+    def forward(ctx, policy_logits, ref_logits):
+        dtype = _compute_dtype(policy_logits, ref_logits)
+        kl = torch.empty(policy_logits.shape[0], dtype=dtype, device=policy_logits.device)
+        for rows in _row_chunks(policy_logits):
+            policy_logps = torch.log_softmax(policy_logits[rows].to(dtype), dim=-1)
+            ref_logps = torch.log_softmax(ref_logits[rows].to(dtype), dim=-1)
+            # KL(p_ref || p_theta) = sum_v p_ref(v) * (log p_ref(v) - log p_theta(v))
+            kl[rows] = (ref_logps.exp() * (ref_logps - policy_logps)).sum(dim=-1)
+        ctx.save_for_backward(policy_logits, ref_logits, kl)
+        return kl
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_kl):
+        policy_logits, ref_logits, kl = ctx.saved_tensors
+        needs_policy, needs_ref = ctx.needs_input_grad
+        grad_policy = torch.empty_like(policy_logits) if needs_policy else None
+        grad_ref = torch.empty_like(ref_logits) if needs_ref else None
+        for rows in _row_chunks(policy_logits):
+            policy_logps = torch.log_softmax(policy_logits[rows].to(kl.dtype), dim=-1)
+            ref_logps = torch.log_softmax(ref_logits[rows].to(kl.dtype), dim=-1)
+            scale, ref_probs = grad_kl[rows, None], ref_logps.exp()
+            if needs_policy:  # dKL / d policy_logits = p_theta - p_ref
+                grad_policy[rows] = scale * (policy_logps.exp() - ref_probs)
+            if needs_ref:  # dKL / d ref_logits = p_ref * (log p_ref - log p_theta - KL)
+                grad_ref[rows] = scale * ref_probs * (ref_logps - policy_logps - kl[rows, None])
+        return grad_policy, grad_ref
+
+
+def token_logps(logits, input_ids, response_mask):
+    """tidpo.token_logps in bounded memory: [B, L] log p(input_ids[b, t] | input_ids[b, <t]) on the
+    response, 0 elsewhere. The log-softmax is evaluated at the target only, a few rows at a time,
+    and the shift is applied to the [B, L] results rather than to the [B, L, V] logits."""
+    tidpo._check_logits("token_logps", "logits", logits)
+    tidpo._check_shape("token_logps", "input_ids", input_ids, logits.shape[:2], "B, L")
+    tidpo._check_shape("token_logps", "response_mask", response_mask, logits.shape[:2], "B, L")
+    next_ids = torch.nn.functional.pad(input_ids[:, 1:], (0, 1))  # next_ids[b, t] = input_ids[b, t + 1]
+    next_logps = _LogSoftmaxAtTarget.apply(logits.flatten(0, 1), next_ids.flatten()).view(next_ids.shape)
+    logps = torch.nn.functional.pad(next_logps[:, :-1], (1, 0))  # token t's score at index t
+    return torch.where(response_mask.bool(), logps, torch.zeros_like(logps))
+
+
+def sequence_kl(policy_logits, ref_logits, response_mask):
+    """tidpo.sequence_kl in bounded memory: [B] the summed KL(pi_ref || pi_theta) of the distributions
+    that predict each response token."""
+    tidpo._check_logits("sequence_kl", "policy_logits", policy_logits)
+    tidpo._check_shape("sequence_kl", "ref_logits", ref_logits, policy_logits.shape, "B, L, V")
+    tidpo._check_shape("sequence_kl", "response_mask", response_mask, policy_logits.shape[:2], "B, L")
+    kl = _SequentialKL.apply(policy_logits.flatten(0, 1), ref_logits.flatten(0, 1)).view(policy_logits.shape[:2])
+    return (kl[:, :-1] * response_mask[:, 1:].to(kl.dtype)).sum(dim=-1)
 
 
 if __name__ == "__main__":

@@ -18,8 +18,8 @@ The file follows the paper's order:
     triplet_loss           Eq. 13    anchor pulled to the chosen response, pushed from the rejected
     sequence_kl            (release) TDPO2's sequential KL, optional
     tidpo_loss             Eq. 12-14 the full objective; Eq. 3 (DPO) when weights are 1 and gamma = 0
-and, at the end, the log-softmax behind token_logps and sequence_kl, with its backward written out
-so that a large vocabulary's logits are never copied whole into float32.
+token_logps and sequence_kl are the plain formulas; memory.py has the same two in bounded memory for
+large vocabularies, which train.py uses.
 
 Conventions. Per-token tensors are [B, L] and aligned with `input_ids`: entry [b, t] concerns
 token input_ids[b, t]. `response_mask[b, t]` is 1 exactly on response tokens (prompt and
@@ -78,17 +78,17 @@ def token_logps(logits, input_ids, response_mask):
     A causal LM's logits at position t predict token t + 1, so token t is scored by the logits at
     t - 1. Shifting here, once, lets every other tensor in this file stay aligned with input_ids.
     Token 0 has no predicting position and always gets 0 (it is never a response token).
+
+    The plain formula keeps float32 copies of the whole [B, L, V] for its backward; for a large
+    vocabulary memory.token_logps computes the same numbers in bounded memory (train.py uses it).
     """
     _check_logits("token_logps", "logits", logits)
     _check_shape("token_logps", "input_ids", input_ids, logits.shape[:2], "B, L")
     _check_shape("token_logps", "response_mask", response_mask, logits.shape[:2], "B, L")
-    next_ids = F.pad(input_ids[:, 1:], (0, 1))  # next_ids[b, t] = input_ids[b, t + 1]
-    # log softmax evaluated only at the target: logit minus log-sum-exp, in float32 (at least), a
-    # few rows at a time (see _LogSoftmaxAtTarget: no float32 copy of the whole [B, L, V]). The
-    # shift is applied to these [B, L] results rather than to the logits, which saves a copy of
-    # the logits (and of their gradient) per call.
-    next_logps = _LogSoftmaxAtTarget.apply(logits.flatten(0, 1), next_ids.flatten()).view(next_ids.shape)
-    logps = F.pad(next_logps[:, :-1], (1, 0))  # put token t's score at index t
+    # log p(token t) = log_softmax(logits at t - 1)[token t], in float32 at least
+    logps = torch.log_softmax(_at_least_float32(logits[:, :-1]), dim=-1)
+    logps = logps.gather(-1, input_ids[:, 1:, None]).squeeze(-1)
+    logps = F.pad(logps, (1, 0))  # token t's score at index t; token 0 has no predicting position
     return torch.where(response_mask.bool(), logps, torch.zeros_like(logps))
 
 
@@ -364,13 +364,17 @@ def sequence_kl(policy_logits, ref_logits, response_mask):
     Returns:
         [B] sum over response tokens t of KL(pi_ref(. | x, y_<t) || pi_theta(. | x, y_<t)), the
         full-vocabulary KL of the two distributions that predict token t (logits at t - 1).
+        memory.sequence_kl is the same in bounded memory.
     """
     _check_logits("sequence_kl", "policy_logits", policy_logits)
     _check_shape("sequence_kl", "ref_logits", ref_logits, policy_logits.shape, "B, L, V")
     _check_shape("sequence_kl", "response_mask", response_mask, policy_logits.shape[:2], "B, L")
-    # entry t is the KL of the distributions at position t, which predict token t + 1 (computed a
-    # few rows at a time, see _SequentialKL)
-    kl = _SequentialKL.apply(policy_logits.flatten(0, 1), ref_logits.flatten(0, 1)).view(policy_logits.shape[:2])
+    dtype = torch.promote_types(_at_least_float32(policy_logits).dtype, ref_logits.dtype)
+    policy_logps = torch.log_softmax(policy_logits.to(dtype), dim=-1)
+    ref_logps = torch.log_softmax(ref_logits.to(dtype), dim=-1)
+    # KL(p_ref || p_theta) = sum_v p_ref(v) (log p_ref(v) - log p_theta(v)), at each position t; the
+    # distributions at t predict token t + 1, so they count where token t + 1 is a response token
+    kl = (ref_logps.exp() * (ref_logps - policy_logps)).sum(dim=-1)
     return (kl[:, :-1] * response_mask[:, 1:].to(kl.dtype)).sum(dim=-1)
 
 
@@ -483,93 +487,3 @@ def tidpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref
             **metrics,
         }
     return loss, {name: value.detach() for name, value in metrics.items()}
-
-
-# ---------------------------------------------------------------------------------------------
-# Log-softmax over a large vocabulary in bounded memory (used by token_logps and sequence_kl)
-#
-# With plain autograd, log_softmax of bfloat16 logits keeps a float32 copy of the whole [B, L, V]
-# for the backward (2x the logits), and makes float32 temporaries and gradients of the same size:
-# 8x the logits at the peak, 37 GiB for 16 pairs (32 rows) x 512 tokens of a 152k vocabulary. A
-# loop over chunks of rows alone would not help: autograd would still keep every chunk's float32
-# copy. So these two functions have their backward written out: the forward keeps only the logits
-# (which exist anyway) and one log-sum-exp per row; the backward recomputes the softmax of a
-# chunk of rows at a time and writes the gradient straight into one tensor of the logits' dtype.
-# The arithmetic is the plain formula's, in float32 (or float64 when that came in).
-# ---------------------------------------------------------------------------------------------
-
-_CHUNK_ELEMENTS = 2 ** 24  # a chunk is about this many logits (64 MiB in float32)
-
-
-def _row_chunks(logits):
-    rows = max(1, _CHUNK_ELEMENTS // logits.shape[-1])
-    return [slice(start, start + rows) for start in range(0, logits.shape[0], rows)]
-
-
-def _compute_dtype(*logits):
-    # float32 at least (see _at_least_float32), float64 when that came in
-    dtype = torch.float32
-    for tensor in logits:
-        dtype = torch.promote_types(dtype, tensor.dtype)
-    return dtype
-
-
-class _LogSoftmaxAtTarget(torch.autograd.Function):
-    """[N] log_softmax(logits[n])[targets[n]] for logits [N, V] and targets [N]."""
-
-    @staticmethod
-    def forward(ctx, logits, targets):
-        dtype = _compute_dtype(logits)
-        out = torch.empty(logits.shape[0], dtype=dtype, device=logits.device)
-        logsumexp = torch.empty_like(out)
-        for rows in _row_chunks(logits):
-            chunk = logits[rows].to(dtype)
-            logsumexp[rows] = torch.logsumexp(chunk, dim=-1)
-            out[rows] = chunk.gather(-1, targets[rows, None]).squeeze(-1) - logsumexp[rows]
-        ctx.save_for_backward(logits, targets, logsumexp)
-        return out
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_out):
-        logits, targets, logsumexp = ctx.saved_tensors
-        grad = torch.empty_like(logits)
-        for rows in _row_chunks(logits):
-            # d(x_target - logsumexp(x)) / dx = onehot(target) - softmax(x)
-            scale = grad_out[rows, None]
-            softmax = torch.exp(logits[rows].to(logsumexp.dtype) - logsumexp[rows, None])
-            grad[rows] = (-scale * softmax).scatter_add_(-1, targets[rows, None], scale)
-        return grad, None
-
-
-class _SequentialKL(torch.autograd.Function):
-    """[N] KL(softmax(ref_logits[n]) || softmax(policy_logits[n])) for logits [N, V]."""
-
-    @staticmethod
-    def forward(ctx, policy_logits, ref_logits):
-        dtype = _compute_dtype(policy_logits, ref_logits)
-        kl = torch.empty(policy_logits.shape[0], dtype=dtype, device=policy_logits.device)
-        for rows in _row_chunks(policy_logits):
-            policy_logps = torch.log_softmax(policy_logits[rows].to(dtype), dim=-1)
-            ref_logps = torch.log_softmax(ref_logits[rows].to(dtype), dim=-1)
-            # KL(p_ref || p_theta) = sum_v p_ref(v) * (log p_ref(v) - log p_theta(v))
-            kl[rows] = (ref_logps.exp() * (ref_logps - policy_logps)).sum(dim=-1)
-        ctx.save_for_backward(policy_logits, ref_logits, kl)
-        return kl
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_kl):
-        policy_logits, ref_logits, kl = ctx.saved_tensors
-        needs_policy, needs_ref = ctx.needs_input_grad
-        grad_policy = torch.empty_like(policy_logits) if needs_policy else None
-        grad_ref = torch.empty_like(ref_logits) if needs_ref else None
-        for rows in _row_chunks(policy_logits):
-            policy_logps = torch.log_softmax(policy_logits[rows].to(kl.dtype), dim=-1)
-            ref_logps = torch.log_softmax(ref_logits[rows].to(kl.dtype), dim=-1)
-            scale, ref_probs = grad_kl[rows, None], ref_logps.exp()
-            if needs_policy:  # dKL / d policy_logits = p_theta - p_ref
-                grad_policy[rows] = scale * (policy_logps.exp() - ref_probs)
-            if needs_ref:  # dKL / d ref_logits = p_ref * (log p_ref - log p_theta - KL)
-                grad_ref[rows] = scale * ref_probs * (ref_logps - policy_logps - kl[rows, None])
-        return grad_policy, grad_ref

@@ -284,7 +284,7 @@ def sft(model, pairs, tokenizer, args, device, autocast, log):
             input_ids, attention_mask, response_mask = (tensor.to(device) for tensor in stacked)
             with autocast:
                 logits = tidpo.forward_logits(model, input_ids, attention_mask)
-                logps = tidpo.token_logps(logits, input_ids, response_mask)
+                logps = memory.token_logps(logits, input_ids, response_mask)
             loss = -logps.sum() / response_mask.sum()
             loss.backward()
             optimizer.step()
@@ -305,7 +305,7 @@ def reference_logps(ref, input_ids, attention_mask, response_mask, autocast):
     """token_logps of the frozen reference, with its logits (for the optional KL term)."""
     with torch.inference_mode(), autocast:
         logits = tidpo.forward_logits(ref, input_ids, attention_mask)
-        logps = tidpo.token_logps(logits, input_ids, response_mask)
+        logps = memory.token_logps(logits, input_ids, response_mask)
     return logits, logps.clone()  # inference tensors cannot be saved for backward: a plain copy can
 
 
@@ -323,7 +323,7 @@ def tidpo_step(policy, ref, batch, tokenizer, args, device, autocast, hooks=None
     parameter's gradient in the backward before DDP's hook for that parameter fires.
 
     `hooks` lets experiments.py swap in a variant beyond the paper: {"triplet": a function with
-    tidpo.triplet_loss's arguments}.
+    tidpo.triplet_loss's arguments}; its "diagnostics": True turns on evaluate's research metrics.
     """
     triplet = (hooks or {}).get("triplet", tidpo.triplet_loss)
     module = policy.module if isinstance(policy, DistributedDataParallel) else policy
@@ -337,7 +337,7 @@ def tidpo_step(policy, ref, batch, tokenizer, args, device, autocast, hooks=None
                             tokenizer, max_new_tokens=args.max_new_tokens, min_new_tokens=args.min_new_tokens,
                             temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, method=args.sampler)
         with autocast, record_function("anchor forwards"):
-            anchor_logps = tidpo.token_logps(tidpo.forward_logits(module, *anchor[:2]), anchor[0], anchor[2])
+            anchor_logps = memory.token_logps(tidpo.forward_logits(module, *anchor[:2]), anchor[0], anchor[2])
         # outside the `with`: reference_logps enters the autocast itself (nested, it would stay on after the exit)
         anchor_logratios = anchor_logps - reference_logps(ref, *anchor, autocast)[1]  # [B, L_a], per token
         anchor_mask = anchor[2]
@@ -357,7 +357,7 @@ def tidpo_step(policy, ref, batch, tokenizer, args, device, autocast, hooks=None
                                                             args.attribution)
         else:
             logits = tidpo.forward_logits(policy, input_ids, attention_mask)
-        logps = tidpo.token_logps(logits, input_ids, response_mask)
+        logps = memory.token_logps(logits, input_ids, response_mask)
 
     if not tidpo_on or args.weights == "uniform":
         weights = response_mask.float()
@@ -377,7 +377,7 @@ def tidpo_step(policy, ref, batch, tokenizer, args, device, autocast, hooks=None
 
     kl = {}
     if kl_on:
-        kl_both = tidpo.sequence_kl(logits, ref_logits.clone(), response_mask)
+        kl_both = memory.sequence_kl(logits, ref_logits.clone(), response_mask)
         kl = {"kl_chosen": kl_both[:n], "kl_rejected": kl_both[n:]}
     loss, metrics = tidpo.tidpo_loss(
         logps[:n], logps[n:], ref_logps[:n], ref_logps[n:], weights[:n], weights[n:], beta=args.beta,
@@ -614,7 +614,8 @@ def main(argv=None, hooks=None):
     if resume:
         before = resume["before"]
     else:
-        before = evaluate.evaluate(policy, ref, heldout_pairs, tokenizer, args, run.device, run.autocast, with_samples=False)
+        before = evaluate.evaluate(policy, ref, heldout_pairs, tokenizer, args, run.device, run.autocast,
+                                   with_samples=False, diagnostics=run.hooks.get("diagnostics", False))
         log(f"held-out before: accuracy {before['accuracy']:.3f}, margin {before['margin']:.4f}",
             {"phase": "eval", "when": "before", **before})
 
@@ -623,7 +624,8 @@ def main(argv=None, hooks=None):
 
     # Evaluation after the loop: the same numbers, and samples scored by the built-in task's judge.
     judge = args.data is None
-    after = evaluate.evaluate(policy, ref, heldout_pairs, tokenizer, args, run.device, run.autocast, with_samples=judge)
+    after = evaluate.evaluate(policy, ref, heldout_pairs, tokenizer, args, run.device, run.autocast,
+                              with_samples=judge, diagnostics=run.hooks.get("diagnostics", False))
     line = f"held-out after: accuracy {after['accuracy']:.3f}, margin {after['margin']:.4f}"
     if judge:
         line += (f"; judge score of samples: policy {after['judge/policy']:+.3f}, reference "

@@ -16,8 +16,10 @@ built from tidpo.py's functions, in this order:
               the policy's forward is tidpo.gradient_attribution's, which also returns the token
               importance of Eq. 5-6 (one backward to the input embeddings, no second forward)
     weights   tidpo.hybrid_weights (Eq. 8) of the chosen and rejected rows
-    loss      tidpo.tidpo_loss: the weighted margin (Eq. 11-12), the triplet (Eq. 13) on the anchors'
-              summed log-ratios, which carry gradient, and optionally TDPO2's KL (tidpo.sequence_kl)
+    loss      tidpo.tidpo_loss: the weighted margin (Eq. 11-12), the triplet (Eq. 13) on the per-token
+              log-ratios of anchor, chosen and rejected rows, all with gradient, and optionally TDPO2's
+              KL (tidpo.sequence_kl; memory.py's bounded-memory token_logps and sequence_kl are
+              the same formulas for large vocabularies)
 
 The hook. In trl 1.16, DPOTrainer.compute_loss calls `_compute_loss(model, inputs, return_outputs)`,
 which turns one collated batch into the loss and records the metrics. No narrower hook exists: the
@@ -38,8 +40,9 @@ ids the preference training sees, so reference and policy share this one convent
 
 Logged names are TRL's: rewards/chosen, rewards/rejected, rewards/margins, rewards/accuracies (beta
 times the WEIGHTED log-ratios of Eq. 11; with uniform weights they are TRL's), logps/chosen,
-logps/rejected (summed policy log-probs), and TI-DPO's loss/dpo_w, loss/triplet, loss/kl (with
-kl_alpha) and anchors/mean_length.
+logps/rejected (summed policy log-probs), and TI-DPO's loss/dpo_w, loss/triplet, the triplet's
+diagnostics (triplet/distance_chosen, triplet/distance_rejected, triplet/active, triplet/logratio_*),
+loss/kl (with kl_alpha) and anchors/mean_length.
 
 Refused at start-up, rather than silently dropped by the replaced loss: loss_type other than
 ["sigmoid"], loss_weights, ld_alpha, f_divergence_type, use_weighting, label_smoothing,
@@ -66,6 +69,7 @@ from trl import DPOConfig, DPOTrainer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tidpo.py and data.py sit one folder up
 import data  # noqa: E402
+import memory  # noqa: E402
 import tidpo  # noqa: E402
 from sampling import end_ids  # noqa: E402
 
@@ -194,7 +198,7 @@ class TIDPOTrainer(DPOTrainer):
 
         with torch.no_grad():
             ref_logits = self.ref_model(**forward_inputs).logits
-        ref_logps = tidpo.token_logps(ref_logits, input_ids, response_mask)
+        ref_logps = memory.token_logps(ref_logits, input_ids, response_mask)
         if args.kl_alpha == 0:
             ref_logits = None  # [rows, L, V]: free it before the policy's forward needs the memory
 
@@ -209,17 +213,20 @@ class TIDPOTrainer(DPOTrainer):
         else:
             logits = model(**forward_inputs).logits
             weights = response_mask[:2 * n].float()
-        logps = tidpo.token_logps(logits, input_ids, response_mask)
+        logps = memory.token_logps(logits, input_ids, response_mask)
 
-        # d of Eq. 13: the anchor's summed, unweighted log-ratio, with gradient through the policy's log-probs
-        anchor_logratio = (logps[2 * n:] - ref_logps[2 * n:]).sum(-1) if args.gamma != 0 else None
+        # Eq. 13's anchor: its per-token, unweighted log-ratios, with gradient through the policy's log-probs
+        anchor = {}
+        if args.gamma != 0:
+            anchor = {"anchor_logratios": logps[2 * n:] - ref_logps[2 * n:], "anchor_mask": response_mask[2 * n:],
+                      "chosen_mask": response_mask[:n], "rejected_mask": response_mask[n:2 * n]}
         kl = {}
         if args.kl_alpha != 0:
-            kl_both = tidpo.sequence_kl(logits[:2 * n], ref_logits[:2 * n], response_mask[:2 * n])
+            kl_both = memory.sequence_kl(logits[:2 * n], ref_logits[:2 * n], response_mask[:2 * n])
             kl = {"kl_chosen": kl_both[:n], "kl_rejected": kl_both[n:]}
         loss, metrics = tidpo.tidpo_loss(
             logps[:n], logps[n:2 * n], ref_logps[:n], ref_logps[n:2 * n], weights[:n], weights[n:], beta=self.beta,
-            anchor_logratio=anchor_logratio, gamma=args.gamma, margin=args.margin, kl_alpha=args.kl_alpha, **kl)
+            gamma=args.gamma, margin=args.margin, kl_alpha=args.kl_alpha, **anchor, **kl)
         if kl:  # inside loss/dpo_w; logged apart, so that a bad KL can be told from a bad margin
             metrics["loss/kl"] = (args.kl_alpha * (kl["kl_rejected"] - kl["kl_chosen"])).detach().mean()
         if args.gamma != 0:
@@ -362,7 +369,7 @@ def sft(model, trainer, steps, lr, seed, log):
             input_ids, attention_mask, response_mask = (batch[k].to(model.device) for k in
                                                         ("input_ids", "attention_mask", "completion_mask"))
             logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
-            loss = -tidpo.token_logps(logits, input_ids, response_mask).sum() / response_mask.sum()
+            loss = -memory.token_logps(logits, input_ids, response_mask).sum() / response_mask.sum()
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)

@@ -1,4 +1,4 @@
-"""Extra peak memory of tidpo.token_logps and tidpo.sequence_kl on large-vocabulary logits (CPU).
+"""Extra peak memory of memory.token_logps and memory.sequence_kl on large-vocabulary logits (CPU).
 
     python scripts/logits_memory.py                              # bf16 logits [8, 256, 151936], Qwen2.5's vocabulary
     python scripts/logits_memory.py --batch 2 --length 128 --vocab 32000
@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import memory  # noqa: E402
 import tidpo  # noqa: E402
 
 CASES = ["token_logps", "token_logps plain", "token_logps no-grad", "token_logps no-grad plain",
@@ -70,14 +71,14 @@ def run_case(case, batch, length, vocab):
     before = peak_mib()
     if case.startswith("token_logps no-grad"):
         with torch.inference_mode():
-            (plain_token_logps if plain else tidpo.token_logps)(policy, input_ids, response_mask)
+            (plain_token_logps if plain else memory.token_logps)(policy, input_ids, response_mask)
     elif case.startswith("token_logps"):
         policy.requires_grad_(True)
-        logps = (plain_token_logps if plain else tidpo.token_logps)(policy, input_ids, response_mask)
+        logps = (plain_token_logps if plain else memory.token_logps)(policy, input_ids, response_mask)
         (logps * weights).sum().backward()
     else:
         policy.requires_grad_(True)
-        kl = (plain_sequence_kl if plain else tidpo.sequence_kl)(policy, ref, response_mask)
+        kl = (plain_sequence_kl if plain else memory.sequence_kl)(policy, ref, response_mask)
         (kl * weights[:, 0]).sum().backward()
     return {"extra_mib": peak_mib() - before, "logits_mib": policy.numel() * policy.element_size() / 2**20}
 
@@ -87,8 +88,8 @@ def compare(batch, length, vocab):
     policy, ref, input_ids, response_mask, weights = inputs(batch, length, vocab, seed=1)
     result = {}
     for name, new, old, args, loss in [
-            ("token_logps", tidpo.token_logps, plain_token_logps, (input_ids, response_mask), weights),
-            ("sequence_kl", tidpo.sequence_kl, plain_sequence_kl, (ref, response_mask), weights[:, 0])]:
+            ("token_logps", memory.token_logps, plain_token_logps, (input_ids, response_mask), weights),
+            ("sequence_kl", memory.sequence_kl, plain_sequence_kl, (ref, response_mask), weights[:, 0])]:
         outputs, grads = [], []
         for function in (new, old):
             logits = policy.detach().requires_grad_(True)

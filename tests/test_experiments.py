@@ -283,9 +283,18 @@ def test_mechanism_is_the_default_command_and_tables_both_settings(tmp_path, mon
         records = []
         for i, method in enumerate(job["methods"]):
             after = {"accuracy": task_value + i / 100 + job["seed"] / 1000, "critical_accuracy": 0.9,
-                     "margin": -1.0, "critical_margin": 2.0, **{name: 0.125 for name in kinds}}
+                     "margin": -1.0, "critical_margin": 2.0, "judge/policy": 0.75, "win_rate": 0.625,
+                     **{name: 0.125 for name in kinds}}
+            # two logged windows; only TI-DPO's have the triplet's diagnostics
+            history = [{"step": step, "logps/chosen": -10.0 * step, "logps/rejected": -20.0 * step} for step in (1, 2)]
+            if method == "tidpo":
+                for h in history:
+                    h.update({"triplet/distance_chosen": 3.0, "triplet/distance_rejected": 4.0,
+                              "triplet/active": 0.5 / h["step"], "triplet/active_on_flipped": 0.25 * h["step"],
+                              "triplet/active_on_clean": 0.125, "triplet/logratio_anchor": 1.0,
+                              "triplet/logratio_chosen": 0.5, "triplet/logratio_rejected": -0.5})
             records.append({"method": method, "noise": job["noise"], "seed": job["seed"], "seconds": 1.0,
-                            "argv": job["train_args"], "before": dict(after), "after": after})
+                            "argv": job["train_args"], "before": dict(after), "after": after, "history": history})
         return records
 
     monkeypatch.setattr(experiments, "run_group", fake_group)
@@ -305,9 +314,56 @@ def test_mechanism_is_the_default_command_and_tables_both_settings(tmp_path, mon
         section = text.split(f"### Task {task}")[1].split("### Task")[0]
         # seeds 1 and 3: accuracy base + i/100 + 0.001 and + 0.003: mean + 0.002, sample sd 0.001414
         base = 0.5 if task == "spurious" else 0.25
-        assert f"| dpo | {base + 0.002:.3f} ± 0.001 | 0.900 ± 0.000 | -1.000 ± 0.000 | 2.000 ± 0.000 |" in section
+        assert (f"| dpo | {base + 0.002:.3f} ± 0.001 | 0.900 ± 0.000 | -1.000 ± 0.000 | 2.000 ± 0.000 | "
+                "0.750 ± 0.000 | 0.625 ± 0.000 |") in section
+        # the dynamics: start and end of the summed log-probs; the triplet's columns only for TI-DPO
+        # (active: 0.5 then 0.25; on flipped pairs 0.25 then 0.5, mean 0.375)
+        assert "| dpo | -10.00 ± 0.00 | -20.00 ± 0.00 | -20.00 ± 0.00 | -40.00 ± 0.00 |  |  |  |  |  |  |  |  |  |\n" \
+            in section
+        assert ("| tidpo | -10.00 ± 0.00 | -20.00 ± 0.00 | -20.00 ± 0.00 | -40.00 ± 0.00 | 1.00 ± 0.00 | "
+                "0.50 ± 0.00 | -0.50 ± 0.00 | 3.00 ± 0.00 | 4.00 ± 0.00 | 0.500 ± 0.000 | 0.250 ± 0.000 | "
+                "0.375 ± 0.000 | 0.125 ± 0.000 |") in section
         assert f"| tidpo | {base + 0.012:.3f} ± 0.001 |" in section
         for kind in experiments.PLACEMENT_KINDS:
             assert f"\n| {kind} | 0.125 ± 0.000 | 0.125 ± 0.000 | 0.125 ± 0.000 | 0.125 ± 0.000 |" in section
     rows = read_csv(output_dir / "runs.csv")
     assert rows[0][:5] == ["task", "method", "noise", "seed", "seconds"] and len(rows) == 1 + len(records)
+
+
+# ----------------------------------------------------------------------------- variants of the triplet
+
+
+def test_points_triplet_variant_hand_case():
+    # One point per response, its summed log-ratio: d = 1 + 0 = 1, b = 3, c = 2, alpha = 0.5:
+    # (1 - 3)^2 - (2 - 1)^2 + 0.5 = 3.5; d/db = -2 (d - b) = 4 on every chosen token (a difference of sums)
+    anchor = torch.tensor([[1.0, 0.0, 9.0]], dtype=torch.float64, requires_grad=True)
+    anchor_mask = torch.tensor([[1, 1, 0]])
+    chosen = torch.tensor([[1.0, 2.0]], dtype=torch.float64, requires_grad=True)
+    rejected = torch.tensor([[2.0]], dtype=torch.float64, requires_grad=True)
+    loss = experiments.points_triplet_loss(anchor, anchor_mask, chosen, torch.ones(1, 2), rejected,
+                                           torch.ones(1, 1), 0.5)
+    assert loss.tolist() == [3.5]
+    grad_anchor, grad_chosen, grad_rejected = torch.autograd.grad(loss.sum(), (anchor, chosen, rejected))
+    assert grad_chosen.tolist() == [[4.0, 4.0]] and grad_rejected.tolist() == [[-2.0]]
+    assert grad_anchor.tolist() == [[-2.0, -2.0, 0.0]]  # 2 (d - b) + 2 (c - d) = -4 + 2, padding 0
+
+
+def test_anchor_grad_variant_moves_only_the_anchor():
+    # the paper's per-token triplet, with the chosen and rejected log-ratios held fixed
+    gen = torch.Generator().manual_seed(3)
+    anchor, chosen, rejected = (torch.randn(2, 4, generator=gen, dtype=torch.float64).requires_grad_()
+                                for _ in range(3))
+    mask = torch.ones(2, 4)
+    args = (anchor, mask, chosen, mask, rejected, mask, 10.0)  # a margin that keeps every hinge active
+    variant = experiments.anchor_grad_triplet_loss(*args)
+    paper = tidpo.triplet_loss(*args)
+    assert torch.equal(variant, paper)
+    grads = torch.autograd.grad(variant.sum(), (anchor, chosen, rejected), allow_unused=True)
+    paper_grads = torch.autograd.grad(paper.sum(), (anchor, chosen, rejected))
+    assert torch.equal(grads[0], paper_grads[0]) and grads[1] is None and grads[2] is None
+
+
+def test_every_hooked_method_is_a_method():
+    assert set(experiments.HOOKS) <= set(experiments.METHODS)
+    for hooks in experiments.HOOKS.values():
+        assert set(hooks) == {"triplet"}

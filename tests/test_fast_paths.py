@@ -74,16 +74,18 @@ def plain_loss(policy, ref, pairs, anchor, args):
             lr = plain_logps(policy, ids, response) - ref_lp
             weights = tidpo.hybrid_weights(plain_importance(policy, ids, response)[None],
                                            torch.tensor([response]), lam=args.lam)[0]
-            logratios[side], weighted[side] = lr.sum(), (weights * lr).sum()
+            keep = torch.tensor(response).bool()
+            logratios[side], weighted[side] = lr[keep], (weights * lr).sum()  # the response's log-ratios
         loss = -torch.nn.functional.logsigmoid(args.beta * (weighted["chosen"] - weighted["rejected"]))
         if args.gamma:
             keep = anchor[1][b].bool()
             ids, response = anchor[0][b][keep].tolist(), anchor[2][b][keep].tolist()
             with torch.no_grad():
                 ref_lp = plain_logps(ref, ids, response)
-            d = (plain_logps(policy, ids, response) - ref_lp).sum()
-            bb, c = logratios["chosen"], logratios["rejected"]
-            loss = loss + args.gamma * torch.clamp((d - bb) ** 2 - (c - d) ** 2 + args.margin, min=0)
+            a = (plain_logps(policy, ids, response) - ref_lp)[torch.tensor(response).bool()]
+            # Eq. 13, token by token over the positions both responses have
+            distance = {side: ((a[:len(lr)] - lr[:len(a)]) ** 2).sum() for side, lr in logratios.items()}
+            loss = loss + args.gamma * torch.clamp(distance["chosen"] - distance["rejected"] + args.margin, min=0)
         losses.append(loss)
     return torch.stack(losses).mean()
 
@@ -93,8 +95,7 @@ def test_step_matches_the_plain_computation(gamma, monkeypatch):
     policy, ref, pairs, batch, anchor = setup()
     args = argparse.Namespace(loss="tidpo", weights="hybrid", beta=0.1, gamma=gamma, lam=0.7, margin=0.01,
                               weight_scale="mean", kl_alpha=0.0, attribution="paper", max_new_tokens=64,
-                              min_new_tokens=0, temperature=0.8, top_k=50, top_p=0.95, sampler="auto",
-                              triplet_grad="all")
+                              min_new_tokens=0, temperature=0.8, top_k=50, top_p=0.95, sampler="auto")
     monkeypatch.setattr(train, "sample", lambda *a, **k: anchor)
     tokenizer = argparse.Namespace(pad_token_id=PAD, eos_token_id=EOS)
 

@@ -2,6 +2,7 @@
 every file they link to exists."""
 
 import math
+import os
 import re
 import subprocess
 import sys
@@ -38,49 +39,63 @@ def test_worked_example_numbers_by_hand():
 
 
 def test_readme_triplet_gradient_on_the_worked_example():
-    # The README: each chosen token's log-ratio gets +0.196 from the triplet (2 gamma (b - d)) and
-    # -0.046 w_t from Eq. 12, so the net gradient is positive on every chosen token.
+    # The README: on "doctor" and "promptly" the triplet's 2 gamma (w_t - a_t) (+0.100, +0.058) outweighs
+    # Eq. 12's push -beta (1 - sigmoid(beta Delta)) w_t (-0.057, -0.043); on the other three tokens it does not.
     sys.path.insert(0, str(ROOT / "examples"))
     import tidpo
     import worked_example as example
 
-    chosen = example.PAIR["chosen"]
-    rejected = example.PAIR["rejected"]
+    chosen, rejected = example.PAIR["chosen"], example.PAIR["rejected"]
     chosen_lr = torch.tensor([chosen["logratio"]], dtype=torch.float64, requires_grad=True)
     rejected_lr = torch.tensor([rejected["logratio"]], dtype=torch.float64)
-    chosen_w = tidpo.hybrid_weights(torch.tensor([chosen["importance"]], dtype=torch.float64),
-                                    torch.ones_like(chosen_lr), lam=example.LAM)
-    rejected_w = tidpo.hybrid_weights(torch.tensor([rejected["importance"]], dtype=torch.float64),
-                                      torch.ones_like(rejected_lr), lam=example.LAM)
+    anchor = torch.tensor([example.ANCHOR["logratio"]], dtype=torch.float64)
+    masks = [torch.ones_like(x) for x in (chosen_lr, rejected_lr, anchor)]
+    chosen_w = tidpo.hybrid_weights(torch.tensor([chosen["importance"]], dtype=torch.float64), masks[0],
+                                    lam=example.LAM)
+    rejected_w = tidpo.hybrid_weights(torch.tensor([rejected["importance"]], dtype=torch.float64), masks[1],
+                                      lam=example.LAM)
     grads = {}
-    for triplet_grad in ("all", "anchor"):
-        loss, metrics = tidpo.tidpo_loss(chosen_lr, rejected_lr, torch.zeros_like(chosen_lr),
-                                         torch.zeros_like(rejected_lr), chosen_w, rejected_w, beta=example.BETA,
-                                         anchor_logratio=torch.tensor([example.ANCHOR_LOGRATIO], dtype=torch.float64),
-                                         gamma=example.GAMMA, margin=example.MARGIN, triplet_grad=triplet_grad)
-        (grads[triplet_grad],) = torch.autograd.grad(loss, chosen_lr)
-    from_triplet = grads["all"] - grads["anchor"]
-    from_dpo_per_weight = grads["anchor"] / chosen_w
-    assert "each chosen token gets $+0.196$ from the triplet and\n$-0.046\\, w^w_t$ from Eq. 12" in README
-    assert torch.allclose(from_triplet, torch.full_like(from_triplet, 0.196), atol=5e-13)  # 2 * 0.1 * (0.78 + 0.20)
-    assert torch.allclose(from_dpo_per_weight, torch.full_like(from_dpo_per_weight, -0.046), atol=5e-4)
-    assert f"$w^w_t \\le {chosen_w.max().item():.2f}$" in README
-    assert (grads["all"] > 0).all()
+    for gamma in (example.GAMMA, 0.0):
+        loss, _ = tidpo.tidpo_loss(chosen_lr, rejected_lr, torch.zeros_like(chosen_lr), torch.zeros_like(rejected_lr),
+                                   chosen_w, rejected_w, beta=example.BETA, anchor_logratios=anchor,
+                                   anchor_mask=masks[2], chosen_mask=masks[0], rejected_mask=masks[1], gamma=gamma,
+                                   margin=example.MARGIN)
+        (grads[gamma],) = torch.autograd.grad(loss, chosen_lr)
+    from_triplet, from_dpo = (grads[example.GAMMA] - grads[0.0])[0].tolist(), grads[0.0][0].tolist()
+    a, w = example.ANCHOR["logratio"], chosen["logratio"]
+    for t in range(5):  # Eq. 38: 2 gamma (w_t - a_t) where the anchor has position t, else 0
+        expected = 2 * example.GAMMA * (w[t] - a[t]) if t < len(a) else 0.0
+        assert math.isclose(from_triplet[t], expected, abs_tol=1e-12), t
+    text = " ".join(README.split())
+    for t, word in ((2, "doctor"), (3, "promptly")):
+        assert f'"{word}" (${from_triplet[t]:+.3f}$ against ${from_dpo[t]:.3f}$)' in text, word
+    wins = [from_triplet[t] + from_dpo[t] > 0 for t in range(5)]
+    assert wins == [False, False, True, True, False]
+    assert "but not on the other three tokens" in text
 
 
-def test_readme_loss_snippet_runs_and_gives_log_2_plus_the_triplet_margin_at_the_start(capsys):
+def test_readme_loss_snippet_runs_beside_a_lone_copy_of_tidpo(tmp_path):
+    # Exactly the README's block, in a folder that holds only tidpo.py, as a user who copied the file
     (snippet,) = re.findall(r"```python\n(.*?)```", README, flags=re.S)
-    sys.path.insert(0, str(ROOT))
+    (tmp_path / "tidpo.py").write_text((ROOT / "tidpo.py").read_text())
+    (tmp_path / "block.py").write_text(snippet)
+    result = subprocess.run([sys.executable, "-W", "error::DeprecationWarning", "block.py"], cwd=tmp_path,
+                            capture_output=True, text=True, env={**os.environ, "PYTHONPATH": ""})
+    assert result.returncode == 0, result.stderr
+    # policy == reference: every log-ratio is 0 (the anchor's too), so the loss is -log sigmoid(0) = log 2,
+    # plus gamma times the triplet's margin alone, max(0, 0 - 0 + 0.01)
+    assert result.stdout.strip() == f"loss {math.log(2) + 0.1 * 0.01:.4f}, margin 0.0000"
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name != "__pycache__") == ["block.py", "tidpo.py"]
+
+
+def test_readme_loss_snippet_gives_every_parameter_a_gradient():
+    (snippet,) = re.findall(r"```python\n(.*?)```", README, flags=re.S)
     namespace = {}
     torch.manual_seed(0)
     exec(snippet, namespace)
-    # policy == reference: every log-ratio is 0 (the anchor's too), so the loss is -log sigmoid(0) = log 2,
-    # plus gamma times the triplet's margin alone, max(0, 0 - 0 + 0.01)
-    assert namespace["anchor_logratio"].abs().max().item() == 0.0 and namespace["anchor_response"].sum() > 0
-    assert math.isclose(namespace["loss"].item(), math.log(2) + 0.1 * 0.01, rel_tol=1e-6)
-    assert namespace["metrics"]["rewards/margins"].item() == 0.0
+    assert namespace["anchor_response"].sum() > 0
+    assert (namespace["anchor_logps"] - namespace["anchor_ref"]).abs().max().item() == 0.0
     assert all(p.grad is not None for p in namespace["policy"].parameters())
-    assert capsys.readouterr().out.strip() == "loss 0.6941, margin 0.0000"
 
 
 def test_every_link_in_the_readme_and_docs_points_to_a_file_in_the_repository():

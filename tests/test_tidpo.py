@@ -19,9 +19,17 @@ from torch.testing import assert_close
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import memory  # noqa: E402
 import tidpo  # noqa: E402
 
 EXACT = dict(rtol=1e-12, atol=1e-12)  # float64 arithmetic against a float64 reference
+
+
+@pytest.fixture(params=["tidpo", "memory"])
+def lp(request):
+    """token_logps and sequence_kl: tidpo.py's plain formulas, or memory.py's bounded-memory ones.
+    Every test of the two runs on both, so both are checked against the same references."""
+    return tidpo if request.param == "tidpo" else memory
 
 
 # ---------------------------------------------------------------------------------------------
@@ -81,7 +89,7 @@ def reference_logsoftmax(logits_row, index):
 # token_logps: token t is scored by the logits at t - 1, only on the response
 # ---------------------------------------------------------------------------------------------
 
-def test_token_logps_hand_case():
+def test_token_logps_hand_case(lp):
     # V = 3, L = 3. Position 0 has logits [0, 1, 2]: log softmax = [0, 1, 2] - log(1 + e + e^2),
     # log(1 + e + e^2) = log(11.107337927) = 2.40760596444438.
     # Position 1 has logits log([0.6, 0.3, 0.1]) + 5: log softmax = log([0.6, 0.3, 0.1]).
@@ -93,49 +101,49 @@ def test_token_logps_hand_case():
     response_mask = torch.tensor([[0, 1, 1]])
     # token 1 (id 0) by position 0: 0 - 2.40760596444438; token 2 (id 1) by position 1: log 0.3
     expected = torch.tensor([[0.0, -2.40760596444438, math.log(0.3)]], dtype=torch.float64)
-    assert_close(tidpo.token_logps(logits, input_ids, response_mask), expected, **EXACT)
+    assert_close(lp.token_logps(logits, input_ids, response_mask), expected, **EXACT)
     # Off the response, 0: here token 1 becomes a prompt token.
     expected_short = torch.tensor([[0.0, 0.0, math.log(0.3)]], dtype=torch.float64)
-    assert_close(tidpo.token_logps(logits, input_ids, torch.tensor([[0, 0, 1]])), expected_short, **EXACT)
+    assert_close(lp.token_logps(logits, input_ids, torch.tensor([[0, 0, 1]])), expected_short, **EXACT)
 
 
-def test_token_logps_shift_convention():
+def test_token_logps_shift_convention(lp):
     gen = torch.Generator().manual_seed(0)
     batch, length, vocab = 2, 5, 4
     logits = torch.randn(batch, length, vocab, generator=gen, dtype=torch.float64)
     input_ids = torch.randint(0, vocab, (batch, length), generator=gen)
     response_mask = torch.tensor([[0, 1, 1, 1, 1], [0, 0, 1, 1, 1]])
-    base = tidpo.token_logps(logits, input_ids, response_mask)
+    base = lp.token_logps(logits, input_ids, response_mask)
     for t in range(1, length):
         # Changing the logits at t - 1 changes the score of token t and of no other token.
         changed = logits.clone()
         changed[:, t - 1] += torch.tensor([3.0, -1.0, 0.5, 2.0], dtype=torch.float64)
-        diff = (tidpo.token_logps(changed, input_ids, response_mask) - base).abs() > 1e-9
+        diff = (lp.token_logps(changed, input_ids, response_mask) - base).abs() > 1e-9
         assert torch.equal(diff[:, t], response_mask[:, t].bool())
         diff[:, t] = False
         assert not diff.any()
     # The logits at the last position predict nothing in the sequence.
     changed = logits.clone()
     changed[:, -1] = 50.0 * torch.randn(batch, vocab, generator=gen, dtype=torch.float64)
-    assert torch.equal(tidpo.token_logps(changed, input_ids, response_mask), base)
+    assert torch.equal(lp.token_logps(changed, input_ids, response_mask), base)
 
 
-def test_token_logps_bfloat16_logits_give_float32():
+def test_token_logps_bfloat16_logits_give_float32(lp):
     gen = torch.Generator().manual_seed(1)
     logits = torch.randn(3, 6, 7, generator=gen)
     input_ids = torch.randint(0, 7, (3, 6), generator=gen)
     response_mask = torch.tensor([[0, 0, 1, 1, 1, 1], [0, 1, 1, 0, 0, 0], [0, 0, 0, 0, 1, 1]])
-    out = tidpo.token_logps(logits.bfloat16(), input_ids, response_mask)
+    out = lp.token_logps(logits.bfloat16(), input_ids, response_mask)
     assert out.dtype == torch.float32
     # The arithmetic is float32 on the bfloat16 values ...
-    assert_close(out, tidpo.token_logps(logits.bfloat16().float(), input_ids, response_mask),
+    assert_close(out, lp.token_logps(logits.bfloat16().float(), input_ids, response_mask),
                  rtol=1e-6, atol=1e-6)
     # ... and only the rounding of the logits (bfloat16 has 8 bits of mantissa) separates it
     # from the float32 result.
-    assert_close(out, tidpo.token_logps(logits, input_ids, response_mask), rtol=0, atol=5e-2)
+    assert_close(out, lp.token_logps(logits, input_ids, response_mask), rtol=0, atol=5e-2)
 
 
-def test_token_logps_random_vs_loop_reference():
+def test_token_logps_random_vs_loop_reference(lp):
     gen = torch.Generator().manual_seed(2)
     batch, length, vocab = 4, 7, 5
     logits = 3 * torch.randn(batch, length, vocab, generator=gen, dtype=torch.float64)
@@ -145,7 +153,7 @@ def test_token_logps_random_vs_loop_reference():
     for b in range(batch):
         for t in response_positions(response_mask[b]):
             expected[b, t] = reference_logsoftmax(logits[b, t - 1], int(input_ids[b, t]))
-    out = tidpo.token_logps(logits, input_ids, response_mask)
+    out = lp.token_logps(logits, input_ids, response_mask)
     assert out.dtype == torch.float64
     assert_close(out, expected, **EXACT)
 
@@ -170,10 +178,10 @@ def value_and_grad(function, logits, *args, loss_weights):
 @pytest.fixture
 def small_chunks(monkeypatch):
     # 3 rows of 40 logits per chunk: the [B, L] rows are split unevenly, across sequences
-    monkeypatch.setattr(tidpo, "_CHUNK_ELEMENTS", 3 * 40)
+    monkeypatch.setattr(memory, "_CHUNK_ELEMENTS", 3 * 40)
 
 
-def test_token_logps_gradient_is_onehot_minus_softmax(small_chunks):
+def test_token_logps_gradient_is_onehot_minus_softmax(lp, small_chunks):
     # d log softmax(x)[target] / dx = onehot(target) - softmax(x), at the position that predicts
     # each response token; 0 at every other position.
     gen = torch.Generator().manual_seed(3)
@@ -182,7 +190,7 @@ def test_token_logps_gradient_is_onehot_minus_softmax(small_chunks):
     input_ids = torch.randint(0, vocab, (batch, length), generator=gen)
     _, response_mask = random_masks(gen, batch, length)
     loss_weights = torch.randn(batch, length, generator=gen, dtype=torch.float64)
-    _, grad = value_and_grad(tidpo.token_logps, logits, input_ids, response_mask, loss_weights=loss_weights)
+    _, grad = value_and_grad(lp.token_logps, logits, input_ids, response_mask, loss_weights=loss_weights)
     expected = torch.zeros_like(logits)
     for b in range(batch):
         for t in response_positions(response_mask[b]):
@@ -193,7 +201,7 @@ def test_token_logps_gradient_is_onehot_minus_softmax(small_chunks):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_token_logps_equals_the_plain_formula(dtype, small_chunks):
+def test_token_logps_equals_the_plain_formula(lp, dtype, small_chunks):
     # The chunked forward and the written-out backward against plain autograd on the whole tensor:
     # the same float32 arithmetic. Values to 1e-5; gradients to 1e-5, or, for bfloat16 logits, to
     # one bfloat16 rounding step (2^-8 relative), as both round a float32 gradient to bfloat16.
@@ -203,7 +211,7 @@ def test_token_logps_equals_the_plain_formula(dtype, small_chunks):
     input_ids = torch.randint(0, vocab, (batch, length), generator=gen)
     _, response_mask = random_masks(gen, batch, length)
     loss_weights = torch.randn(batch, length, generator=gen)
-    out, grad = value_and_grad(tidpo.token_logps, logits, input_ids, response_mask, loss_weights=loss_weights)
+    out, grad = value_and_grad(lp.token_logps, logits, input_ids, response_mask, loss_weights=loss_weights)
     expected, expected_grad = value_and_grad(plain_token_logps, logits, input_ids, response_mask,
                                              loss_weights=loss_weights)
     assert out.dtype == torch.float32 and grad.dtype == dtype
@@ -219,7 +227,7 @@ def test_token_logps_keeps_no_float32_copy_of_the_logits():
     input_ids = torch.randint(0, 50, (2, 6), generator=gen)
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-        tidpo.token_logps(logits, input_ids, torch.ones(2, 6))
+        memory.token_logps(logits, input_ids, torch.ones(2, 6))
     large = [t for t in saved if t.numel() >= logits.numel()]
     assert len(large) == 1 and large[0].data_ptr() == logits.data_ptr() and large[0].dtype == torch.bfloat16
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
@@ -227,14 +235,14 @@ def test_token_logps_keeps_no_float32_copy_of_the_logits():
     assert any(t.dtype == torch.float32 and t.numel() == logits.numel() for t in saved)
 
 
-def test_token_logps_without_gradients():
+def test_token_logps_without_gradients(lp):
     # The frozen reference's forward: inference mode, no graph, the same numbers.
     gen = torch.Generator().manual_seed(6)
     logits = torch.randn(2, 5, 30, generator=gen, dtype=torch.float64)
     input_ids = torch.randint(0, 30, (2, 5), generator=gen)
     response_mask = torch.tensor([[0, 1, 1, 1, 0], [0, 0, 0, 1, 1]])
     with torch.inference_mode():
-        out = tidpo.token_logps(logits, input_ids, response_mask)
+        out = lp.token_logps(logits, input_ids, response_mask)
     assert_close(out, plain_token_logps(logits, input_ids, response_mask), **EXACT)
 
 
@@ -243,9 +251,9 @@ def test_token_logps_without_gradients():
     ((2, 5, 7), (2, 4), (2, 5), r"token_logps: input_ids must have shape \[B, L\] = \[2, 5\], got \[2, 4\]"),
     ((2, 5, 7), (2, 5), (5,), r"token_logps: response_mask must have shape \[B, L\] = \[2, 5\], got \[5\]"),
 ])
-def test_token_logps_rejects_mismatched_shapes(logits_shape, ids_shape, mask_shape, message):
+def test_token_logps_rejects_mismatched_shapes(lp, logits_shape, ids_shape, mask_shape, message):
     with pytest.raises(ValueError, match=message):
-        tidpo.token_logps(torch.zeros(logits_shape), torch.zeros(ids_shape, dtype=torch.long), torch.ones(mask_shape))
+        lp.token_logps(torch.zeros(logits_shape), torch.zeros(ids_shape, dtype=torch.long), torch.ones(mask_shape))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -572,11 +580,11 @@ def test_triplet_loss_random_vs_reference_and_eq38():
             continue
         a_pos, w_pos, l_pos = (response_positions(m[b]) for m in (anchor_mask, chosen_mask, rejected_mask))
         for t, (i, j) in enumerate(zip(a_pos, w_pos)):  # Eq. 38, t < min(T_a, T_w)
-            a_t, w_t = float(anchor[b, i]), float(chosen[b, j])
+            a_t, w_t = float(anchor[b, i].detach()), float(chosen[b, j].detach())
             expected_grads[1][b, j] = 2 * (w_t - a_t)
             expected_grads[0][b, i] += 2 * (a_t - w_t)
         for t, (i, j) in enumerate(zip(a_pos, l_pos)):  # t < min(T_a, T_l)
-            a_t, l_t = float(anchor[b, i]), float(rejected[b, j])
+            a_t, l_t = float(anchor[b, i].detach()), float(rejected[b, j].detach())
             expected_grads[2][b, j] = 2 * (a_t - l_t)
             expected_grads[0][b, i] -= 2 * (a_t - l_t)
     for grad, expected_grad in zip(grads, expected_grads):
@@ -968,7 +976,7 @@ def test_chosen_and_rejected_may_have_different_lengths():
 # sequence_kl (the authors' release): sum over response tokens of KL(pi_ref || pi_theta), logits at t - 1
 # ---------------------------------------------------------------------------------------------
 
-def test_sequence_kl_hand_case():
+def test_sequence_kl_hand_case(lp):
     # V = 2, L = 3, response = tokens 1 and 2, so the logits at positions 0 and 1 count.
     # Position 0: policy [0, 0] -> p = [1/2, 1/2]; ref [log 3, 0] -> q = [3/4, 1/4]
     #   KL(q || p) = 3/4 log(3/2) + 1/4 log(1/2) = 0.130812035941137
@@ -978,23 +986,23 @@ def test_sequence_kl_hand_case():
     # Position 2 predicts nothing in the sequence: its (very different) logits do not count.
     policy_logits = torch.tensor([[[0.0, 0.0], [math.log(3), 0.0], [9.0, -9.0]]], dtype=torch.float64)
     ref_logits = torch.tensor([[[math.log(3), 0.0], [0.0, 0.0], [-9.0, 9.0]]], dtype=torch.float64)
-    both = tidpo.sequence_kl(policy_logits, ref_logits, torch.tensor([[0, 1, 1]]))
+    both = lp.sequence_kl(policy_logits, ref_logits, torch.tensor([[0, 1, 1]]))
     assert both.item() == pytest.approx(0.130812035941137 + 0.143841036225890, abs=1e-12)
-    only_token_1 = tidpo.sequence_kl(policy_logits, ref_logits, torch.tensor([[0, 1, 0]]))
+    only_token_1 = lp.sequence_kl(policy_logits, ref_logits, torch.tensor([[0, 1, 0]]))
     assert only_token_1.item() == pytest.approx(0.130812035941137, abs=1e-12)
-    only_token_2 = tidpo.sequence_kl(policy_logits, ref_logits, torch.tensor([[0, 0, 1]]))
+    only_token_2 = lp.sequence_kl(policy_logits, ref_logits, torch.tensor([[0, 0, 1]]))
     assert only_token_2.item() == pytest.approx(0.143841036225890, abs=1e-12)
 
 
-def test_sequence_kl_zero_for_identical_models():
+def test_sequence_kl_zero_for_identical_models(lp):
     gen = torch.Generator().manual_seed(18)
     logits = 4 * torch.randn(3, 6, 5, generator=gen, dtype=torch.float64)
     _, response_mask = random_masks(gen, 3, 6)
-    assert_close(tidpo.sequence_kl(logits, logits.clone(), response_mask),
+    assert_close(lp.sequence_kl(logits, logits.clone(), response_mask),
                  torch.zeros(3, dtype=torch.float64), rtol=0, atol=1e-14)
 
 
-def test_sequence_kl_random_vs_reference():
+def test_sequence_kl_random_vs_reference(lp):
     gen = torch.Generator().manual_seed(19)
     batch, length, vocab = 4, 8, 6
     policy_logits = 2 * torch.randn(batch, length, vocab, generator=gen, dtype=torch.float64)
@@ -1007,9 +1015,9 @@ def test_sequence_kl_random_vs_reference():
                 log_q = reference_logsoftmax(ref_logits[b, t - 1], v)
                 log_p = reference_logsoftmax(policy_logits[b, t - 1], v)
                 expected[b] += math.exp(log_q) * (log_q - log_p)
-    assert_close(tidpo.sequence_kl(policy_logits, ref_logits, response_mask), expected, **EXACT)
+    assert_close(lp.sequence_kl(policy_logits, ref_logits, response_mask), expected, **EXACT)
     # bfloat16 logits: computed in float32
-    out = tidpo.sequence_kl(policy_logits.bfloat16(), ref_logits.bfloat16(), response_mask)
+    out = lp.sequence_kl(policy_logits.bfloat16(), ref_logits.bfloat16(), response_mask)
     assert out.dtype == torch.float32
     assert_close(out.double(), expected, rtol=0.05, atol=0.05)
 
@@ -1021,7 +1029,7 @@ def plain_sequence_kl(policy_logits, ref_logits, response_mask):
     return (kl[:, :-1] * response_mask[:, 1:]).sum(-1)
 
 
-def test_sequence_kl_gradients_vs_closed_forms(small_chunks):
+def test_sequence_kl_gradients_vs_closed_forms(lp, small_chunks):
     # KL(q || p) with p = softmax(policy logits), q = softmax(ref logits):
     #   d KL / d policy logits = p - q,   d KL / d ref logits = q * (log q - log p - KL)
     # at the positions that predict response tokens, 0 elsewhere.
@@ -1031,7 +1039,7 @@ def test_sequence_kl_gradients_vs_closed_forms(small_chunks):
     ref_logits = (2 * torch.randn(batch, length, vocab, generator=gen, dtype=torch.float64)).requires_grad_(True)
     _, response_mask = random_masks(gen, batch, length)
     loss_weights = torch.randn(batch, generator=gen, dtype=torch.float64)
-    (tidpo.sequence_kl(policy_logits, ref_logits, response_mask) * loss_weights).sum().backward()
+    (lp.sequence_kl(policy_logits, ref_logits, response_mask) * loss_weights).sum().backward()
     expected_policy, expected_ref = torch.zeros_like(policy_logits), torch.zeros_like(ref_logits)
     for b in range(batch):
         for t in response_positions(response_mask[b]):
@@ -1043,7 +1051,7 @@ def test_sequence_kl_gradients_vs_closed_forms(small_chunks):
     assert_close(ref_logits.grad, expected_ref, **EXACT)
 
 
-def test_sequence_kl_bfloat16_equals_the_plain_float32_formula(small_chunks):
+def test_sequence_kl_bfloat16_equals_the_plain_float32_formula(lp, small_chunks):
     # bfloat16 logits: the same float32 arithmetic as plain autograd on the float32 values. Values
     # to float32 rounding of sums of up to 40 x 9 terms; gradients (the policy's, rounded to
     # bfloat16 by both) to one bfloat16 rounding step.
@@ -1053,7 +1061,7 @@ def test_sequence_kl_bfloat16_equals_the_plain_float32_formula(small_chunks):
     ref_logits = (3 * torch.randn(batch, length, vocab, generator=gen)).bfloat16()
     _, response_mask = random_masks(gen, batch, length)
     loss_weights = torch.randn(batch, generator=gen)
-    out, grad = value_and_grad(tidpo.sequence_kl, policy_logits, ref_logits, response_mask,
+    out, grad = value_and_grad(lp.sequence_kl, policy_logits, ref_logits, response_mask,
                                loss_weights=loss_weights)
     expected, expected_grad = value_and_grad(lambda p, r, m: plain_sequence_kl(p.float(), r.float(), m),
                                              policy_logits, ref_logits, response_mask, loss_weights=loss_weights)
@@ -1062,14 +1070,14 @@ def test_sequence_kl_bfloat16_equals_the_plain_float32_formula(small_chunks):
     assert_close(grad, expected_grad, rtol=2 ** -8, atol=1e-5)
 
 
-def test_sequence_kl_rejects_mismatched_shapes():
+def test_sequence_kl_rejects_mismatched_shapes(lp):
     logits = torch.zeros(2, 5, 7)
     with pytest.raises(ValueError, match=r"sequence_kl: policy_logits must be a \[B, L, V\] tensor of floats, got shape \[10, 7\]"):
-        tidpo.sequence_kl(logits.view(10, 7), logits.view(10, 7), torch.ones(2, 5))
+        lp.sequence_kl(logits.view(10, 7), logits.view(10, 7), torch.ones(2, 5))
     with pytest.raises(ValueError, match=r"sequence_kl: ref_logits must have shape \[B, L, V\] = \[2, 5, 7\], got \[2, 5, 8\]"):
-        tidpo.sequence_kl(logits, torch.zeros(2, 5, 8), torch.ones(2, 5))
+        lp.sequence_kl(logits, torch.zeros(2, 5, 8), torch.ones(2, 5))
     with pytest.raises(ValueError, match=r"sequence_kl: response_mask must have shape \[B, L\] = \[2, 5\], got \[2, 4\]"):
-        tidpo.sequence_kl(logits, logits, torch.ones(2, 4))
+        lp.sequence_kl(logits, logits, torch.ones(2, 4))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -143,14 +143,11 @@ def test_builtin_tidpo_lowers_the_loss_and_learns_the_preference(builtin_run):
     assert {k: result["before"][k] for k in ("accuracy", "margin")} == {"accuracy": 0.5, "margin": 0.0}
     assert result["after"]["accuracy"] >= result["before"]["accuracy"] + 0.3
     assert result["after"]["margin"] > 0
-    kinds = ("attribution", "no_final", "grad_x_input", "hybrid", "hybrid_no_final", "hybrid_grad_x_input",
-             "prior", "uniform")
-    placement = {f"weights/{kind}/{side}/{metric}" for kind in kinds
-                 for side in ("chosen", "rejected") for metric in ("share", "top_k")}
+    # the weight-placement metrics and self-BLEU are experiments.py's (test_experiments.py), not every run's
     critical = {"critical_accuracy", "critical_margin"}
-    assert set(result["before"]) == {"accuracy", "margin"} | critical | placement
+    assert set(result["before"]) == {"accuracy", "margin"} | critical
     assert set(result["after"]) == {"accuracy", "margin", "judge/policy", "judge/reference", "win_rate", "distinct_2",
-                                    "distinct_4", "token_entropy", "self_bleu"} | critical | placement
+                                    "distinct_4", "token_entropy"} | critical
     assert all(math.isfinite(v) for v in result["after"].values())
     assert result["output_dir"] == str(builtin_run["output_dir"])
 

@@ -181,13 +181,14 @@ def test_default_settings_give_tidpo_loss(task, tmp_path, kl_alpha):
         ref_logits = forward(ref, input_ids, attention_mask)
         ref_logps = tidpo.token_logps(ref_logits, input_ids, response_mask)
         ref_anchor_logps = tidpo.token_logps(forward(ref, anchor[0], anchor[1]), anchor[0], anchor[2])
-    anchor_logratio = (tidpo.token_logps(forward(policy, anchor[0], anchor[1]), anchor[0], anchor[2])
-                       - ref_anchor_logps).sum(-1)
+    anchor_logratios = (tidpo.token_logps(forward(policy, anchor[0], anchor[1]), anchor[0], anchor[2])
+                        - ref_anchor_logps)
     weights = tidpo.hybrid_weights(importance, response_mask, lam=0.7)
     kl = tidpo.sequence_kl(logits, ref_logits, response_mask)
     expected, expected_metrics = tidpo.tidpo_loss(
         logps[:n], logps[n:], ref_logps[:n], ref_logps[n:], weights[:n], weights[n:], beta=0.1,
-        anchor_logratio=anchor_logratio, gamma=0.1, margin=0.01, kl_chosen=kl[:n], kl_rejected=kl[n:],
+        anchor_logratios=anchor_logratios, anchor_mask=anchor[2], chosen_mask=response_mask[:n],
+        rejected_mask=response_mask[n:], gamma=0.1, margin=0.01, kl_chosen=kl[:n], kl_rejected=kl[n:],
         kl_alpha=kl_alpha)
     assert expected_metrics["loss/triplet"] > 0.1  # the hinge is active: the triplet is part of the loss
     assert not torch.allclose(weights, response_mask.to(weights.dtype))  # and the weights are not uniform
