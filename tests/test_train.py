@@ -546,3 +546,21 @@ def test_default_run_needs_only_torch_transformers_and_tokenizers(tmp_path, monk
     assert {"judge/policy", "win_rate", "distinct_2", "token_entropy"} <= set(result["after"])
     assert "self_bleu" not in result["after"]  # sacrebleu's metric is experiments.py's
     assert (tmp_path / "run" / "policy" / "config.json").exists()
+
+
+def test_every_run_logs_the_likelihoods_and_where_the_triplet_acts(builtin_run, tmp_path):
+    # The default run: TRL's logps/* and the triplet's diagnostics in every logged window
+    for entry in builtin_run["result"]["history"]:
+        for name in ("logps/chosen", "logps/rejected", "triplet/distance_chosen", "triplet/distance_rejected",
+                     "triplet/active", "triplet/logratio_anchor"):
+            assert name in entry, name
+        assert 0 <= entry["triplet/active"] <= 1 and entry["logps/chosen"] < 0
+        assert entry["flipped_pairs"] == 0 and entry["triplet/active_on_clean"] == entry["triplet/active"]
+    # With label noise: the active share among flipped and among clean pairs, which average to the whole's
+    history = run(["--sft-steps", "20", "--steps", "4", "--batch-size", "16", "--max-new-tokens", "8",
+                   "--label-noise", "0.25", "--log-every", "2"], tmp_path / "noisy")["history"]
+    for entry in history:
+        share = entry["flipped_pairs"]
+        assert 0 < share < 1
+        combined = share * entry["triplet/active_on_flipped"] + (1 - share) * entry["triplet/active_on_clean"]
+        assert combined == pytest.approx(entry["triplet/active"], abs=1e-6)
