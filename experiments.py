@@ -130,7 +130,9 @@ def run_group(job):
 
     One thread, because the model is tiny (two one-thread runs side by side beat one two-thread run
     by far) and a run's numbers depend on the thread count: `OMP_NUM_THREADS=1 python train.py ...`
-    with a run's flags (its "argv") gives that run's numbers.
+    with a run's flags (its "argv") gives that run's training and held-out numbers, for the methods
+    without HOOKS (train.main(argv, hooks) runs those); the research metrics of evaluate
+    ("diagnostics": the weight placement, self-BLEU) come only with experiments.py.
     """
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

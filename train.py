@@ -88,7 +88,7 @@ def build_parser(description=__doc__):
                    "attribution: paper (Eq. 5-6), or variants beyond the paper: no-final (the final response "
                    "token left out of the normalisation), grad-x-input (|gradient . embedding|, final left out)")
     a.add_argument("--kl-alpha", type=float, default=0.0, help="weight of TDPO2's sequential KL, as in the "
-                   "authors' release (they use 0.5); 0 is the paper's Eq. 14")
+                   "authors' release; 0.5 in the paper's reported configuration, 0 is Eq. 14 as written")
 
     a = p.add_argument_group("anchor sampling (triplet) and evaluation samples")
     a.add_argument("--max-new-tokens", type=int, default=64, help="longest sampled response")

@@ -237,7 +237,7 @@ def test_grid_run_with_a_reused_sft_equals_a_separate_run(tiny_grid, tmp_path):
     # tidpo ran second in its group and so started from dpo's SFT weights
     record = tiny_grid["records"][1]
     argv = [a if a != record["output_dir"] else str(tmp_path / "run") for a in record["argv"]]
-    separate = train.main(argv)
+    separate = train.main(argv, hooks={**experiments.HOOKS.get(record["method"], {}), "diagnostics": True})
     assert separate["after"] == record["after"]
     assert separate["history"] == record["history"]
 
