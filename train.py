@@ -331,7 +331,7 @@ def tidpo_step(policy, ref, batch, tokenizer, args, device, autocast, hooks=None
     tidpo_on = args.loss == "tidpo"
     if tidpo_on and args.gamma != 0:
         # Eq. 13's anchor: a response sampled from the current policy for the same prompt, without
-        # gradient; its summed log-ratio d is then computed with gradient.
+        # gradient; its per-token log-ratios are then computed with gradient.
         with autocast, record_function("sample anchors"):
             anchor = sample(module, batch["prompt_input_ids"].to(device), batch["prompt_attention_mask"].to(device),
                             tokenizer, max_new_tokens=args.max_new_tokens, min_new_tokens=args.min_new_tokens,
