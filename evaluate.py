@@ -151,7 +151,7 @@ def evaluate(policy, ref, pairs, tokenizer, args, device, autocast, with_samples
     - with diagnostics (experiments.py), weights/{kind}/{side}/{share,top_k} (built-in task): critical_share and topk_hit_rate of these
       weightings of the pair's tokens, from the policy's attribution: attribution alone (lambda 1)
       by Eq. 5-6 ("attribution"), by the variants "no_final" and "grad_x_input" (see
-      tidpo.ATTRIBUTIONS); hybrid (--lam) with each of the three ("hybrid", "hybrid_no_final",
+      experiments.ATTRIBUTIONS); hybrid (--lam) with each of the three ("hybrid", "hybrid_no_final",
       "hybrid_grad_x_input"); prior alone (lambda 0); uniform.
     - with_samples (the built-in task's judge: safe phrases count up, risky ones down): the mean
       judge score of responses sampled from the policy and from the reference for the held-out
@@ -172,9 +172,12 @@ def evaluate(policy, ref, pairs, tokenizer, args, device, autocast, with_samples
                     policy_logits, grad, embeddings = tidpo.target_gradient(policy, input_ids, attention_mask,
                                                                             response_mask)
                 policy_logits = policy_logits.detach()
-                # Eq. 6 and the gradient x input variant from the same gradient
-                importance = tidpo.importance_scores(grad, embeddings, response_mask)
-                grad_x_input = tidpo.importance_scores(grad, embeddings, response_mask, "grad-x-input")
+                # Eq. 6 and experiments.py's variants from the same gradient
+                import experiments  # the variants beyond the paper live there (imported by it only)
+
+                importance = tidpo.importance_scores(grad, response_mask)
+                no_final = experiments.variant_importance(grad, embeddings, response_mask, "no-final")
+                grad_x_input = experiments.variant_importance(grad, embeddings, response_mask, "grad-x-input")
             else:
                 policy_logits = tidpo.forward_logits(policy, input_ids, attention_mask)
             ref_logits = tidpo.forward_logits(ref, input_ids, attention_mask)
@@ -189,7 +192,6 @@ def evaluate(policy, ref, pairs, tokenizer, args, device, autocast, with_samples
             critical_correct += (on_critical > 0).sum().item() + 0.5 * (on_critical == 0).sum().item()
             critical_margins.append(on_critical.float())
         if critical and diagnostics:
-            no_final = tidpo.leave_out_final(importance, response_mask)
             weightings = {"attribution": tidpo.hybrid_weights(importance, response_mask, lam=1.0),
                           "no_final": tidpo.hybrid_weights(no_final, response_mask, lam=1.0),
                           "grad_x_input": tidpo.hybrid_weights(grad_x_input, response_mask, lam=1.0),

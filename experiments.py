@@ -68,8 +68,8 @@ METHODS = {
     # tokens, in Eq. 12 alone (gamma 0) so that each differs from DPO only in its weights; the oracle at
     # DPO's per-token scale (1 on each critical token, 0 elsewhere), and as a perfect attribution through
     # Eq. 8 at lambda 1 (mean 1: T/k on each); and the oracle in the full objective, with the triplet.
-    "tidpo_no_final": ["--loss", "tidpo", "--attribution", "no-final", "--gamma", "0"],
-    "tidpo_grad_x_input": ["--loss", "tidpo", "--attribution", "grad-x-input", "--gamma", "0"],
+    "tidpo_no_final": ["--loss", "tidpo", "--gamma", "0"],  # with HOOKS' attribution variants
+    "tidpo_grad_x_input": ["--loss", "tidpo", "--gamma", "0"],
     "prior_only_no_triplet": ["--loss", "tidpo", "--lam", "0", "--gamma", "0"],
     "oracle": ["--loss", "tidpo", "--weights", "oracle", "--gamma", "0"],
     "oracle_eq8": ["--loss", "tidpo", "--weights", "oracle", "--oracle-scale", "hybrid", "--lam", "1", "--gamma", "0"],
@@ -101,9 +101,52 @@ def anchor_grad_triplet_loss(anchor_logratios, anchor_mask, chosen_logratios, ch
                               rejected_logratios.detach(), rejected_mask, margin)
 
 
+def grad_x_input(grad, embeddings):
+    """[B, L] gradient x input, |dL_target/de_i . e_i| (a variant, not the paper's Eq. 6), from
+    tidpo.target_gradient's gradient and embeddings [B, L, E]. It is the first-order change of the
+    target if token i's embedding were removed, where Eq. 6 measures only how steep the target is
+    around e_i."""
+    return (tidpo._at_least_float32(grad) * tidpo._at_least_float32(embeddings)).sum(dim=-1).abs()
+
+
+def leave_out_final(importance, response_mask):
+    """[B, L] `importance` with each row's last response token set to 0 (a variant). In Eq. 8 that
+    token then gets only its prior share, and the attribution is normalised over the rest of the
+    response: Eq. 5's target sits at that position, and its own-token gradient outweighs the rest."""
+    return importance.scatter(-1, tidpo.last_response_position(response_mask).unsqueeze(-1), 0.0)
+
+
+def variant_importance(grad, embeddings, response_mask, attribution):
+    """[B, L] detached scores of one of ATTRIBUTIONS from target_gradient's outputs: "paper" is
+    Eq. 6; "no-final" Eq. 6 with the final token left out; "grad-x-input" gradient x input with the
+    final token left out too."""
+    if attribution == "paper":
+        return tidpo.importance_scores(grad, response_mask)
+    scores = (grad_x_input(grad, embeddings) if attribution == "grad-x-input"
+              else tidpo._at_least_float32(grad).abs().sum(dim=-1))
+    scores = torch.where(response_mask.bool(), scores, torch.zeros_like(scores))
+    return leave_out_final(scores, response_mask).detach()
+
+
+ATTRIBUTIONS = ("paper", "no-final", "grad-x-input")
+
+
+def attribution_hook(attribution):
+    """A tidpo.gradient_attribution with one of ATTRIBUTIONS' scores, for train.main's hooks."""
+    if attribution not in ATTRIBUTIONS:
+        raise ValueError(f"attribution must be one of {ATTRIBUTIONS}, got {attribution!r}")
+
+    def attribute(model, input_ids, attention_mask, response_mask):
+        logits, grad, embeddings = tidpo.target_gradient(model, input_ids, attention_mask, response_mask)
+        return logits, variant_importance(grad, embeddings, response_mask, attribution)
+    return attribute
+
+
 # The methods that swap a part of the step for a variant (train.main's hooks, see train.tidpo_step)
 HOOKS = {"tidpo_anchor_grad": {"triplet": anchor_grad_triplet_loss},
-         "tidpo_points_triplet": {"triplet": points_triplet_loss}}
+         "tidpo_points_triplet": {"triplet": points_triplet_loss},
+         "tidpo_no_final": {"attribution": attribution_hook("no-final")},
+         "tidpo_grad_x_input": {"attribution": attribution_hook("grad-x-input")}}
 # (task, label noise): without noise every method reaches accuracy 1 on both settings. With 20% of the
 # labels flipped, the spurious cue (which follows the given labels) agrees with them more often than the
 # critical phrase does.

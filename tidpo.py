@@ -8,9 +8,7 @@ The file follows the paper's order:
     forward_logits         a model's logits with those positions
     gradient_attribution   Eq. 5-6   token importance from the gradient of the top logit, in two parts:
       target_gradient      Eq. 5     the top logit's gradient to the input embeddings
-      importance_scores    Eq. 6     its L1 norm per response token (or a variant below)
-    grad_x_input           (variant) |gradient . embedding| instead of Eq. 6's L1 norm
-    leave_out_final        (variant) the final response token left out of the importance
+      importance_scores    Eq. 6     its L1 norm per response token
     gaussian_prior         Eq. 7     a bell over response positions
     hybrid_weights         Eq. 8     importance and prior mixed into per-token weights
     weighted_logratio      Eq. 11    one weighted sum of per-token log-ratios
@@ -107,33 +105,21 @@ def forward_logits(model, input_ids, attention_mask):
                  position_ids=position_ids(attention_mask)).logits
 
 
-# Attribution variants: "paper" is Eq. 5-6 as written (the default). The others go beyond the
-# paper, for measuring where the weights should go; each is one line here:
-#   "no-final":     Eq. 6's scores, the final response token left out of the normalisation of Eq. 8
-#                   (it keeps only its prior share): Eq. 5's target sits at that position, and its
-#                   own-token gradient outweighs the rest of the response.
-#   "grad-x-input": |dL_target/de_i . e_i| (gradient x input) instead of Eq. 6's L1 norm, with the
-#                   final token left out as in "no-final".
-ATTRIBUTIONS = ("paper", "no-final", "grad-x-input")
-
-
-def gradient_attribution(model, input_ids, attention_mask, response_mask, attribution="paper"):
+def gradient_attribution(model, input_ids, attention_mask, response_mask):
     """Token importance by gradient attribution (Eq. 5-6), from ONE forward pass of `model`.
 
     Args:
         model: a causal LM with `get_input_embeddings()` that accepts `inputs_embeds`,
             `attention_mask` and `position_ids` (any transformers AutoModelForCausalLM).
         input_ids, attention_mask, response_mask: [B, L]. Padding may sit left or right.
-        attribution: one of ATTRIBUTIONS; "paper" (Eq. 6) unless measuring the variants.
 
     Returns:
         logits: [B, L, V] the forward's logits, still in the autograd graph (when the model has
             trainable parameters), so the caller builds its loss from them without a second forward.
         importance: [B, L] detached scores I_i >= 0 on response tokens, 0 elsewhere.
     """
-    _check_attribution(attribution)  # before the forward, not after it
-    logits, grad, embeddings = target_gradient(model, input_ids, attention_mask, response_mask)
-    return logits, importance_scores(grad, embeddings, response_mask, attribution)
+    logits, grad, _ = target_gradient(model, input_ids, attention_mask, response_mask)
+    return logits, importance_scores(grad, response_mask)
 
 
 def target_gradient(model, input_ids, attention_mask, response_mask):
@@ -142,7 +128,7 @@ def target_gradient(model, input_ids, attention_mask, response_mask):
     Returns:
         logits: [B, L, V] as in gradient_attribution.
         grad: [B, L, E] dL_target / de_i for every position.
-        embeddings: [B, L, E] the input embeddings e_i (detached).
+        embeddings: [B, L, E] the input embeddings e_i (detached; experiments.py's variants use them).
 
     Rows are independent: the rows of a batch do not interact in a transformer, so the gradient of
     the sum of the rows' targets gives each row the gradient of its own target.
@@ -157,7 +143,7 @@ def target_gradient(model, input_ids, attention_mask, response_mask):
                    position_ids=position_ids(attention_mask)).logits
 
     # The logits at the last response token predict what follows the whole response.
-    last = _last_response_position(response_mask)
+    last = last_response_position(response_mask)
     final_logits = logits[torch.arange(input_ids.shape[0], device=input_ids.device), last]
     # Eq. 5: L_target = max_v logits[last response position, v]
     target = final_logits.max(dim=-1).values.sum()
@@ -166,54 +152,22 @@ def target_gradient(model, input_ids, attention_mask, response_mask):
     return logits, grad, embeddings.detach()
 
 
-def importance_scores(grad, embeddings, response_mask, attribution="paper"):
-    """[B, L] detached scores from target_gradient's outputs: Eq. 6, or a variant (ATTRIBUTIONS).
+def importance_scores(grad, response_mask):
+    """[B, L] detached scores I_i (Eq. 6) from target_gradient's gradient [B, L, E].
 
     Only response tokens keep a score; prompt and padding positions are 0.
     """
-    _check_attribution(attribution)
     shape = _check_dims("importance_scores", "grad", grad, "B, L, E")
-    _check_shape("importance_scores", "embeddings", embeddings, shape, "B, L, E")
     _check_shape("importance_scores", "response_mask", response_mask, shape[:2], "B, L")
-    if attribution == "grad-x-input":
-        importance = grad_x_input(grad, embeddings)
-    else:
-        # Eq. 6: I_i = || dL_target / de_i ||_1, over the embedding dimension
-        importance = _at_least_float32(grad).abs().sum(dim=-1)
-    importance = torch.where(response_mask.bool(), importance, torch.zeros_like(importance))
-    if attribution != "paper":
-        importance = leave_out_final(importance, response_mask)
-    return importance.detach()
+    # Eq. 6: I_i = || dL_target / de_i ||_1, over the embedding dimension
+    importance = _at_least_float32(grad).abs().sum(dim=-1)
+    return torch.where(response_mask.bool(), importance, torch.zeros_like(importance)).detach()
 
 
-def _check_attribution(attribution):
-    if attribution not in ATTRIBUTIONS:
-        raise ValueError(f"attribution must be one of {ATTRIBUTIONS}, got {attribution!r}")
-
-
-def _last_response_position(response_mask):
-    # [B] index of each row's last response token (the response is one contiguous run)
+def last_response_position(response_mask):
+    """[B] index of each row's last response token (the response is one contiguous run)."""
     positions = torch.arange(response_mask.shape[1], device=response_mask.device)
     return (response_mask * positions).argmax(dim=-1)
-
-
-def grad_x_input(grad, embeddings):
-    """[B, L] gradient x input, |dL_target/de_i . e_i| (a variant, not the paper's Eq. 6).
-
-    Args: grad, embeddings: [B, L, E], the gradient of Eq. 5's target and the input embeddings.
-    It is the first-order change of the target if token i's embedding were removed, where Eq. 6
-    measures only how steep the target is around e_i.
-    """
-    return (_at_least_float32(grad) * _at_least_float32(embeddings.detach())).sum(dim=-1).abs()
-
-
-def leave_out_final(importance, response_mask):
-    """[B, L] `importance` with each row's last response token set to 0 (a variant).
-
-    Args: importance, response_mask: [B, L]. In Eq. 8 that token then gets only its prior share,
-    and the attribution is normalised over the rest of the response.
-    """
-    return importance.scatter(-1, _last_response_position(response_mask).unsqueeze(-1), 0.0)
 
 
 def _gaussian(position, length):

@@ -84,9 +84,6 @@ def build_parser(description=__doc__):
     a.add_argument("--oracle-scale", choices=["unit", "hybrid"], default="unit", help="--weights oracle: unit "
                    "(1 on each critical token, 0 elsewhere: DPO on the critical tokens alone), or hybrid (the "
                    "critical tokens as the attribution of Eq. 8, with --lam and --weight-scale)")
-    a.add_argument("--attribution", choices=tidpo.ATTRIBUTIONS, default="paper", help="hybrid weights' "
-                   "attribution: paper (Eq. 5-6), or variants beyond the paper: no-final (the final response "
-                   "token left out of the normalisation), grad-x-input (|gradient . embedding|, final left out)")
     a.add_argument("--kl-alpha", type=float, default=0.0, help="weight of TDPO2's sequential KL, as in the "
                    "authors' release; 0.5 in the paper's reported configuration, 0 is Eq. 14 as written")
 
@@ -323,7 +320,8 @@ def tidpo_step(policy, ref, batch, tokenizer, args, device, autocast, hooks=None
     parameter's gradient in the backward before DDP's hook for that parameter fires.
 
     `hooks` lets experiments.py swap in a variant beyond the paper: {"triplet": a function with
-    tidpo.triplet_loss's arguments}; its "diagnostics": True turns on evaluate's research metrics.
+    tidpo.triplet_loss's arguments, "attribution": one with tidpo.gradient_attribution's};
+    "diagnostics": True turns on evaluate's research metrics.
     """
     triplet = (hooks or {}).get("triplet", tidpo.triplet_loss)
     module = policy.module if isinstance(policy, DistributedDataParallel) else policy
@@ -353,8 +351,8 @@ def tidpo_step(policy, ref, batch, tokenizer, args, device, autocast, hooks=None
         ref_logits = None  # [2B, L, V]: free it before the policy's forward needs the memory
     with autocast, record_function("policy forward (+ attribution)"):
         if tidpo_on and args.weights == "hybrid":
-            logits, importance = tidpo.gradient_attribution(policy, input_ids, attention_mask, response_mask,
-                                                            args.attribution)
+            attribute = (hooks or {}).get("attribution", tidpo.gradient_attribution)
+            logits, importance = attribute(policy, input_ids, attention_mask, response_mask)
         else:
             logits = tidpo.forward_logits(policy, input_ids, attention_mask)
         logps = memory.token_logps(logits, input_ids, response_mask)

@@ -366,4 +366,4 @@ def test_anchor_grad_variant_moves_only_the_anchor():
 def test_every_hooked_method_is_a_method():
     assert set(experiments.HOOKS) <= set(experiments.METHODS)
     for hooks in experiments.HOOKS.values():
-        assert set(hooks) == {"triplet"}
+        assert set(hooks) <= {"triplet", "attribution"} and hooks

@@ -309,7 +309,6 @@ BAD_FLAGS = {
                          "critical tokens of the built-in task; it cannot be used with --data"),
     "task-with-data": (["--task", "spurious", "--data", "prefs.jsonl"], "--task spurious is a setting of the "
                        "built-in task; it cannot be used with --data"),
-    "unknown-attribution": (["--attribution", "lime"], "argument --attribution: invalid choice: 'lime'"),
     "not-a-number": (["--steps", "ten"], "argument --steps: invalid int value: 'ten'"),
     "unknown-choice": (["--loss", "ppo"], "argument --loss: invalid choice: 'ppo'"),
 }

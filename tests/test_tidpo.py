@@ -19,6 +19,7 @@ from torch.testing import assert_close
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import experiments  # noqa: E402  (the attribution variants beyond the paper)
 import memory  # noqa: E402
 import tidpo  # noqa: E402
 
@@ -946,10 +947,8 @@ def bad_calls():
          "policy_rejected_logps"),
         ("kl shape", lambda: tidpo.tidpo_loss(*loss_args, kl_chosen=torch.zeros(3), kl_rejected=torch.zeros(3, 1),
                                               kl_alpha=0.5), "kl_rejected"),
-        ("attribution name", lambda: tidpo.importance_scores(torch.zeros(3, 5, 2), torch.zeros(3, 5, 2), mask,
-                                                             "gradient"), "attribution"),
-        ("embeddings shape", lambda: tidpo.importance_scores(torch.zeros(3, 5, 2), torch.zeros(3, 5, 3), mask),
-         "embeddings"),
+        ("grad [B, L]", lambda: tidpo.importance_scores(torch.zeros(3, 5), mask), "grad"),
+        ("importance mask shape", lambda: tidpo.importance_scores(torch.zeros(3, 5, 2), other), "response_mask"),
         ("attention_mask shape", lambda: tidpo.gradient_attribution(None, mask.long(), other, mask),
          "attention_mask"),
     ]
@@ -1291,7 +1290,7 @@ def test_attribution_keeps_float64():
 def test_leave_out_final_hand_case():
     importance = torch.tensor([[0.0, 3.0, 1.0, 2.0, 0.0], [0.0, 0.0, 4.0, 5.0, 6.0]], dtype=torch.float64)
     response_mask = torch.tensor([[0, 1, 1, 1, 0], [0, 0, 1, 1, 1]])
-    left_out = tidpo.leave_out_final(importance, response_mask)
+    left_out = experiments.leave_out_final(importance, response_mask)
     assert torch.equal(left_out, torch.tensor([[0.0, 3.0, 1.0, 0.0, 0.0], [0.0, 0.0, 4.0, 5.0, 0.0]],
                                               dtype=torch.float64))
     # In Eq. 8 the final token then keeps only its prior share. Row 0, T = 3: I_norm = [0.75, 0.25, 0],
@@ -1308,15 +1307,15 @@ def test_attribution_variants_hand_case():
     # and [1, -1] in row 1. Token 1's embedding is [1, 0], token 2's is [0, 1].
     input_ids, attention_mask, response_mask = HAND_ROWS
     _, paper = tidpo.gradient_attribution(model, input_ids, attention_mask, response_mask)
-    _, no_final = tidpo.gradient_attribution(model, input_ids, attention_mask, response_mask, "no-final")
-    _, grad_x_input = tidpo.gradient_attribution(model, input_ids, attention_mask, response_mask, "grad-x-input")
+    _, no_final = experiments.attribution_hook("no-final")(model, input_ids, attention_mask, response_mask)
+    _, grad_x_input = experiments.attribution_hook("grad-x-input")(model, input_ids, attention_mask, response_mask)
     assert torch.equal(paper, torch.tensor([[0.0, 1.5, 1.5, 1.5, 0.0], [0.0, 0.0, 2.0, 2.0, 2.0]]))
     # The last response token (position 3 in row 0, 4 in row 1) scores 0.
     assert torch.equal(no_final, torch.tensor([[0.0, 1.5, 1.5, 0.0, 0.0], [0.0, 0.0, 2.0, 2.0, 0.0]]))
     # |grad . e|: row 0, token 2: |[0.5, 1] . [0, 1]| = 1; row 1, token 1: |[1, -1] . [1, 0]| = 1.
     assert torch.equal(grad_x_input, torch.tensor([[0.0, 1.0, 1.0, 0.0, 0.0], [0.0, 0.0, 1.0, 1.0, 0.0]]))
     with pytest.raises(ValueError, match="attribution must be one of"):
-        tidpo.gradient_attribution(model, input_ids, attention_mask, response_mask, "smoothgrad")
+        experiments.attribution_hook("smoothgrad")
 
 
 def test_grad_x_input_matches_finite_differences():
@@ -1325,7 +1324,7 @@ def test_grad_x_input_matches_finite_differences():
     input_ids = torch.tensor([[5, 7, 1, 9, 3, 11, 0, 0]])
     attention_mask = torch.tensor([[1, 1, 1, 1, 1, 1, 0, 0]])
     response_mask = torch.tensor([[0, 0, 1, 1, 1, 1, 0, 0]])
-    _, importance = tidpo.gradient_attribution(model, input_ids, attention_mask, response_mask, "grad-x-input")
+    _, importance = experiments.attribution_hook("grad-x-input")(model, input_ids, attention_mask, response_mask)
     embeddings = model.get_input_embeddings()(input_ids).detach()
     step = 1e-5
     perturbed = embeddings.repeat(2 * 6, 1, 1)
@@ -1348,14 +1347,14 @@ def test_attribution_variants_do_not_depend_on_padding(make_model, attribution):
     model = make_model(seed=1)
     row = torch.tensor([3, 4, 5, 6, 7, 8])
     row_response = torch.tensor([0, 0, 1, 1, 1, 1])
-    _, alone = tidpo.gradient_attribution(model, row[None], torch.ones(1, 6, dtype=torch.long),
-                                          row_response[None], attribution)
+    attribute = experiments.attribution_hook(attribution)
+    _, alone = attribute(model, row[None], torch.ones(1, 6, dtype=torch.long), row_response[None])
     assert alone[0, -1] == 0 and (alone[0, 2:5] > 0).all()
     for span in (slice(2, 8), slice(0, 6)):  # left, then right padding
         input_ids = torch.tensor([[0] * 8, [1, 2, 12, 4, 10, 6, 7, 8]])
         attention_mask = torch.tensor([[0] * 8, [1] * 8])
         response_mask = torch.tensor([[0] * 8, [0, 0, 0, 1, 1, 1, 1, 1]])
         input_ids[0, span], attention_mask[0, span], response_mask[0, span] = row, 1, row_response
-        _, importance = tidpo.gradient_attribution(model, input_ids, attention_mask, response_mask, attribution)
+        _, importance = attribute(model, input_ids, attention_mask, response_mask)
         assert_close(importance[0, span], alone[0], **SAME_SCORES[make_model])
         assert (importance[0][attention_mask[0] == 0] == 0).all()

@@ -269,16 +269,16 @@ def test_oracle_weights_sit_on_the_critical_tokens_only(scale, monkeypatch):
 
 
 @pytest.mark.parametrize("attribution", ["paper", "no-final", "grad-x-input"])
-def test_attribution_flag_reaches_the_weights(attribution, monkeypatch):
+def test_attribution_hook_reaches_the_weights(attribution, monkeypatch):
+    # experiments.py's variants reach the step through its hooks; without a hook, Eq. 5-6
+    import experiments
+
     seen = []
-    real_attribution = tidpo.gradient_attribution
-
-    def attribution_spy(*args):
-        seen.append(args[4] if len(args) > 4 else "paper")
-        return real_attribution(*args)
-
-    monkeypatch.setattr(tidpo, "gradient_attribution", attribution_spy)
-    train.tidpo_step(*step_inputs(["--attribution", attribution]))
+    hook = experiments.attribution_hook(attribution)
+    hooks = {} if attribution == "paper" else {"attribution": lambda *a: seen.append(attribution) or hook(*a)}
+    real = tidpo.gradient_attribution
+    monkeypatch.setattr(tidpo, "gradient_attribution", lambda *a: seen.append("paper") or real(*a))
+    train.tidpo_step(*step_inputs([]), hooks=hooks)
     assert seen == [attribution]
 
 
