@@ -16,7 +16,6 @@ With --save-every N it also writes checkpoints, and --resume latest continues a 
 """
 
 import argparse
-import atexit
 import copy
 import json
 import math
@@ -26,12 +25,11 @@ import time
 from contextlib import nullcontext
 
 import torch
-import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel
 from torch.profiler import record_function  # labels the parts of a step for bench.py --bench-profile
 
 import checkpoints
 import data
+import distributed
 import memory
 import tidpo
 import evaluate
@@ -258,14 +256,6 @@ def dtypes_note(args, autocast):
     return f" (saved in {saved}, trained in float32{f' under {autocast_dtype} autocast' if autocast_dtype else ''})"
 
 
-def shard(batch, rank, world_size):
-    """This process's rows of a collated batch, and their share of the batch's pairs. The rows are
-    cut from the whole collated batch, so they keep the padding they would have in one process."""
-    n = len(batch["chosen_input_ids"])
-    start, end = n * rank // world_size, n * (rank + 1) // world_size
-    return {name: value[start:end] for name, value in batch.items()}, (end - start) / n
-
-
 # ----------------------------------------------------------------------------- the reference
 
 
@@ -324,7 +314,7 @@ def tidpo_step(policy, ref, batch, tokenizer, args, device, autocast, hooks=None
     "diagnostics": True turns on evaluate's research metrics.
     """
     triplet = (hooks or {}).get("triplet", tidpo.triplet_loss)
-    module = policy.module if isinstance(policy, DistributedDataParallel) else policy
+    module = distributed.unwrap(policy)
     n = len(batch["chosen_input_ids"])
     tidpo_on = args.loss == "tidpo"
     if tidpo_on and args.gamma != 0:
@@ -418,12 +408,7 @@ def train_loop(policy, ref, train_pairs, tokenizer, args, run, resume, before):
     device, autocast, rank, world_size, log = run.device, run.autocast, run.rank, run.world_size, run.log
     # in training mode until the end of the loop
     end_checkpointing = memory.checkpoint_activations(policy) if args.gradient_checkpointing else policy.eval
-    train_policy = policy
-    if world_size > 1:
-        # DDP's constructor also gives every process rank 0's weights.
-        train_policy = DistributedDataParallel(policy, device_ids=[device] if device.type == "cuda" else None)
-        # gradient_attribution takes the embedding layer from the model it runs: lend it the module's
-        train_policy.get_input_embeddings = policy.get_input_embeddings
+    train_policy = distributed.wrap(policy, device, world_size)
     optimizer, scheduler = make_optimizer(policy, args)
     steps = args.steps or max(1, math.ceil(args.epochs * len(train_pairs) / (args.batch_size * args.grad_accum)))
     generator = torch.Generator().manual_seed(args.seed)
@@ -434,21 +419,10 @@ def train_loop(policy, ref, train_pairs, tokenizer, args, run, resume, before):
     sums, count, history, first_step = {}, 0, [], 1
     torch.manual_seed(args.seed + rank)  # each process samples its anchors from a stream of its own
     checkpoint = None  # the newest checkpoint this run wrote or resumed from
-    if resume:
-        optimizer.load_state_dict(resume["optimizer"])
-        scheduler.load_state_dict(resume["scheduler"])
-        if args.lr != resume["args"]["lr"]:  # a new learning rate from here on (say, after a non-finite loss)
-            scheduler.base_lrs = [args.lr for _ in optimizer.param_groups]
-            for group in optimizer.param_groups:
-                group["initial_lr"], group["lr"] = args.lr, args.lr * warmup(scheduler.last_epoch, args)
-        generator.set_state(resume["data"]["epoch_start"])
-        epoch_start, taken = resume["data"]["epoch_start"], resume["data"]["taken"]
+    if resume:  # the optimizer, schedule, random streams, data position and log window as saved
+        epoch_start, taken, sums, count, history, first_step, checkpoint = checkpoints.restore_loop(
+            resume, optimizer, scheduler, generator, lambda step: warmup(step, args), args.lr, device, rank)
         stream = data.batches(train_pairs, args.batch_size, tokenizer.pad_token_id, generator, skip=taken)
-        torch.set_rng_state(resume["random"][rank]["cpu"])
-        if device.type == "cuda" and resume["random"][rank]["cuda"] is not None:
-            torch.cuda.set_rng_state(resume["random"][rank]["cuda"], device)
-        sums, count, history = resume["window"]["sums"], resume["window"]["count"], resume["history"]
-        first_step, checkpoint = resume["step"] + 1, resume["path"]
         log(f"resumed from {checkpoint}: step {resume['step']} of {steps} done",
             {"phase": "resume", "step": resume["step"], "checkpoint": checkpoint})
     reference_path = os.path.join(args.output_dir, "checkpoints", "reference.pt")
@@ -470,10 +444,8 @@ def train_loop(policy, ref, train_pairs, tokenizer, args, run, resume, before):
                 stream = data.batches(train_pairs, args.batch_size, tokenizer.pad_token_id, generator)
                 batch = next(stream)
             taken += 1
-            batch, share = shard(batch, rank, world_size)
-            # DDP reduces the gradients only at the last micro-batch of a step.
-            last = micro_step == args.grad_accum - 1
-            with train_policy.no_sync() if world_size > 1 and not last else nullcontext():
+            batch, share = distributed.shard(batch, rank, world_size)
+            with distributed.sync_unless(train_policy, world_size, last=micro_step == args.grad_accum - 1):
                 loss, metrics = tidpo_step(train_policy, ref, batch, tokenizer, args, device, autocast, run.hooks)
                 # DDP averages the processes' gradients. Weighting each process's batch-mean loss by
                 # its share of the pairs times the number of processes makes that average the
@@ -482,9 +454,8 @@ def train_loop(policy, ref, train_pairs, tokenizer, args, run, resume, before):
             for name, value in {"loss": loss.detach(), **metrics}.items():
                 step_sums[name] = step_sums.get(name, 0) + value * (share / args.grad_accum)
         names = list(step_sums)
-        values = torch.stack([step_sums[name] for name in names])
-        if world_size > 1:
-            dist.all_reduce(values)  # the shares add up to the whole batch's means
+        # the processes' shares add up to the whole batch's means
+        values = distributed.all_reduce_sum(torch.stack([step_sums[name] for name in names]), world_size)
         if args.max_grad_norm > 0:
             grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm)
         else:
@@ -526,23 +497,6 @@ def train_loop(policy, ref, train_pairs, tokenizer, args, run, resume, before):
 # ----------------------------------------------------------------------------- the run: main() and its phases
 
 
-def setup_distributed(device):
-    """(rank, world_size, device). Under torchrun (WORLD_SIZE > 1) this process joins the group that
-    torchrun's environment variables describe: NCCL on CUDA, one GPU per process, else gloo. A plain
-    `python train.py` is one process, with no group."""
-    world_size = int(os.environ.get("WORLD_SIZE", 1))
-    if world_size == 1:
-        return 0, 1, device
-    if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-        torch.cuda.set_device(device)
-        dist.init_process_group("nccl", device_id=device)
-    else:
-        dist.init_process_group("gloo")
-    atexit.register(dist.destroy_process_group)
-    return dist.get_rank(), world_size, device
-
-
 def pick_device(args):
     return torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
@@ -556,7 +510,7 @@ def autocast_for(device, args):
 def setup_run(args):
     """Device, processes and the run's log: a namespace that the phases share."""
     torch.manual_seed(args.seed)
-    rank, world_size, device = setup_distributed(pick_device(args))
+    rank, world_size, device = distributed.setup(pick_device(args))
     autocast = autocast_for(device, args)
     run = argparse.Namespace(device=device, autocast=autocast, rank=rank, world_size=world_size, metrics_path=None)
 
