@@ -159,6 +159,8 @@ def evaluate(policy, ref, pairs, tokenizer, args, device, autocast, with_samples
       the diversity of the policy's samples: distinct_2, distinct_4, token_entropy and, with
       diagnostics, self_bleu (sacrebleu, which a plain train.py run does not need).
     """
+    if diagnostics:  # the attribution variants beyond the paper live in experiments.py, which runs this
+        import experiments
     correct, margins, placement = 0.0, [], collections.defaultdict(list)
     critical_correct, critical_margins = 0.0, []
     for batch in data.batches(pairs, args.batch_size, tokenizer.pad_token_id):
@@ -173,8 +175,6 @@ def evaluate(policy, ref, pairs, tokenizer, args, device, autocast, with_samples
                                                                             response_mask)
                 policy_logits = policy_logits.detach()
                 # Eq. 6 and experiments.py's variants from the same gradient
-                import experiments  # the variants beyond the paper live there (imported by it only)
-
                 importance = tidpo.importance_scores(grad, response_mask)
                 no_final = experiments.variant_importance(grad, embeddings, response_mask, "no-final")
                 grad_x_input = experiments.variant_importance(grad, embeddings, response_mask, "grad-x-input")

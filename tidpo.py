@@ -270,6 +270,7 @@ def triplet_distance(anchor_logratios, anchor_mask, other_logratios, other_mask)
     width = max(anchor_logratios.shape[-1], other_logratios.shape[-1])
     anchor, anchor_on = _left_aligned(_at_least_float32(anchor_logratios), anchor_mask, width)
     other, other_on = _left_aligned(_at_least_float32(other_logratios), other_mask, width)
+    # Eq. 13's distance (token by token, as the gradient appendix's Eq. 34 writes it):
     # D(y, y') = sum_{t < min(T_y, T_y')} (a_t - o_t)^2
     return ((anchor - other) ** 2 * anchor_on * other_on).sum(dim=-1)
 
