@@ -41,6 +41,7 @@ from torch.profiler import record_function
 import data
 import memory
 import sampling
+import static_sampler
 import train
 
 BENCH_VARIANTS = {"dpo": {"loss": "dpo"}, "tidpo_no_triplet": {"loss": "tidpo", "gamma": 0.0},
@@ -204,7 +205,7 @@ def child_memory(policy, ref, batch_list, tokenizer, args, device, autocast):
 def cuda_memory(policy, ref, optimizer, batch_list, tokenizer, args, device, autocast):
     """Max allocated over two steps of each variant, one variant after another; the sampler's
     caches and graphs are dropped first, so that only full TI-DPO's steps make them again."""
-    sampling.forget(policy)
+    static_sampler.forget(policy)
     gc.collect()
     torch.cuda.empty_cache()
     measured = {}
@@ -225,7 +226,7 @@ def bench(args, argv, device, autocast):
         f"{args.bench_vocab} on {device}")
     policy, ref, tokenizer, batch_list = bench_setup(args, device)
     if device.type == "cuda" and not args.fp32:
-        sampling.linear_weights_in(ref, torch.bfloat16)  # as train.py keeps it on CUDA
+        static_sampler.linear_weights_in(ref, torch.bfloat16)  # as train.py keeps it on CUDA
     if args.bench_variant:  # child process (CPU): this variant's memory alone
         return child_memory(policy, ref, batch_list, tokenizer, args, device, autocast)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-5)
@@ -244,7 +245,7 @@ def bench(args, argv, device, autocast):
         say(f"  step {i + 1}/{3 + args.bench_steps}{' (warm-up)' if i < 3 else ''}: "
             + " ".join(f"{name} {seconds:.4f} s" for name, seconds in step_times.items()))
     decode = decode_seconds_per_token(policy, batch_list, tokenizer, variant_args(args, "tidpo"), device, autocast)
-    captures = dict(sampling.static_sampler(policy).capture_seconds) if device.type == "cuda" else {}
+    captures = dict(static_sampler.static_sampler(policy).capture_seconds) if device.type == "cuda" else {}
     if device.type == "cuda":
         check_sampler(policy, batch_list[0], tokenizer, variant_args(args, "tidpo"), device, autocast)
     if args.bench_profile:

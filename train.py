@@ -431,7 +431,7 @@ def train_loop(policy, ref, train_pairs, tokenizer, args, run, resume, before):
         checkpoints.save_atomically(ref.state_dict(), reference_path)  # once: every checkpoint needs it
     if device.type == "cuda" and not args.fp32:
         # after the reference is saved: its file keeps the float32 weights (a resumed run may use --fp32)
-        sampling.linear_weights_in(ref, torch.bfloat16)
+        static_sampler.linear_weights_in(ref, torch.bfloat16)
 
     t0 = time.perf_counter()
     for step in range(first_step, steps + 1):

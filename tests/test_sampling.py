@@ -17,6 +17,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import sampling  # noqa: E402
+import static_sampler  # noqa: E402
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 STATIC = ["static", pytest.param("graph", marks=CUDA)]
@@ -148,14 +149,14 @@ def test_a_bucket_made_in_inference_mode_serves_a_later_call_under_no_grad():
         first = sampling.sample(model, prompt_ids, prompt_mask, tokenizer, **greedy, method="static")
     with torch.no_grad():  # the same bucket: its state is updated in place
         again = sampling.sample(model, prompt_ids, prompt_mask, tokenizer, **greedy, method="static")
-    assert len(sampling.static_sampler(model).buckets) == 1
+    assert len(static_sampler.static_sampler(model).buckets) == 1
     assert torch.equal(first[0], again[0])
 
 
 def test_buckets_are_bounded_least_recently_used_first():
     model, prompt_ids, prompt_mask = peaked_model()
     tokenizer = argparse.Namespace(pad_token_id=0, eos_token_id=2)
-    sampler = sampling.static_sampler(model)
+    sampler = static_sampler.static_sampler(model)
     limit = sampler.MAX_BUCKETS
     # max_new_tokens is part of a bucket's key: limit + 2 buckets, the first one used again before the last two
     for n in [*range(1, limit + 1), 1, limit + 1, limit + 2]:
@@ -173,7 +174,7 @@ def test_a_static_way_that_fails_at_first_use_warns_once_and_samples_dynamically
     def broken(*args, **kwargs):
         raise RuntimeError("a model this sampler cannot run")
 
-    monkeypatch.setattr(sampling.DecodeLoop, "start", broken)
+    monkeypatch.setattr(static_sampler.DecodeLoop, "start", broken)
     with pytest.warns(UserWarning, match="static sampler failed at its first use.*cannot run"):
         fallback = sampling.sample(model, prompt_ids, prompt_mask, tokenizer, **greedy, method="static")
     with warnings.catch_warnings():
@@ -188,7 +189,7 @@ def test_a_static_way_that_ran_once_raises_its_later_failures(monkeypatch):
     model, prompt_ids, prompt_mask = peaked_model()
     tokenizer = argparse.Namespace(pad_token_id=0, eos_token_id=2)
     sampling.sample(model, prompt_ids, prompt_mask, tokenizer, **settings(), method="static")
-    monkeypatch.setattr(sampling.DecodeLoop, "start", lambda *args: 1 / 0)
+    monkeypatch.setattr(static_sampler.DecodeLoop, "start", lambda *args: 1 / 0)
     with pytest.raises(ZeroDivisionError):
         sampling.sample(model, prompt_ids, prompt_mask, tokenizer, **settings(), method="static")
 
