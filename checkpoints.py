@@ -39,12 +39,27 @@ def save_atomically(obj, path):
     os.replace(temporary, path)
 
 
-def save_checkpoint(state, run_dir, keep_last):
-    """Write checkpoints/step-N.pt and delete all but the newest `keep_last`; returns its path."""
-    path = os.path.join(run_dir, "checkpoints", f"step-{state['step']:06d}.pt")
+def save_reference(ref, run_dir):
+    """Write the frozen reference to checkpoints/reference.pt, unless a resumed run already did."""
+    path = os.path.join(run_dir, "checkpoints", "reference.pt")
+    if not os.path.exists(path):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        save_atomically(ref.state_dict(), path)
+
+
+def save_checkpoint(args, step, policy, optimizer, scheduler, device, rank, world_size, **loop):
+    """Write checkpoints/step-N.pt (on rank 0: the state is every process's) and delete all but the
+    newest --keep-last; returns its path (None on the other ranks). `loop`: the data position, the
+    log window, the history and the held-out numbers before training."""
+    state = {"format": CHECKPOINT_FORMAT, "step": step, "args": vars(args), "world_size": world_size,
+             "policy": policy.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+             "random": random_states(device, world_size), **loop}  # random_states: a collective call
+    if rank != 0:
+        return None
+    path = os.path.join(args.output_dir, "checkpoints", f"step-{step:06d}.pt")
     os.makedirs(os.path.dirname(path), exist_ok=True)
     save_atomically(state, path)
-    for _, old in saved_checkpoints(run_dir)[:-keep_last]:
+    for _, old in saved_checkpoints(args.output_dir)[:-args.keep_last]:
         os.remove(old)
     return path
 
@@ -187,3 +202,13 @@ def non_finite_message(step, values, args, device, checkpoint):
         where = "no checkpoint was written (--save-every N writes them)"
     return (f"error: step {step}: {what}; loss terms: {terms_now}; grad_norm {values['grad_norm']:.4g}. The run "
             f"stopped before applying this update; {where}. Try {'; '.join(advice)}.")
+
+
+def save_policy(policy, tokenizer, folder, rank):
+    """The trained policy and its tokenizer as a Hugging Face folder (from_pretrained loads it)."""
+    from transformers.utils.logging import disable_progress_bar
+
+    disable_progress_bar()  # the save's progress bar would interleave with the log lines
+    if rank == 0:
+        policy.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)

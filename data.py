@@ -9,7 +9,8 @@ ones TRL users already have:
                      "chosen": [{"role": "assistant", "content": "..."}],
                      "rejected": [{"role": "assistant", "content": "..."}]}
 
-The pipeline is  load_jsonl -> render -> encode_pair -> collate (or batches) -> stack_pair.
+The pipeline is  load_jsonl -> render -> encode_pair -> collate (or batches) -> stack_pair;
+train.py enters it through load_tokenizer and load_pairs.
 
 When no data is given, builtin_task() generates a synthetic task whose
 ground truth is known: each response is neutral filler plus ONE critical
@@ -22,6 +23,7 @@ but not the held-out ones (add_spurious_cue).
 
 import itertools
 import json
+import os
 import random
 from pathlib import Path
 
@@ -543,3 +545,76 @@ def encode_builtin(tokenizer, records, max_length) -> list[dict]:
         pair["flipped"] = record.get("flipped", False)
         encoded.append(pair)
     return encoded
+
+
+# ---------------------------------------------------------------------------
+# A run's tokenizer and pairs (train.py's --model, --data, --eval-data)
+# ---------------------------------------------------------------------------
+
+def from_pretrained(auto_class, name, **options):
+    """auto_class.from_pretrained(name), or a one-line error naming --model and what went wrong."""
+    if name.startswith(("/", ".", "~")) and not os.path.isdir(os.path.expanduser(name)):
+        raise SystemExit(f"error: --model {name}: no such folder (a hub name looks like 'org/name')")
+    try:
+        return auto_class.from_pretrained(name, **options)
+    except (OSError, ValueError) as error:  # no such folder or hub name, no network, not a causal LM
+        raise SystemExit(f"error: --model {name}: cannot load it with {auto_class.__name__}: {error}")
+
+
+def load_tokenizer(args, task=None):
+    """The model's own tokenizer (eos as its pad token if it has none), or, for the tiny model built
+    from scratch, a word-level tokenizer trained on the run's texts (the built-in task, or the --data
+    and --eval-data records), so that every word of the data has a token and none is <unk>.
+    `task`: builtin_task's keyword arguments (experiments.py's settings of the built-in task)."""
+    if args.model is not None:
+        from transformers import AutoTokenizer
+
+        tokenizer = from_pretrained(AutoTokenizer, args.model)
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        return tokenizer
+    if args.data is None:
+        train, heldout = builtin_task(seed=args.seed, setting=(task or {}).get("setting", "default"))
+        records = train + heldout
+    else:
+        records = load_jsonl(args.data) + (load_jsonl(args.eval_data) if args.eval_data else [])
+        conversational = [r["source"] for r in records if not isinstance(r["prompt"], str)]
+        if conversational:
+            raise DataError(f"{conversational[0]}: the record is conversational (lists of messages), but the "
+                            "tiny model's tokenizer, trained from scratch, has no chat template: give --model, "
+                            "whose tokenizer has one, or use plain-text records")
+    return build_tokenizer([r[field] for r in records for field in FIELDS])
+
+
+def load_pairs(args, tokenizer, task=None):
+    """Encoded (train, held-out) pairs, lists of encode_pair dicts: the built-in task's splits (with
+    `task`'s settings), or --data and --eval-data, or --data's last 5% (1 to 256 records) held out."""
+    if args.data is None:
+        train, heldout = builtin_task(seed=args.seed, **(task or {}))
+        return encode_builtin(tokenizer, train, args.max_length), encode_builtin(tokenizer, heldout, args.max_length)
+    if task:
+        raise DataError(f"{args.data}: the built-in task's settings ({', '.join(task)}) cannot be used with --data")
+
+    def encode(records):
+        return [encode_pair(tokenizer, *render(tokenizer, r), args.max_length, r["source"]) for r in records]
+
+    records = load_jsonl(args.data)
+    if args.eval_data:
+        return encode(records), encode(load_jsonl(args.eval_data))
+    if len(records) < 2:
+        raise DataError(f"{args.data}: needs at least 2 records (one is held out), or --eval-data")
+    n_heldout = min(256, max(1, len(records) // 20))
+    return encode(records[:-n_heldout]), encode(records[-n_heldout:])
+
+
+def model_note(args, autocast):
+    """The model line's start: the built-in model, or --model with the dtype its checkpoint was
+    saved in and the one it trains in (float32 weights, under bfloat16 autocast on CUDA)."""
+    if args.model is None:
+        return "tiny Llama (built-in)" + (f", tokenizer trained on {args.data}" if args.data else "")
+    from transformers import AutoConfig
+
+    saved = str(from_pretrained(AutoConfig, args.model).dtype or torch.float32).removeprefix("torch.")
+    autocast_dtype = isinstance(autocast, torch.autocast) and str(autocast.fast_dtype).removeprefix("torch.")
+    under = f" under {autocast_dtype} autocast" if autocast_dtype else ""
+    return f"{args.model} (saved in {saved}, trained in float32{under})"

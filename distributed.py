@@ -9,6 +9,12 @@
 
 train.py calls one line of each; a plain `python train.py` is one process and none of them does
 anything. docs/training.md says how a run is split and what was tested.
+
+In a step (train.tidpo_step) only the forward of chosen and rejected, with the attribution, goes
+through the DDP wrapper, so that DDP's hooks average the gradients in the backward; sampling and
+the anchors' forward use the module inside, since DDP expects one forward per backward. The
+anchors' gradients are not lost: autograd adds up all of a parameter's gradient in the backward
+before DDP's hook for that parameter fires.
 """
 
 import atexit

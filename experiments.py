@@ -1,18 +1,24 @@
-"""Experiments on top of train.py: where token weights matter, a grid of methods x label noise x seeds, and
-token weights to look at.
+"""Experiments on top of train.py: where token weights matter, a grid of methods x label noise x seeds, one
+run of either, and token weights to look at.
 
     python experiments.py                                        # = python experiments.py mechanism
     python experiments.py mechanism --seeds 0 1 --steps 64       # a smaller version of it
     python experiments.py grid                                   # the default grid, see --help for its size
     python experiments.py grid --methods dpo tidpo --noise 0 0.4 --seeds 0 1 --steps 64
+    python experiments.py run --method oracle --noise 0.2 --seed 1 --steps 128   # one run of either
     python experiments.py weights --pair 3                       # a held-out pair of the built-in task
     python experiments.py weights --model runs/x/policy --data prefs.jsonl --index 0
 
+The methods (METHODS) are train.py flags, and for the variants beyond the paper a hook into train.py's
+step (HOOKS: other token weights, other triplets). The built-in task's label noise and its spurious
+setting are set here too (train.main's "task" hook), not by train.py flags.
+
 mechanism (the default) runs DPO, TI-DPO with the paper's attribution and with each variant, oracle
 weights, uniform weights and the prior alone on two settings of the built-in task, the default one with
-label noise and the one with a spurious cue (train.py --task spurious), and prints one table per setting:
-held-out accuracy and margin on whole responses and on the critical tokens alone, and where each
-attribution puts the weight. It writes OUTPUT/mechanism.md and runs.csv, and each run under OUTPUT/<task>/.
+label noise and the one with a spurious cue (--task spurious of the run command), and prints one table
+per setting: held-out accuracy and margin on whole responses and on the critical tokens alone, and where
+each attribution puts the weight. It writes OUTPUT/mechanism.md and runs.csv, and each run under
+OUTPUT/<task>/.
 
 grid runs train.main once per (method, label noise, seed) on the built-in task and prints held-out
 accuracy in the shape of the paper's Table B8 (one row per method, one column per noise level, mean
@@ -51,8 +57,8 @@ METHODS = {
     "dpo": ["--loss", "dpo"],
     "tidpo": ["--loss", "tidpo"],
     "tidpo_no_triplet": ["--loss", "tidpo", "--gamma", "0"],
-    "uniform_weights": ["--loss", "tidpo", "--weights", "uniform"],
-    "random_weights": ["--loss", "tidpo", "--weights", "random"],
+    "uniform_weights": ["--loss", "tidpo"],  # the weights of these come from HOOKS
+    "random_weights": ["--loss", "tidpo"],
     "no_prior": ["--loss", "tidpo", "--lam", "1"],
     "prior_only": ["--loss", "tidpo", "--lam", "0"],
     # The configuration the paper reports (its final hyperparameter table): beta 0.1, gamma 0.1, lambda 0.7
@@ -71,9 +77,9 @@ METHODS = {
     "tidpo_no_final": ["--loss", "tidpo", "--gamma", "0"],  # with HOOKS' attribution variants
     "tidpo_grad_x_input": ["--loss", "tidpo", "--gamma", "0"],
     "prior_only_no_triplet": ["--loss", "tidpo", "--lam", "0", "--gamma", "0"],
-    "oracle": ["--loss", "tidpo", "--weights", "oracle", "--gamma", "0"],
-    "oracle_eq8": ["--loss", "tidpo", "--weights", "oracle", "--oracle-scale", "hybrid", "--lam", "1", "--gamma", "0"],
-    "oracle_triplet": ["--loss", "tidpo", "--weights", "oracle"],
+    "oracle": ["--loss", "tidpo", "--gamma", "0"],
+    "oracle_eq8": ["--loss", "tidpo", "--lam", "1", "--gamma", "0"],
+    "oracle_triplet": ["--loss", "tidpo"],
 }
 GRID_METHODS = ["dpo", "tidpo", "tidpo_reported", "tidpo_no_triplet", "uniform_weights", "random_weights", "no_prior",
                 "prior_only", "tidpo_eq8_sum", "tidpo_anchor_grad", "tidpo_points_triplet"]
@@ -131,8 +137,11 @@ def variant_importance(grad, embeddings, response_mask, attribution):
 ATTRIBUTIONS = ("paper", "no-final", "grad-x-input")
 
 
-def attribution_hook(attribution):
-    """A tidpo.gradient_attribution with one of ATTRIBUTIONS' scores, for train.main's hooks."""
+# Token weights beyond the paper, for train.main's "weights" hook: each has the arguments and
+# result of train.hybrid_token_weights, (logits, [B, L] weights).
+
+def variant_attribution(attribution):
+    """A tidpo.gradient_attribution with one of ATTRIBUTIONS' scores: (logits, importance)."""
     if attribution not in ATTRIBUTIONS:
         raise ValueError(f"attribution must be one of {ATTRIBUTIONS}, got {attribution!r}")
 
@@ -142,11 +151,63 @@ def attribution_hook(attribution):
     return attribute
 
 
+def attribution_weights(attribution):
+    """Eq. 8's hybrid weights on one of ATTRIBUTIONS' scores."""
+    attribute = variant_attribution(attribution)
+
+    def weights(policy, input_ids, attention_mask, response_mask, batch, args):
+        logits, importance = attribute(policy, input_ids, attention_mask, response_mask)
+        return logits, tidpo.hybrid_weights(importance, response_mask, lam=args.lam, scale=args.weight_scale)
+    return weights
+
+
+def uniform_weights(policy, input_ids, attention_mask, response_mask, batch, args):
+    """Weight 1 on every response token: Eq. 14 with DPO's margin, the triplet's own effect."""
+    return tidpo.forward_logits(policy, input_ids, attention_mask), response_mask.float()
+
+
+def random_weights(policy, input_ids, attention_mask, response_mask, batch, args):
+    """Fresh uniform random scores at every step, through Eq. 8 at lambda 1 (scaled like it)."""
+    logits = tidpo.forward_logits(policy, input_ids, attention_mask)
+    scores = torch.rand(response_mask.shape, device=response_mask.device)
+    return logits, tidpo.hybrid_weights(scores, response_mask, lam=1.0, scale=args.weight_scale)
+
+
+def oracle_weights(scale):
+    """Weights on the built-in task's known critical tokens only: the placement no attribution can
+    beat. "unit" keeps DPO's per-token scale (1 on each critical token, 0 elsewhere), so the oracle
+    differs from DPO only in which tokens count; "hybrid" passes them through Eq. 8 as a perfect
+    attribution would (at mean scale and lambda 1 each critical token weighs T/k, about 6-8 on
+    the built-in task, like a beta T/k times larger)."""
+    def weights(policy, input_ids, attention_mask, response_mask, batch, args):
+        logits = tidpo.forward_logits(policy, input_ids, attention_mask)
+        if "chosen_critical_mask" not in batch:
+            raise data.DataError("oracle weights need the built-in task's critical tokens")
+        critical = data.stack_critical(batch, input_ids.shape[1]).to(input_ids.device, torch.float32)
+        if scale == "unit":
+            return logits, critical
+        return logits, tidpo.hybrid_weights(critical, response_mask, lam=args.lam, scale=args.weight_scale)
+    return weights
+
+
 # The methods that swap a part of the step for a variant (train.main's hooks, see train.tidpo_step)
-HOOKS = {"tidpo_anchor_grad": {"triplet": anchor_grad_triplet_loss},
+HOOKS = {"uniform_weights": {"weights": uniform_weights},
+         "random_weights": {"weights": random_weights},
+         "tidpo_anchor_grad": {"triplet": anchor_grad_triplet_loss},
          "tidpo_points_triplet": {"triplet": points_triplet_loss},
-         "tidpo_no_final": {"attribution": attribution_hook("no-final")},
-         "tidpo_grad_x_input": {"attribution": attribution_hook("grad-x-input")}}
+         "tidpo_no_final": {"weights": attribution_weights("no-final")},
+         "tidpo_grad_x_input": {"weights": attribution_weights("grad-x-input")},
+         "oracle": {"weights": oracle_weights("unit")},
+         "oracle_eq8": {"weights": oracle_weights("hybrid")},
+         "oracle_triplet": {"weights": oracle_weights("unit")}}
+
+
+def method_hooks(method, noise=0.0, task="default"):
+    """train.main's hooks for one run of `method` on the built-in task at this label noise and
+    setting, with evaluate's research metrics."""
+    return {**HOOKS.get(method, {}), "task": {"label_noise": noise, "setting": task}, "diagnostics": True}
+
+
 # (task, label noise): without noise every method reaches accuracy 1 on both settings. With 20% of the
 # labels flipped, the spurious cue (which follows the given labels) agrees with them more often than the
 # critical phrase does.
@@ -172,10 +233,9 @@ def run_group(job):
     global random generator). Across noise levels it cannot be shared, for the float sums' sake.
 
     One thread, because the model is tiny (two one-thread runs side by side beat one two-thread run
-    by far) and a run's numbers depend on the thread count: `OMP_NUM_THREADS=1 python train.py ...`
-    with a run's flags (its "argv") gives that run's training and held-out numbers, for the methods
-    without HOOKS (train.main(argv, hooks) runs those); the research metrics of evaluate
-    ("diagnostics": the weight placement, self-BLEU) come only with experiments.py.
+    by far) and a run's numbers depend on the thread count: `OMP_NUM_THREADS=1 python experiments.py
+    run --method M --noise N --seed S [--task T] FLAGS` repeats one run of a grid or mechanism
+    study (FLAGS: the extra train.py flags it was given, as in the record's "argv").
     """
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -195,11 +255,10 @@ def run_group(job):
             for method in job["methods"]:
                 name = f"{method}-noise{job['noise']}-seed{job['seed']}"
                 run_dir = os.path.join(job["output_dir"], "runs", name)
-                argv = [*job["train_args"], *METHODS[method], "--label-noise", str(job["noise"]),
-                        "--seed", str(job["seed"]), "--output-dir", run_dir]
+                argv = [*job["train_args"], *METHODS[method], "--seed", str(job["seed"]), "--output-dir", run_dir]
                 start = time.perf_counter()
                 with open(run_dir + ".log", "w") as log, redirect_stdout(log):
-                    result = train.main(argv, hooks={**HOOKS.get(method, {}), "diagnostics": True})
+                    result = train.main(argv, hooks=method_hooks(method, job["noise"], job.get("task", "default")))
                 seconds = time.perf_counter() - start
                 print(f"{name}: held-out accuracy {result['after']['accuracy']:.3f} ({seconds:.1f} s)", flush=True)
                 records.append({"method": method, "noise": job["noise"], "seed": job["seed"], "seconds": seconds,
@@ -464,7 +523,7 @@ def mechanism(args, train_args):
     for task, noise in MECHANISM_SETTINGS:
         os.makedirs(os.path.join(output_dir, task, "runs"), exist_ok=True)
         groups += [{"methods": args.methods, "noise": noise, "seed": seed, "task": task,
-                    "train_args": [*train_args, "--task", task], "output_dir": os.path.join(output_dir, task)}
+                    "train_args": train_args, "output_dir": os.path.join(output_dir, task)}
                    for seed in args.seeds]
     n_runs = len(groups) * len(args.methods)
     print(f"mechanism: {len(args.methods)} methods x {len(MECHANISM_SETTINGS)} settings x {len(args.seeds)} seeds = "
@@ -510,10 +569,10 @@ def load_pair(args):
     from transformers.utils.logging import disable_progress_bar
 
     disable_progress_bar()  # the loading bar would stand above the shaded tokens
-    tokenizer = train.load_tokenizer(train_args)
+    tokenizer = data.load_tokenizer(train_args)
     policy = train.build_model(train_args, device, tokenizer)
     if not args.model:  # the built-in SFT reference, made as train.py makes it
-        train.sft(policy, train.load_data(train_args, tokenizer)[0], tokenizer, train_args, device, nullcontext(),
+        train.sft(policy, data.load_pairs(train_args, tokenizer)[0], tokenizer, train_args, device, nullcontext(),
                   lambda line: None)
     if args.data:
         records = data.load_jsonl(args.data)
@@ -523,7 +582,7 @@ def load_pair(args):
         pair = data.encode_pair(tokenizer, *data.render(tokenizer, record), args.max_length, record["source"])
         name = f"{os.path.splitext(os.path.basename(args.data))[0]}-{args.index}"
     else:
-        heldout = train.load_data(train_args, tokenizer)[1]
+        heldout = data.load_pairs(train_args, tokenizer)[1]
         if not 0 <= args.pair < len(heldout):
             raise SystemExit(f"error: --pair {args.pair}: the built-in held-out set has pairs 0 to {len(heldout) - 1}")
         pair, name = heldout[args.pair], f"builtin-heldout-{args.pair}"
@@ -697,6 +756,17 @@ def parse_args(argv):
     g.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1), help="runs at a time, one thread each")
     g.add_argument("--output-dir", default=None, help="default: runs/grid-<date-time>")
 
+    r = commands.add_parser("run", help="one run of a method on the built-in task, as the grid and the mechanism "
+                            "study run it", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                            epilog="Any other flag is passed to train.py (e.g. --steps 128).")
+    r.add_argument("--method", choices=list(METHODS), default="tidpo", metavar="METHOD",
+                   help=f"one of: {', '.join(METHODS)}")
+    r.add_argument("--noise", type=float, default=0.0, help="label noise: the share of training pairs flipped")
+    r.add_argument("--task", choices=data.SETTINGS, default="default", help="the built-in task's setting "
+                   "(spurious: a cue sentence that follows the training labels, not the held-out ones)")
+    r.add_argument("--seed", type=int, default=0, help="seed")
+    r.add_argument("--output-dir", default=None, help="default: runs/<method>-noise<N>-seed<S>")
+
     w = commands.add_parser("weights", help="one pair's tokens shaded by their weights; JSON and HTML",
                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     w.add_argument("--pair", type=int, default=0, help="index into the built-in held-out pairs")
@@ -718,8 +788,18 @@ def parse_args(argv):
     return args, rest
 
 
+def run_one(args, train_args):
+    """One run of a grid or the mechanism study, as run_group runs it (one thread)."""
+    output_dir = args.output_dir or os.path.join("runs", f"{args.method}-noise{args.noise}-seed{args.seed}")
+    argv = [*train_args, *METHODS[args.method], "--seed", str(args.seed), "--output-dir", output_dir]
+    torch.set_num_threads(1)
+    return train.main(argv, hooks=method_hooks(args.method, args.noise, args.task))
+
+
 def main(argv=None):
     args, train_args = parse_args(sys.argv[1:] if argv is None else list(argv))
+    if args.command == "run":
+        return run_one(args, train_args)
     if args.command == "grid":
         return grid(args, train_args)
     if args.command == "mechanism":

@@ -4,20 +4,19 @@ Yang et al., ICLR 2026 (arXiv 2505.19653 v3). Equation numbers are that version'
 
 The file follows the paper's order:
     token_logps            per-token log-probabilities (the causal shift lives here)
-    position_ids           positions that ignore padding
-    forward_logits         a model's logits with those positions
-    gradient_attribution   Eq. 5-6   token importance from the gradient of the top logit, in two parts:
+    position_ids           positions that ignore padding, and forward_logits, a forward with them
+    gradient_attribution   Eq. 5-6   token importance from the top logit's gradient, in two parts:
       target_gradient      Eq. 5     the top logit's gradient to the input embeddings
       importance_scores    Eq. 6     its L1 norm per response token
     gaussian_prior         Eq. 7     a bell over response positions
     hybrid_weights         Eq. 8     importance and prior mixed into per-token weights
     weighted_logratio      Eq. 11    one weighted sum of per-token log-ratios
-    triplet_distance       Eq. 13    the squared distance of two responses' log-ratios, token by token
-    triplet_loss           Eq. 13    anchor pulled to the chosen response, pushed from the rejected
+    triplet_distance       Eq. 13    the squared distance of two responses' log-ratios, per token
+    triplet_loss           Eq. 13    the anchor pulled to the chosen, pushed from the rejected
     sequence_kl            (release) TDPO2's sequential KL, optional
-    tidpo_loss             Eq. 12-14 the full objective; Eq. 3 (DPO) when weights are 1 and gamma = 0
-token_logps and sequence_kl are the plain formulas; memory.py has the same two in bounded memory for
-large vocabularies, which train.py uses.
+    tidpo_loss             Eq. 12-14 the objective; Eq. 3 (DPO) with weights 1 and gamma 0
+token_logps and sequence_kl are the plain formulas; memory.py computes the same two in bounded
+memory for large vocabularies, and train.py uses those.
 
 Conventions. Per-token tensors are [B, L] and aligned with `input_ids`: entry [b, t] concerns
 token input_ids[b, t]. `response_mask[b, t]` is 1 exactly on response tokens (prompt and
@@ -33,18 +32,32 @@ import torch
 import torch.nn.functional as F
 
 
-def _check_shape(where, name, tensor, shape, dims):
-    # A ValueError naming the argument unless tensor.shape == shape; `dims` says what each
-    # dimension is ("B, L"). Sizes only: nothing here waits for the device.
-    if tuple(tensor.shape) != tuple(shape):
-        raise ValueError(f"{where}: {name} must have shape [{dims}] = {list(shape)}, got {list(tensor.shape)}")
+def _check(where, sizes, dims, **tensors):
+    # A ValueError naming the first of `tensors` whose shape is not `dims` ("B, L": a name per
+    # dimension); a name already in `sizes` (shared by one call's checks) must keep its size.
+    # Sizes only: nothing here waits for the device. Arguments left as None are skipped.
+    names = dims.split(", ")
+    for name, tensor in tensors.items():
+        if tensor is None:
+            continue
+        expected = [sizes.get(n, n) for n in names]
+        if tensor.dim() != len(names) or any(isinstance(e, int) and e != n
+                                             for e, n in zip(expected, tensor.shape)):
+            known = f" = [{', '.join(map(str, expected))}]" if expected != names else ""
+            raise ValueError(f"{where}: {name} must have shape [{dims}]{known}, "
+                             f"got {list(tensor.shape)}")
+        sizes.update(zip(names, tensor.shape))
+    return sizes
 
 
-def _check_dims(where, name, tensor, dims):
-    # The first tensor of a call fixes the sizes; this checks only its number of dimensions.
-    if tensor.dim() != len(dims.split(",")):
-        raise ValueError(f"{where}: {name} must have shape [{dims}], got {list(tensor.shape)}")
-    return tensor.shape
+def _check_logits(where, name, logits):
+    # The logits fix B, L and V for the other arguments; a [B, L] tensor of floats in their place
+    # would otherwise fail deep inside, or broadcast silently into wrong numbers.
+    if not torch.is_tensor(logits) or logits.dim() != 3 or not logits.is_floating_point():
+        what = (f"shape {list(logits.shape)}, dtype {logits.dtype}" if torch.is_tensor(logits)
+                else type(logits).__name__)
+        raise ValueError(f"{where}: {name} must be a [B, L, V] tensor of floats, got {what}")
+    return dict(zip(("B", "L", "V"), logits.shape))
 
 
 def _at_least_float32(x):
@@ -53,36 +66,18 @@ def _at_least_float32(x):
     return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
-def _check_logits(where, name, logits):
-    # The logits fix B and L for the other arguments; a [B, L] tensor of floats in their place
-    # would otherwise fail deep inside, or broadcast silently into wrong numbers.
-    if not torch.is_tensor(logits) or logits.dim() != 3 or not logits.is_floating_point():
-        what = (f"shape {list(logits.shape)}, dtype {logits.dtype}" if torch.is_tensor(logits)
-                else type(logits).__name__)
-        raise ValueError(f"{where}: {name} must be a [B, L, V] tensor of floats, got {what}")
-
-
 def token_logps(logits, input_ids, response_mask):
-    """Per-token log-probabilities of the tokens in `input_ids`.
-
-    Args:
-        logits: [B, L, V] model outputs; logits[b, t] is the distribution of token t + 1.
-        input_ids: [B, L] the tokens that were fed in.
-        response_mask: [B, L] 1 on response tokens.
-
-    Returns:
-        [B, L] log p(input_ids[b, t] | input_ids[b, <t]) where response_mask is 1, else 0.
+    """[B, L] log p(input_ids[b, t] | input_ids[b, <t]) where response_mask is 1, else 0, from a
+    model's [B, L, V] logits on the [B, L] input_ids.
 
     A causal LM's logits at position t predict token t + 1, so token t is scored by the logits at
     t - 1. Shifting here, once, lets every other tensor in this file stay aligned with input_ids.
     Token 0 has no predicting position and always gets 0 (it is never a response token).
-
-    The plain formula keeps float32 copies of the whole [B, L, V] for its backward; for a large
-    vocabulary memory.token_logps computes the same numbers in bounded memory (train.py uses it).
+    The plain formula keeps float32 copies of the whole [B, L, V] for its backward;
+    memory.token_logps computes the same numbers in bounded memory (train.py uses it).
     """
-    _check_logits("token_logps", "logits", logits)
-    _check_shape("token_logps", "input_ids", input_ids, logits.shape[:2], "B, L")
-    _check_shape("token_logps", "response_mask", response_mask, logits.shape[:2], "B, L")
+    sizes = _check_logits("token_logps", "logits", logits)
+    _check("token_logps", sizes, "B, L", input_ids=input_ids, response_mask=response_mask)
     # log p(token t) = log_softmax(logits at t - 1)[token t], in float32 at least
     logps = torch.log_softmax(_at_least_float32(logits[:, :-1]), dim=-1)
     logps = logps.gather(-1, input_ids[:, 1:, None]).squeeze(-1)
@@ -128,14 +123,13 @@ def target_gradient(model, input_ids, attention_mask, response_mask):
     Returns:
         logits: [B, L, V] as in gradient_attribution.
         grad: [B, L, E] dL_target / de_i for every position.
-        embeddings: [B, L, E] the input embeddings e_i (detached; experiments.py's variants use them).
+        embeddings: [B, L, E] the input embeddings e_i (detached; for experiments.py's variants).
 
     Rows are independent: the rows of a batch do not interact in a transformer, so the gradient of
     the sum of the rows' targets gives each row the gradient of its own target.
     """
-    shape = _check_dims("target_gradient", "input_ids", input_ids, "B, L")
-    _check_shape("target_gradient", "attention_mask", attention_mask, shape, "B, L")
-    _check_shape("target_gradient", "response_mask", response_mask, shape, "B, L")
+    _check("target_gradient", {}, "B, L", input_ids=input_ids, attention_mask=attention_mask,
+           response_mask=response_mask)
     embeddings = model.get_input_embeddings()(input_ids)
     if not embeddings.requires_grad:  # a frozen model: attribute anyway, to its inputs
         embeddings = embeddings.detach().requires_grad_(True)
@@ -157,8 +151,8 @@ def importance_scores(grad, response_mask):
 
     Only response tokens keep a score; prompt and padding positions are 0.
     """
-    shape = _check_dims("importance_scores", "grad", grad, "B, L, E")
-    _check_shape("importance_scores", "response_mask", response_mask, shape[:2], "B, L")
+    sizes = _check("importance_scores", {}, "B, L, E", grad=grad)
+    _check("importance_scores", sizes, "B, L", response_mask=response_mask)
     # Eq. 6: I_i = || dL_target / de_i ||_1, over the embedding dimension
     importance = _at_least_float32(grad).abs().sum(dim=-1)
     return torch.where(response_mask.bool(), importance, torch.zeros_like(importance)).detach()
@@ -185,7 +179,7 @@ def gaussian_prior(length, dtype=torch.float32, device=None):
     middle of a response. Example, T = 5: [0.2780, 0.7261, 1.0000, 0.7261, 0.2780].
     """
     if isinstance(length, bool) or not isinstance(length, int) or length < 1:
-        raise ValueError(f"gaussian_prior: length must be a whole number of tokens >= 1, got {length!r}")
+        raise ValueError(f"gaussian_prior: length must be a whole number >= 1, got {length!r}")
     positions = torch.arange(length, dtype=dtype, device=device)
     return _gaussian(positions, torch.tensor(float(length), dtype=dtype, device=device))
 
@@ -200,17 +194,15 @@ def hybrid_weights(importance, response_mask, lam=0.7, scale="mean"):
         scale: "mean" -> weights average 1 over the response (uniform weights reproduce DPO, and
             beta keeps its usual meaning); "sum" -> Eq. 8 as written, weights sum to 1.
 
-    Returns:
-        [B, L] weights, 0 off the response. Where a row's importance sums to 0 (no usable
-        attribution), the prior alone. A row without response tokens gets all 0 (whether one is
-        empty is not checked here: that would wait for the device; data.py never makes one).
+    Returns [B, L] weights, 0 off the response; the prior alone where a row's importance sums to
+    0 (no usable attribution). A row without response tokens gets all 0 (not checked here: that
+    would wait for the device; data.py never makes one).
     """
     if scale not in ("mean", "sum"):
         raise ValueError(f"hybrid_weights: scale must be 'mean' or 'sum', got {scale!r}")
     if not 0 <= lam <= 1:  # outside [0, 1] one of the two shares is negative, and so are weights
         raise ValueError(f"hybrid_weights: lam must be in [0, 1], got {lam!r}")
-    shape = _check_dims("hybrid_weights", "importance", importance, "B, L")
-    _check_shape("hybrid_weights", "response_mask", response_mask, shape, "B, L")
+    _check("hybrid_weights", {}, "B, L", importance=importance, response_mask=response_mask)
     mask = response_mask.to(_at_least_float32(importance).dtype)
     importance = importance.to(mask.dtype) * mask
     length = mask.sum(dim=-1, keepdim=True)  # T of each row
@@ -230,20 +222,12 @@ def hybrid_weights(importance, response_mask, lam=0.7, scale="mean"):
 
 
 def weighted_logratio(policy_logps, ref_logps, weights):
-    """One of the two sums of Eq. 11: sum_t w_t * (log pi_theta(y_t) - log pi_ref(y_t)).
-
-    Args:
-        policy_logps, ref_logps: [B, L] per-token log-probs (token_logps), 0 off the response.
-        weights: [B, L] per-token weights, 0 off the response (all ones: the plain DPO sum).
-
-    Returns:
-        [B] the weighted log-ratio of each sequence.
-    """
-    shape = _check_dims("weighted_logratio", "policy_logps", policy_logps, "B, L")
-    _check_shape("weighted_logratio", "ref_logps", ref_logps, shape, "B, L")
-    _check_shape("weighted_logratio", "weights", weights, shape, "B, L")
+    """[B] one of the two sums of Eq. 11, sum_t w_t * (log pi_theta(y_t) - log pi_ref(y_t)), from
+    [B, L] token_logps of both models and [B, L] weights (all ones: the plain DPO sum)."""
+    _check("weighted_logratio", {}, "B, L", policy_logps=policy_logps, ref_logps=ref_logps,
+           weights=weights)
     policy_logps, ref_logps = _at_least_float32(policy_logps), _at_least_float32(ref_logps)
-    # Eq. 11 (one side): sum_t w_t * lr_t,  lr_t = log pi_theta(y_t | x, y_<t) - log pi_ref(y_t | x, y_<t)
+    # Eq. 11 (one side): sum_t w_t * lr_t,  lr_t = log pi_theta(y_t | x, y_<t) - log pi_ref(...)
     return (weights.to(policy_logps.dtype) * (policy_logps - ref_logps)).sum(dim=-1)
 
 
@@ -277,29 +261,21 @@ def triplet_distance(anchor_logratios, anchor_mask, other_logratios, other_mask)
 
 def triplet_loss(anchor_logratios, anchor_mask, chosen_logratios, chosen_mask,
                  rejected_logratios, rejected_mask, margin):
-    """Triplet loss (Eq. 13) with the token-by-token distances of the paper's gradient (Eq. 34).
+    """[B] the triplet loss (Eq. 13), max(0, D(y, y_w) - D(y, y_l) + alpha), with the per-token
+    distances D of triplet_distance (as the paper's gradient, Eq. 34, writes them).
 
     The anchor y is a response sampled from the current policy for the same prompt. The loss pulls
     its per-token log-ratios towards the chosen response's and pushes them from the rejected
-    response's, by at least `margin` (alpha of Eq. 13). All three carry gradient.
-
-    Args:
-        anchor_logratios, chosen_logratios, rejected_logratios: [B, L_a], [B, L_w], [B, L_l]
-            per-token log-ratios, unweighted (lengths may differ; padding on either side).
-        anchor_mask, chosen_mask, rejected_mask: the same shapes, 1 on response tokens.
-        margin: alpha of Eq. 13 (float).
-
-    Returns:
-        [B] max(0, D(y, y_w) - D(y, y_l) + alpha), D as in triplet_distance.
+    response's, by at least `margin` (alpha). All three carry gradient. The log-ratios are
+    [B, L_a], [B, L_w], [B, L_l], unweighted, each with its mask (1 on response tokens).
     """
-    for name, logratios, mask in (("anchor", anchor_logratios, anchor_mask),
-                                  ("chosen", chosen_logratios, chosen_mask),
-                                  ("rejected", rejected_logratios, rejected_mask)):
-        _check_dims("triplet_loss", f"{name}_logratios", logratios, "B, L")
-        _check_shape("triplet_loss", f"{name}_mask", mask, logratios.shape, "B, L")
-        if logratios.shape[0] != anchor_logratios.shape[0]:
-            raise ValueError(f"triplet_loss: {name}_logratios has {logratios.shape[0]} rows and "
-                             f"anchor_logratios {anchor_logratios.shape[0]}: one row each per pair")
+    sizes = {}  # one row per pair in each; each response's own length
+    _check("triplet_loss", sizes, "B, L_a", anchor_logratios=anchor_logratios,
+           anchor_mask=anchor_mask)
+    _check("triplet_loss", sizes, "B, L_w", chosen_logratios=chosen_logratios,
+           chosen_mask=chosen_mask)
+    _check("triplet_loss", sizes, "B, L_l", rejected_logratios=rejected_logratios,
+           rejected_mask=rejected_mask)
     to_chosen = triplet_distance(anchor_logratios, anchor_mask, chosen_logratios, chosen_mask)
     to_rejected = triplet_distance(anchor_logratios, anchor_mask, rejected_logratios, rejected_mask)
     # Eq. 13: L_triplet = max(0, D(y, y_w) - D(y, y_l) + alpha)
@@ -312,18 +288,13 @@ def sequence_kl(policy_logits, ref_logits, response_mask):
     The release builds on TDPO (Zeng et al., 2024) and adds this term to the preference margin:
     Delta_r_token - a_kl * (KL(y_l) - stopgrad(KL(y_w))). With a_kl = 0 the loss is Eq. 12.
 
-    Args:
-        policy_logits, ref_logits: [B, L, V] outputs on the same input_ids.
-        response_mask: [B, L] 1 on response tokens.
-
-    Returns:
-        [B] sum over response tokens t of KL(pi_ref(. | x, y_<t) || pi_theta(. | x, y_<t)), the
-        full-vocabulary KL of the two distributions that predict token t (logits at t - 1).
-        memory.sequence_kl is the same in bounded memory.
+    Returns [B]: over the response tokens t, the sum of KL(pi_ref(. | x, y_<t) || pi_theta(. | x,
+    y_<t)), from the [B, L, V] logits of both models on the same input_ids (those at t - 1
+    predict token t). memory.sequence_kl is the same in bounded memory.
     """
-    _check_logits("sequence_kl", "policy_logits", policy_logits)
-    _check_shape("sequence_kl", "ref_logits", ref_logits, policy_logits.shape, "B, L, V")
-    _check_shape("sequence_kl", "response_mask", response_mask, policy_logits.shape[:2], "B, L")
+    sizes = _check_logits("sequence_kl", "policy_logits", policy_logits)
+    _check("sequence_kl", sizes, "B, L, V", ref_logits=ref_logits)
+    _check("sequence_kl", sizes, "B, L", response_mask=response_mask)
     dtype = torch.promote_types(_at_least_float32(policy_logits).dtype, ref_logits.dtype)
     policy_logps = torch.log_softmax(policy_logits.to(dtype), dim=-1)
     ref_logps = torch.log_softmax(ref_logits.to(dtype), dim=-1)
@@ -356,43 +327,36 @@ def tidpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref
 
     Returns:
         loss: scalar.
-        metrics: dict of detached 0-dim tensors (no host sync), batch means, TRL's names where TRL
-            has them: rewards/chosen, rewards/rejected (beta times the weighted log-ratios of
-            Eq. 11), rewards/margins, rewards/accuracies, logps/chosen, logps/rejected (summed
-            policy log-probs), loss/dpo_w (Eq. 12), loss/triplet (Eq. 13, 0 without an anchor) and,
-            with an anchor, triplet/distance_chosen, triplet/distance_rejected (D(y, y_w), D(y, y_l))
-            triplet/active (the share of pairs whose hinge is active) and triplet/logratio_anchor,
-            _chosen, _rejected (each response's summed, unweighted log-ratio: where the anchor sits).
+        metrics: detached 0-dim tensors (no host sync), batch means, named as in TRL where TRL
+            has them: rewards/chosen, rewards/rejected (beta times Eq. 11's weighted log-ratios),
+            rewards/margins, rewards/accuracies, logps/chosen, logps/rejected (summed policy
+            log-probs), loss/dpo_w (Eq. 12), loss/triplet (Eq. 13), loss/kl (with kl_alpha), and
+            with an anchor triplet/distance_chosen and _rejected (D(y, y_w), D(y, y_l)),
+            triplet/active (the share of pairs whose hinge is active), triplet/logratio_anchor,
+            _chosen and _rejected (each response's summed, unweighted log-ratio).
 
     With all weights 1, no anchor (or gamma 0) and kl_alpha 0, this is DPO (Eq. 3). The chosen and
     rejected tensors may have different lengths L; each side's weights and mask match its log-probs.
     """
-    chosen_shape = _check_dims("tidpo_loss", "policy_chosen_logps", policy_chosen_logps, "B, L")
-    _check_shape("tidpo_loss", "ref_chosen_logps", ref_chosen_logps, chosen_shape, "B, L")
-    _check_shape("tidpo_loss", "chosen_weights", chosen_weights, chosen_shape, "B, L")
-    rejected_shape = _check_dims("tidpo_loss", "policy_rejected_logps", policy_rejected_logps, "B, L")
-    if rejected_shape[0] != chosen_shape[0]:
-        raise ValueError(f"tidpo_loss: policy_chosen_logps has {chosen_shape[0]} rows and policy_rejected_logps "
-                         f"{rejected_shape[0]}: one row each per pair")
-    _check_shape("tidpo_loss", "ref_rejected_logps", ref_rejected_logps, rejected_shape, "B, L")
-    _check_shape("tidpo_loss", "rejected_weights", rejected_weights, rejected_shape, "B, L")
-    for name, value in (("kl_chosen", kl_chosen), ("kl_rejected", kl_rejected)):
-        if value is not None:  # a [B, L] KL would broadcast against [B] into a [B, L] loss
-            _check_shape("tidpo_loss", name, value, chosen_shape[:1], "B")
     with_triplet = anchor_logratios is not None and gamma != 0
+    masks = {"anchor_mask": anchor_mask, "chosen_mask": chosen_mask, "rejected_mask": rejected_mask}
+    for name, value in masks.items() if with_triplet else ():
+        if value is None:
+            raise ValueError(f"tidpo_loss: the triplet (an anchor, gamma != 0) needs {name}")
+    sizes = {}  # one row per pair in each (a [B, L] KL would broadcast into a [B, L] loss)
+    _check("tidpo_loss", sizes, "B, L_w", policy_chosen_logps=policy_chosen_logps,
+           ref_chosen_logps=ref_chosen_logps, chosen_weights=chosen_weights,
+           chosen_mask=chosen_mask)
+    _check("tidpo_loss", sizes, "B, L_l", policy_rejected_logps=policy_rejected_logps,
+           ref_rejected_logps=ref_rejected_logps, rejected_weights=rejected_weights,
+           rejected_mask=rejected_mask)
+    _check("tidpo_loss", sizes, "B", kl_chosen=kl_chosen, kl_rejected=kl_rejected)
     if with_triplet:
-        for name, value in (("anchor_mask", anchor_mask), ("chosen_mask", chosen_mask),
-                            ("rejected_mask", rejected_mask)):
-            if value is None:
-                raise ValueError(f"tidpo_loss: the triplet (anchor_logratios given, gamma != 0) needs {name}")
-        _check_shape("tidpo_loss", "chosen_mask", chosen_mask, chosen_shape, "B, L")
-        _check_shape("tidpo_loss", "rejected_mask", rejected_mask, rejected_shape, "B, L")
-        _check_dims("tidpo_loss", "anchor_logratios", anchor_logratios, "B, L")
-        if anchor_logratios.shape[0] != chosen_shape[0]:
-            raise ValueError(f"tidpo_loss: anchor_logratios has {anchor_logratios.shape[0]} rows and "
-                             f"policy_chosen_logps {chosen_shape[0]}: one anchor per pair")
+        _check("tidpo_loss", sizes, "B, L_a", anchor_logratios=anchor_logratios,
+               anchor_mask=anchor_mask)
     chosen_weighted = weighted_logratio(policy_chosen_logps, ref_chosen_logps, chosen_weights)
-    rejected_weighted = weighted_logratio(policy_rejected_logps, ref_rejected_logps, rejected_weights)
+    rejected_weighted = weighted_logratio(policy_rejected_logps, ref_rejected_logps,
+                                          rejected_weights)
     # Eq. 11: Delta_r_token = sum_t w^w_t lr_t(y_w) - sum_t w^l_t lr_t(y_l)
     delta = chosen_weighted - rejected_weighted
     if kl_alpha != 0:
@@ -441,4 +405,6 @@ def tidpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref
             "loss/triplet": triplet_term.mean(),
             **metrics,
         }
+        if kl_alpha != 0:  # in loss/dpo_w; apart, so that a bad KL can be told from a bad margin
+            metrics["loss/kl"] = (kl_alpha * (kl_rejected - kl_chosen)).mean()
     return loss, {name: value.detach() for name, value in metrics.items()}

@@ -137,8 +137,8 @@ def test_weights_display_of_a_builtin_pair(tiny_policy_dir, tmp_path, capsys):
     saved = json.loads((tmp_path / "builtin-heldout-2.json").read_text())
     assert {k: saved[k] for k in shown} == shown
 
-    tokenizer = train.load_tokenizer(train.parse_args(["--model", str(tiny_policy_dir)]))
-    pair = train.load_data(train.parse_args(["--model", str(tiny_policy_dir)]), tokenizer)[1][2]
+    tokenizer = data.load_tokenizer(train.parse_args(["--model", str(tiny_policy_dir)]))
+    pair = data.load_pairs(train.parse_args(["--model", str(tiny_policy_dir)]), tokenizer)[1][2]
     page = (tmp_path / "builtin-heldout-2.html").read_text()
     for side in data.RESPONSES:
         entries = saved[side]
@@ -237,14 +237,14 @@ def test_grid_run_with_a_reused_sft_equals_a_separate_run(tiny_grid, tmp_path):
     # tidpo ran second in its group and so started from dpo's SFT weights
     record = tiny_grid["records"][1]
     argv = [a if a != record["output_dir"] else str(tmp_path / "run") for a in record["argv"]]
-    separate = train.main(argv, hooks={**experiments.HOOKS.get(record["method"], {}), "diagnostics": True})
+    separate = train.main(argv, hooks=experiments.method_hooks(record["method"], record["noise"]))
     assert separate["after"] == record["after"]
     assert separate["history"] == record["history"]
 
 
 def test_grid_metrics_are_in_range_and_uniform_weights_give_the_critical_fraction(tiny_grid):
     args = train.parse_args(["--seed", "1"])
-    heldout = train.load_data(args, train.load_tokenizer(args))[1]
+    heldout = data.load_pairs(args, data.load_tokenizer(args))[1]
     for record in tiny_grid["records"]:
         after = record["after"]
         for side in data.RESPONSES:
@@ -259,7 +259,7 @@ def test_grid_metrics_are_in_range_and_uniform_weights_give_the_critical_fractio
         assert 0 <= after["critical_accuracy"] <= 1 and math.isfinite(after["critical_margin"])
         assert 0 <= after["win_rate"] <= 1
         assert 0 < after["distinct_2"] <= 1 and 0 < after["distinct_4"] <= 1
-        assert 0 < after["token_entropy"] <= math.log2(len(train.load_tokenizer(args)))
+        assert 0 < after["token_entropy"] <= math.log2(len(data.load_tokenizer(args)))
         assert 0 <= after["self_bleu"] <= 100
 
 
@@ -305,7 +305,7 @@ def test_mechanism_is_the_default_command_and_tables_both_settings(tmp_path, mon
     assert [(r["task"], r["seed"], r["method"]) for r in records] == \
            [(t, seed, m) for t, _ in settings for seed in (1, 3) for m in ("dpo", "tidpo")]
     for r in records:  # each setting's task and noise, and the extra flag, reach its runs
-        assert r["argv"][-2:] == ["--task", r["task"]] and r["noise"] == dict(settings)[r["task"]]
+        assert r["noise"] == dict(settings)[r["task"]]
         assert r["argv"][:2] == ["--sft-steps", "7"]
     text = (output_dir / "mechanism.md").read_text()
     for task, noise in settings:
@@ -366,4 +366,31 @@ def test_anchor_grad_variant_moves_only_the_anchor():
 def test_every_hooked_method_is_a_method():
     assert set(experiments.HOOKS) <= set(experiments.METHODS)
     for hooks in experiments.HOOKS.values():
-        assert set(hooks) <= {"triplet", "attribution"} and hooks
+        assert set(hooks) <= {"triplet", "weights"} and hooks
+
+
+def test_run_refuses_label_noise_outside_0_and_1(tmp_path):
+    with pytest.raises(data.DataError, match="label_noise must be between 0 and 1, got 2.0"):
+        experiments.main(["run", "--noise", "2", "--output-dir", str(tmp_path / "run")])
+    assert not (tmp_path / "run").exists()
+
+
+def test_builtin_task_settings_refuse_data(tmp_path):
+    plain_jsonl_file = tmp_path / "prefs.jsonl"
+    plain_jsonl_file.write_text("\n".join(json.dumps({"prompt": f"q{i}", "chosen": "yes", "rejected": "no"})
+                                          for i in range(4)) + "\n")
+    with pytest.raises(data.DataError, match="the built-in task's settings .* cannot be used with --data"):
+        experiments.main(["run", "--method", "dpo", "--data", str(plain_jsonl_file),
+                          "--output-dir", str(tmp_path / "run")])
+
+
+def test_run_repeats_one_run_of_a_study(tmp_path, monkeypatch):
+    # the run command calls train.main with the method's flags and hooks, the noise and the setting
+    calls = []
+    monkeypatch.setattr(train, "main", lambda argv, hooks: calls.append((argv, hooks)) or {})
+    experiments.main(["run", "--method", "oracle", "--noise", "0.2", "--task", "spurious", "--seed", "3",
+                      "--steps", "5", "--output-dir", str(tmp_path)])
+    (argv, hooks), = calls
+    assert argv == ["--steps", "5", *experiments.METHODS["oracle"], "--seed", "3", "--output-dir", str(tmp_path)]
+    assert hooks["task"] == {"label_noise": 0.2, "setting": "spurious"} and hooks["diagnostics"]
+    assert hooks["weights"] is experiments.HOOKS["oracle"]["weights"]

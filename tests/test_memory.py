@@ -64,8 +64,8 @@ def test_one_step_is_the_same_with_and_without_checkpointing(monkeypatch):
     # Full TI-DPO (attribution, sampled anchors, the release's KL term): the loss, every metric and
     # every gradient are the same; only the backward recomputes the layers.
     args = train.parse_args(["--kl-alpha", "0.5", "--max-new-tokens", "6"])
-    tokenizer = train.load_tokenizer(args)
-    batch = data.collate(train.load_data(args, tokenizer)[0][:4], tokenizer.pad_token_id)
+    tokenizer = data.load_tokenizer(args)
+    batch = data.collate(data.load_pairs(args, tokenizer)[0][:4], tokenizer.pad_token_id)
     policy = tiny_llama(tokenizer, seed=0)
     ref = tiny_llama(tokenizer, seed=1).requires_grad_(False)  # another model: log-ratios and KL not 0
     # count the MLP forwards that run during the backward: the recomputation

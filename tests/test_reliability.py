@@ -294,7 +294,6 @@ BAD_FLAGS = {
     "gamma-negative": (["--gamma", "-1"], "--gamma must be at least 0"),
     "margin-negative": (["--margin", "-0.01"], "--margin must be at least 0"),
     "kl-alpha-negative": (["--kl-alpha", "-0.5"], "--kl-alpha must be at least 0"),
-    "label-noise-above-1": (["--label-noise", "2"], "--label-noise must be between 0 and 1"),
     "max-length-1": (["--max-length", "1"], "--max-length must be at least 2"),
     "max-new-tokens-0": (["--max-new-tokens", "0"], "--max-new-tokens must be at least 1"),
     "min-above-max-new-tokens": (["--min-new-tokens", "9", "--max-new-tokens", "8"], "--min-new-tokens must be"),
@@ -306,10 +305,6 @@ BAD_FLAGS = {
     "log-every-0": (["--log-every", "0"], "--log-every must be at least 1"),
     "save-every-negative": (["--save-every", "-1"], "--save-every must be at least 0"),
     "keep-last-0": (["--keep-last", "0"], "--keep-last must be at least 1"),
-    "oracle-with-data": (["--weights", "oracle", "--data", "prefs.jsonl"], "--weights oracle needs the known "
-                         "critical tokens of the built-in task; it cannot be used with --data"),
-    "task-with-data": (["--task", "spurious", "--data", "prefs.jsonl"], "--task spurious is a setting of the "
-                       "built-in task; it cannot be used with --data"),
     "not-a-number": (["--steps", "ten"], "argument --steps: invalid int value: 'ten'"),
     "unknown-choice": (["--loss", "ppo"], "argument --loss: invalid choice: 'ppo'"),
 }

@@ -1307,15 +1307,15 @@ def test_attribution_variants_hand_case():
     # and [1, -1] in row 1. Token 1's embedding is [1, 0], token 2's is [0, 1].
     input_ids, attention_mask, response_mask = HAND_ROWS
     _, paper = tidpo.gradient_attribution(model, input_ids, attention_mask, response_mask)
-    _, no_final = experiments.attribution_hook("no-final")(model, input_ids, attention_mask, response_mask)
-    _, grad_x_input = experiments.attribution_hook("grad-x-input")(model, input_ids, attention_mask, response_mask)
+    _, no_final = experiments.variant_attribution("no-final")(model, input_ids, attention_mask, response_mask)
+    _, grad_x_input = experiments.variant_attribution("grad-x-input")(model, input_ids, attention_mask, response_mask)
     assert torch.equal(paper, torch.tensor([[0.0, 1.5, 1.5, 1.5, 0.0], [0.0, 0.0, 2.0, 2.0, 2.0]]))
     # The last response token (position 3 in row 0, 4 in row 1) scores 0.
     assert torch.equal(no_final, torch.tensor([[0.0, 1.5, 1.5, 0.0, 0.0], [0.0, 0.0, 2.0, 2.0, 0.0]]))
     # |grad . e|: row 0, token 2: |[0.5, 1] . [0, 1]| = 1; row 1, token 1: |[1, -1] . [1, 0]| = 1.
     assert torch.equal(grad_x_input, torch.tensor([[0.0, 1.0, 1.0, 0.0, 0.0], [0.0, 0.0, 1.0, 1.0, 0.0]]))
     with pytest.raises(ValueError, match="attribution must be one of"):
-        experiments.attribution_hook("smoothgrad")
+        experiments.variant_attribution("smoothgrad")
 
 
 def test_grad_x_input_matches_finite_differences():
@@ -1324,7 +1324,7 @@ def test_grad_x_input_matches_finite_differences():
     input_ids = torch.tensor([[5, 7, 1, 9, 3, 11, 0, 0]])
     attention_mask = torch.tensor([[1, 1, 1, 1, 1, 1, 0, 0]])
     response_mask = torch.tensor([[0, 0, 1, 1, 1, 1, 0, 0]])
-    _, importance = experiments.attribution_hook("grad-x-input")(model, input_ids, attention_mask, response_mask)
+    _, importance = experiments.variant_attribution("grad-x-input")(model, input_ids, attention_mask, response_mask)
     embeddings = model.get_input_embeddings()(input_ids).detach()
     step = 1e-5
     perturbed = embeddings.repeat(2 * 6, 1, 1)
@@ -1347,7 +1347,7 @@ def test_attribution_variants_do_not_depend_on_padding(make_model, attribution):
     model = make_model(seed=1)
     row = torch.tensor([3, 4, 5, 6, 7, 8])
     row_response = torch.tensor([0, 0, 1, 1, 1, 1])
-    attribute = experiments.attribution_hook(attribution)
+    attribute = experiments.variant_attribution(attribution)
     _, alone = attribute(model, row[None], torch.ones(1, 6, dtype=torch.long), row_response[None])
     assert alone[0, -1] == 0 and (alone[0, 2:5] > 0).all()
     for span in (slice(2, 8), slice(0, 6)):  # left, then right padding

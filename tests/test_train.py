@@ -39,8 +39,8 @@ N_RECORDS, N_EVAL = 45, 5
 LOG2 = math.log(2.0)
 
 
-def run(argv, output_dir):
-    return train.main([*argv, "--output-dir", str(output_dir)])
+def run(argv, output_dir, hooks=None):
+    return train.main([*argv, "--output-dir", str(output_dir)], hooks=hooks)
 
 
 def assert_finite_history(history, steps, log_every=1):
@@ -205,9 +205,9 @@ def test_sft_leaves_no_gradient_behind_for_the_first_preference_step(one_thread)
     from contextlib import nullcontext
 
     args = train.parse_args(["--sft-steps", "2", "--batch-size", "4"])
-    tokenizer = train.load_tokenizer(args)
+    tokenizer = data.load_tokenizer(args)
     model = train.build_model(args, torch.device("cpu"), tokenizer)
-    train.sft(model, train.load_data(args, tokenizer)[0][:8], tokenizer, args, torch.device("cpu"), nullcontext(),
+    train.sft(model, data.load_pairs(args, tokenizer)[0][:8], tokenizer, args, torch.device("cpu"), nullcontext(),
               lambda line: None)
     assert all(parameter.grad is None for parameter in model.parameters())
 
@@ -225,7 +225,9 @@ def test_dpo_learns_the_preference(dpo_run):
 
 
 def test_uniform_weights_without_triplet_reproduce_dpo_exactly(dpo_run, tmp_path):
-    uniform = run([*BUILTIN, "--weights", "uniform", "--gamma", "0"], tmp_path / "run")
+    import experiments
+
+    uniform = run([*BUILTIN, "--gamma", "0"], tmp_path / "run", hooks={"weights": experiments.uniform_weights})
     assert uniform["history"] == dpo_run["history"]
     assert uniform["before"] == dpo_run["before"]
     assert uniform["after"] == dpo_run["after"]
@@ -234,8 +236,8 @@ def test_uniform_weights_without_triplet_reproduce_dpo_exactly(dpo_run, tmp_path
 def step_inputs(flags):
     """Everything tidpo_step needs for one batch of 4 built-in pairs, on a random tiny Llama."""
     args = train.parse_args([*flags, "--gamma", "0"])
-    tokenizer = train.load_tokenizer(args)
-    pairs = train.load_data(args, tokenizer)[0][:4]
+    tokenizer = data.load_tokenizer(args)
+    pairs = data.load_pairs(args, tokenizer)[0][:4]
     torch.manual_seed(0)
     policy = train.build_model(args, torch.device("cpu"), tokenizer)
     batch = data.collate(pairs, tokenizer.pad_token_id)
@@ -252,9 +254,11 @@ def test_oracle_weights_sit_on_the_critical_tokens_only(scale, monkeypatch):
         return real_loss(*tensors, **kwargs)
 
     monkeypatch.setattr(tidpo, "tidpo_loss", loss_spy)
-    flags = ["--weights", "oracle", "--oracle-scale", scale, "--lam", "1"]
-    policy, ref, batch, tokenizer, args, device, autocast = step_inputs(flags)
-    train.tidpo_step(policy, ref, batch, tokenizer, args, device, autocast)
+    import experiments
+
+    policy, ref, batch, tokenizer, args, device, autocast = step_inputs(["--lam", "1"])
+    train.tidpo_step(policy, ref, batch, tokenizer, args, device, autocast,
+                     hooks={"weights": experiments.oracle_weights(scale)})
     for side in data.RESPONSES:
         critical = batch[f"{side}_critical_mask"].bool()
         response = batch[f"{side}_response_mask"].bool()
@@ -269,25 +273,39 @@ def test_oracle_weights_sit_on_the_critical_tokens_only(scale, monkeypatch):
 
 
 @pytest.mark.parametrize("attribution", ["paper", "no-final", "grad-x-input"])
-def test_attribution_hook_reaches_the_weights(attribution, monkeypatch):
-    # experiments.py's variants reach the step through its hooks; without a hook, Eq. 5-6
+def test_weights_hook_reaches_the_loss(attribution, monkeypatch):
+    # experiments.py's variants reach the step through its hooks; without a hook, Eq. 5-6 and 8
     import experiments
 
     seen = []
-    hook = experiments.attribution_hook(attribution)
-    hooks = {} if attribution == "paper" else {"attribution": lambda *a: seen.append(attribution) or hook(*a)}
+    hook = experiments.attribution_weights(attribution)
+    hooks = {} if attribution == "paper" else {"weights": lambda *a: seen.append(attribution) or hook(*a)}
     real = tidpo.gradient_attribution
     monkeypatch.setattr(tidpo, "gradient_attribution", lambda *a: seen.append("paper") or real(*a))
-    train.tidpo_step(*step_inputs([]), hooks=hooks)
+    loss_inputs = []
+    real_loss = tidpo.tidpo_loss
+    monkeypatch.setattr(tidpo, "tidpo_loss", lambda *t, **k: loss_inputs.append(t) or real_loss(*t, **k))
+    inputs = step_inputs([])
+    train.tidpo_step(*inputs, hooks=hooks)
     assert seen == [attribution]
+    # the weights that reach the loss are the hook's: the same function called on the same inputs
+    policy, _, batch, tokenizer = inputs[:4]
+    ids, mask, response = data.stack_pair(batch, tokenizer.pad_token_id)
+    expected = (hook if attribution != "paper" else train.hybrid_token_weights)(
+        policy, ids, mask, response, batch, inputs[4])[1]
+    n = len(batch["chosen_input_ids"])
+    assert torch.allclose(loss_inputs[0][4], expected[:n]) and torch.allclose(loss_inputs[0][5], expected[n:])
 
 
-@pytest.mark.parametrize("flags", [["--weights", "random"], ["--kl-alpha", "0.5"],
+@pytest.mark.parametrize("flags", [["random"], ["--kl-alpha", "0.5"],
                                    ["--optimizer", "rmsprop"], ["--grad-accum", "2"]],
                          ids=["random-weights", "kl-alpha", "rmsprop", "grad-accum"])
 def test_ablation_flags_train_with_finite_losses(flags, model_dirs, plain_jsonl, tmp_path):
+    import experiments
+
+    hooks = {"weights": experiments.random_weights} if flags == ["random"] else None
     result = run(["--model", str(model_dirs["plain"]), "--data", str(plain_jsonl[0]), *SMALL,
-                  "--lr", "1e-3", *flags], tmp_path / "run")
+                  "--lr", "1e-3", *([] if hooks else flags)], tmp_path / "run", hooks=hooks)
     history = result["history"]
     assert_finite_history(history, steps=3)
     # Step 1 starts from policy == reference: every log-ratio is 0, whatever the token weights
@@ -350,8 +368,8 @@ def test_own_data_without_model_trains_the_tokenizer_on_it(tmp_path, capsys):
                 "rejected": f"Feed them bread crusts {i}."} for i in range(6)]
     path = write_jsonl(tmp_path / "mine.jsonl", records)
     args = train.parse_args(["--data", str(path)])
-    tokenizer = train.load_tokenizer(args)
-    train_pairs, heldout_pairs = train.load_data(args, tokenizer)
+    tokenizer = data.load_tokenizer(args)
+    train_pairs, heldout_pairs = data.load_pairs(args, tokenizer)
     ids = [i for pair in train_pairs + heldout_pairs for key in ("prompt_ids", "chosen_ids", "rejected_ids")
            for i in pair[key]]
     assert tokenizer.unk_token_id not in ids
@@ -558,7 +576,7 @@ def test_every_run_logs_the_likelihoods_and_where_the_triplet_acts(builtin_run, 
         assert entry["flipped_pairs"] == 0 and entry["triplet/active_on_clean"] == entry["triplet/active"]
     # With label noise: the active share among flipped and among clean pairs, which average to the whole's
     history = run(["--sft-steps", "20", "--steps", "4", "--batch-size", "16", "--max-new-tokens", "8",
-                   "--label-noise", "0.25", "--log-every", "2"], tmp_path / "noisy")["history"]
+                   "--log-every", "2"], tmp_path / "noisy", hooks={"task": {"label_noise": 0.25}})["history"]
     for entry in history:
         share = entry["flipped_pairs"]
         assert 0 < share < 1
