@@ -137,23 +137,23 @@ def load_weights(model, state_dict, checkpoint_path):
                          f"({str(error).splitlines()[0]})") from None
 
 
-def restore_loop(resume, optimizer, scheduler, generator, warmup, lr, device, rank):
+def restore_loop(resume, optimizer, scheduler, epochs, warmup, lr, device, rank):
     """Put a resumed run's loop where the checkpoint left it: the optimizer and schedule (with a new
     learning rate from here on, if `lr` differs from the run's, say after a non-finite loss), the
-    data order's generator, this process's random streams. Returns (epoch_start, taken, sums,
-    count, history, first_step, checkpoint path): the data position and the log window."""
+    data position (data.Epochs), this process's random streams. Returns (sums, count, history,
+    first_step, checkpoint path): the log window and where the loop goes on."""
     optimizer.load_state_dict(resume["optimizer"])
     scheduler.load_state_dict(resume["scheduler"])
     if lr != resume["args"]["lr"]:
         scheduler.base_lrs = [lr for _ in optimizer.param_groups]
         for group in optimizer.param_groups:
             group["initial_lr"], group["lr"] = lr, lr * warmup(scheduler.last_epoch)
-    generator.set_state(resume["data"]["epoch_start"])
+    epochs.restore(resume["data"])
     torch.set_rng_state(resume["random"][rank]["cpu"])
     if device.type == "cuda" and resume["random"][rank]["cuda"] is not None:
         torch.cuda.set_rng_state(resume["random"][rank]["cuda"], device)
-    return (resume["data"]["epoch_start"], resume["data"]["taken"], resume["window"]["sums"],
-            resume["window"]["count"], resume["history"], resume["step"] + 1, resume["path"])
+    return (resume["window"]["sums"], resume["window"]["count"], resume["history"], resume["step"] + 1,
+            resume["path"])
 
 
 def make_output_dir(args, resume_path=None, rank=0, world_size=1):

@@ -286,6 +286,38 @@ def batches(pairs, batch_size, pad_id, generator=None, skip=0):
         yield collate([pairs[i] for i in order[start:start + batch_size]], pad_id)
 
 
+class Epochs:
+    """Training micro-batches, epoch after epoch, each epoch in a new random order.
+
+    Its position is what a checkpoint keeps (state()): the generator's state when this epoch's
+    order was drawn, and how many of the epoch's batches were taken; a resumed run redraws the
+    same order and skips what was taken (restore()). A last batch of fewer than `min_pairs` pairs
+    (one per process) is left out.
+    """
+
+    def __init__(self, pairs, batch_size, pad_id, seed, min_pairs=1):
+        self.pairs, self.batch_size, self.pad_id, self.min_pairs = pairs, batch_size, pad_id, min_pairs
+        self.generator = torch.Generator().manual_seed(seed)
+        self.epoch_start, self.taken, self.stream = None, 0, iter(())
+
+    def next(self):
+        batch = next(self.stream, None)
+        if batch is None or len(batch["chosen_input_ids"]) < self.min_pairs:  # a new epoch
+            self.epoch_start, self.taken = self.generator.get_state(), 0
+            self.stream = batches(self.pairs, self.batch_size, self.pad_id, self.generator)
+            batch = next(self.stream)
+        self.taken += 1
+        return batch
+
+    def state(self):
+        return {"epoch_start": self.epoch_start, "taken": self.taken}
+
+    def restore(self, state):
+        self.epoch_start, self.taken = state["epoch_start"], state["taken"]
+        self.generator.set_state(self.epoch_start)
+        self.stream = batches(self.pairs, self.batch_size, self.pad_id, self.generator, skip=self.taken)
+
+
 # ---------------------------------------------------------------------------
 # The built-in task
 # ---------------------------------------------------------------------------

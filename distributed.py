@@ -6,6 +6,7 @@
     unwrap(policy)                    the module inside a wrapper
     sync_unless(...)                  DDP's no_sync for every micro-batch of a step but the last
     all_reduce_sum(values, ...)       add a tensor up over the processes
+    clip_grad_norm(policy, max_norm)  the gradients' total norm, clipped to max_norm unless it is 0
 
 train.py calls one line of each; a plain `python train.py` is one process and none of them does
 anything. docs/training.md says how a run is split and what was tested.
@@ -76,3 +77,11 @@ def all_reduce_sum(values, world_size):
     if world_size > 1:
         dist.all_reduce(values)
     return values
+
+
+def clip_grad_norm(policy, max_norm):
+    """The total norm of the policy's gradients (a tensor: no wait for the device), after clipping
+    them to `max_norm` (0: no clipping)."""
+    if max_norm > 0:
+        return torch.nn.utils.clip_grad_norm_(policy.parameters(), max_norm)
+    return torch.nn.utils.get_total_norm([p.grad for p in policy.parameters() if p.grad is not None])

@@ -96,7 +96,7 @@ def build_parser(description=__doc__):
     a("--fp32", action="store_true", help="CUDA: float32 instead of bfloat16 autocast")
 
     a = p.add_argument_group("checkpoints").add_argument
-    a("--save-every", type=int, default=0, help="a checkpoint every N steps and at the end (0: none)")
+    a("--save-every", type=int, default=0, help="a checkpoint every N steps and at the end")
     a("--keep-last", type=int, default=2, help="checkpoints kept; older ones are deleted")
     a("--resume", metavar="PATH|latest", help="continue a run from a checkpoint, or the newest in "
       "--output-dir; the flags must be the run's, except " +
@@ -152,8 +152,9 @@ def build_model(args, device, tokenizer):
         config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=192,
                              num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
                              max_position_embeddings=512, tie_word_embeddings=True,
-                             pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-                             bos_token_id=tokenizer.bos_token_id)
+                             pad_token_id=tokenizer.pad_token_id,
+                             bos_token_id=tokenizer.bos_token_id,
+                             eos_token_id=tokenizer.eos_token_id)
         policy = LlamaForCausalLM(config)
     # Dropout stays off for good: the attribution and log-probs must be reproducible forwards.
     return policy.to(device).eval()
@@ -168,26 +169,21 @@ def sft(model, pairs, tokenizer, args, device, autocast, log):
     """Supervised fine-tuning on chosen AND rejected responses, so that the reference built from
     this model has no preference between them."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=SFT_LR)
-    generator = torch.Generator().manual_seed(args.seed)
-    step = 0
-    while step < args.sft_steps:
-        for batch in data.batches(pairs, args.batch_size, tokenizer.pad_token_id, generator):
-            stacked = data.stack_pair(batch, tokenizer.pad_token_id)
-            input_ids, attention_mask, response_mask = (t.to(device) for t in stacked)
-            with autocast:
-                logits = tidpo.forward_logits(model, input_ids, attention_mask)
-                logps = memory.token_logps(logits, input_ids, response_mask)
-            loss = -logps.sum() / response_mask.sum()
-            loss.backward()
-            optimizer.step()
-            # cleared after the step, so that the last SFT gradient is not added to the first
-            # preference step's (that loop only clears after its own steps)
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            if step % (args.log_every * 10) == 0 or step == args.sft_steps:
-                log(f"sft step {step}/{args.sft_steps} | loss {loss.item():.4f}")
-            if step == args.sft_steps:
-                break
+    epochs = data.Epochs(pairs, args.batch_size, tokenizer.pad_token_id, args.seed)
+    for step in range(1, args.sft_steps + 1):
+        stacked = data.stack_pair(epochs.next(), tokenizer.pad_token_id)
+        input_ids, attention_mask, response_mask = (t.to(device) for t in stacked)
+        with autocast:
+            logits = tidpo.forward_logits(model, input_ids, attention_mask)
+            logps = memory.token_logps(logits, input_ids, response_mask)
+        loss = -logps.sum() / response_mask.sum()
+        loss.backward()
+        optimizer.step()
+        # cleared after the step, so that the last SFT gradient is not added to the first
+        # preference step's (that loop only clears after its own steps)
+        optimizer.zero_grad(set_to_none=True)
+        if step % (args.log_every * 10) == 0 or step == args.sft_steps:
+            log(f"sft step {step}/{args.sft_steps} | loss {loss.item():.4f}")
 
 
 # ------------------------------------------------------------------ one step: Eq. 14 (or Eq. 3)
@@ -204,7 +200,8 @@ def reference_logps(ref, input_ids, attention_mask, response_mask, autocast):
 def hybrid_token_weights(policy, input_ids, attention_mask, response_mask, batch, args):
     """(logits, weights): the policy's forward with its attribution (Eq. 5-6, one backward to the
     embeddings), then the hybrid weights of Eq. 8."""
-    logits, importance = tidpo.gradient_attribution(policy, input_ids, attention_mask, response_mask)
+    logits, importance = tidpo.gradient_attribution(policy, input_ids, attention_mask,
+                                                    response_mask)
     weights = tidpo.hybrid_weights(importance, response_mask, lam=args.lam, scale=args.weight_scale)
     return logits, weights
 
@@ -296,12 +293,9 @@ def warmup(step, args):
 
 
 def train_loop(policy, ref, train_pairs, tokenizer, args, run, resume, before):
-    """The preference steps; returns the history of logged means.
-
-    Each step: --grad-accum micro-batches of tidpo_step and backward, one look at the step's
-    numbers (the only wait for the device), clipping, the update. Under torchrun the policy runs
-    through DistributedDataParallel, which averages the gradients over the processes.
-    """
+    """The preference steps; returns the history of logged means. Each step: --grad-accum
+    micro-batches of tidpo_step and backward, one look at the step's numbers (the only wait for
+    the device), clipping, the update."""
     device, rank, world_size, log = run.device, run.rank, run.world_size, run.log
     # in training mode until the end of the loop
     end_checkpointing = (memory.checkpoint_activations(policy) if args.gradient_checkpointing
@@ -310,19 +304,14 @@ def train_loop(policy, ref, train_pairs, tokenizer, args, run, resume, before):
     optimizer, scheduler = make_optimizer(policy, args)
     per_step = args.batch_size * args.grad_accum
     steps = args.steps or max(1, math.ceil(args.epochs * len(train_pairs) / per_step))
-    generator = torch.Generator().manual_seed(args.seed)
-    # The data position: the generator's state when this epoch's order was drawn, and how many of
-    # the epoch's batches were taken. A checkpoint keeps both, and a resumed run redraws the same
-    # order and skips what was taken.
-    epoch_start, taken, stream = None, 0, iter(())
+    pad_id = tokenizer.pad_token_id
+    epochs = data.Epochs(train_pairs, args.batch_size, pad_id, args.seed, min_pairs=world_size)
     sums, count, history, first_step = {}, 0, [], 1
     torch.manual_seed(args.seed + rank)  # each process samples its anchors from its own stream
     checkpoint = None  # the newest checkpoint this run wrote or resumed from
     if resume:  # the optimizer, schedule, random streams, data position and log window as saved
-        epoch_start, taken, sums, count, history, first_step, checkpoint = checkpoints.restore_loop(
-            resume, optimizer, scheduler, generator, lambda s: warmup(s, args), args.lr, device, rank)
-        stream = data.batches(train_pairs, args.batch_size, tokenizer.pad_token_id, generator,
-                              skip=taken)
+        sums, count, history, first_step, checkpoint = checkpoints.restore_loop(
+            resume, optimizer, scheduler, epochs, lambda s: warmup(s, args), args.lr, device, rank)
         log(f"resumed from {checkpoint}: step {resume['step']} of {steps} done",
             {"phase": "resume", "step": resume["step"], "checkpoint": checkpoint})
     if args.save_every and rank == 0:
@@ -336,14 +325,7 @@ def train_loop(policy, ref, train_pairs, tokenizer, args, run, resume, before):
     for step in range(first_step, steps + 1):
         step_sums = {}
         for micro_step in range(args.grad_accum):
-            batch = next(stream, None)
-            # A new epoch. A last batch with fewer pairs than processes is left out.
-            if batch is None or len(batch["chosen_input_ids"]) < world_size:
-                epoch_start, taken = generator.get_state(), 0
-                stream = data.batches(train_pairs, args.batch_size, tokenizer.pad_token_id, generator)
-                batch = next(stream)
-            taken += 1
-            batch, share = distributed.shard(batch, rank, world_size)
+            batch, share = distributed.shard(epochs.next(), rank, world_size)
             last = micro_step == args.grad_accum - 1
             with distributed.sync_unless(train_policy, world_size, last):
                 loss, metrics = tidpo_step(train_policy, ref, batch, tokenizer, args, device,
@@ -355,11 +337,7 @@ def train_loop(policy, ref, train_pairs, tokenizer, args, run, resume, before):
             for name, value in {"loss": loss.detach(), **metrics}.items():
                 step_sums[name] = step_sums.get(name, 0) + value * (share / args.grad_accum)
         names = [*step_sums, "grad_norm"]
-        if args.max_grad_norm > 0:
-            grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm)
-        else:
-            grads = [p.grad for p in policy.parameters() if p.grad is not None]
-            grad_norm = torch.nn.utils.get_total_norm(grads)
+        grad_norm = distributed.clip_grad_norm(policy, args.max_grad_norm)
         # the processes' shares add up to the whole batch's means
         means = distributed.all_reduce_sum(torch.stack(list(step_sums.values())), world_size)
         # The step's one wait for the device: its numbers, checked before the update is applied.
@@ -387,8 +365,8 @@ def train_loop(policy, ref, train_pairs, tokenizer, args, run, resume, before):
         if args.save_every and (step % args.save_every == 0 or step == steps):
             checkpoint = checkpoints.save_checkpoint(
                 args, step, policy, optimizer, scheduler, device, rank, world_size,
-                data={"epoch_start": epoch_start, "taken": taken},
-                window={"sums": sums, "count": count}, history=history, before=before) or checkpoint
+                data=epochs.state(), window={"sums": sums, "count": count}, history=history,
+                before=before) or checkpoint
     end_checkpointing()
     return history
 
@@ -426,13 +404,27 @@ class Run:
                 metrics_file.write(json.dumps(record) + "\n")
 
 
+def held_out(policy, ref, pairs, tokenizer, args, run, when):
+    """evaluate.evaluate on the held-out pairs, logged; after the loop on the built-in task, with
+    samples that its judge scores."""
+    judge = when == "after" and args.data is None
+    result = evaluate.evaluate(policy, ref, pairs, tokenizer, args, run.device, run.autocast,
+                               with_samples=judge, diagnostics=run.hooks.get("diagnostics", False))
+    line = f"held-out {when}: accuracy {result['accuracy']:.3f}, margin {result['margin']:.4f}"
+    if judge:
+        line += (f"; judge score of samples: policy {result['judge/policy']:+.3f}, reference "
+                 f"{result['judge/reference']:+.3f}, policy wins {result['win_rate']:.3f}")
+    run.log(line, {"phase": "eval", "when": when, **result})
+    return result
+
+
 def main(argv=None, hooks=None):
     """One run. `hooks` are for experiments.py's variants beyond the paper: "weights" and
     "triplet" (see tidpo_step), "task" (data.builtin_task's settings) and "diagnostics"
     (evaluate's research metrics)."""
     args = parse_args(sys.argv[1:] if argv is None else list(argv))
     run = Run(args, hooks)
-    log, diagnostics = run.log, run.hooks.get("diagnostics", False)
+    log = run.log
 
     # Set-up. Everything that can fail on the user's input comes before the output folder is made.
     tokenizer = data.load_tokenizer(args, run.hooks.get("task"))
@@ -467,23 +459,13 @@ def main(argv=None, hooks=None):
     if resume:
         before = resume["before"]
     else:
-        before = evaluate.evaluate(policy, ref, heldout_pairs, tokenizer, args, run.device,
-                                   run.autocast, with_samples=False, diagnostics=diagnostics)
-        log(f"held-out before: accuracy {before['accuracy']:.3f}, margin {before['margin']:.4f}",
-            {"phase": "eval", "when": "before", **before})
+        before = held_out(policy, ref, heldout_pairs, tokenizer, args, run, "before")
 
     # Loop.
     history = train_loop(policy, ref, train_pairs, tokenizer, args, run, resume, before)
 
     # Evaluation after the loop: the same numbers, and samples scored by the built-in task's judge.
-    judge = args.data is None
-    after = evaluate.evaluate(policy, ref, heldout_pairs, tokenizer, args, run.device,
-                              run.autocast, with_samples=judge, diagnostics=diagnostics)
-    line = f"held-out after: accuracy {after['accuracy']:.3f}, margin {after['margin']:.4f}"
-    if judge:
-        line += (f"; judge score of samples: policy {after['judge/policy']:+.3f}, reference "
-                 f"{after['judge/reference']:+.3f}, policy wins {after['win_rate']:.3f}")
-    log(line, {"phase": "eval", "when": "after", **after})
+    after = held_out(policy, ref, heldout_pairs, tokenizer, args, run, "after")
 
     # Save.
     folder = os.path.join(args.output_dir, "policy")

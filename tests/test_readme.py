@@ -112,3 +112,29 @@ def test_no_file_refers_to_a_file_outside_the_repository():
         path = ROOT / name
         if path.suffix in (".py", ".md", ".txt") and path.exists():
             assert "METHOD" + ".md" not in path.read_text(), name  # a notes file that is not in the repository
+
+
+def test_pyproject_installs_tidpo_alone_as_a_module(tmp_path):
+    # pip builds the package from a copy of the three files it reads; the wheel holds tidpo.py only,
+    # and once installed, `import tidpo` works from any folder
+    source = tmp_path / "source"
+    source.mkdir()
+    for name in ("pyproject.toml", "tidpo.py", "README.md"):
+        (source / name).write_text((ROOT / name).read_text())
+    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
+    built = subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", str(tmp_path / "wheel"),
+                            str(source)], capture_output=True, text=True)
+    assert built.returncode == 0, built.stderr
+    (wheel,) = (tmp_path / "wheel").glob("tidpo-*.whl")
+    import zipfile
+
+    assert [n for n in zipfile.ZipFile(wheel).namelist() if not n.startswith("tidpo-")] == ["tidpo.py"]
+    installed = subprocess.run([*pip, "install", "--no-deps", "--target", str(tmp_path / "site"), str(wheel)],
+                               capture_output=True, text=True)
+    assert installed.returncode == 0, installed.stderr
+    (tmp_path / "elsewhere").mkdir()
+    check = subprocess.run([sys.executable, "-c", "import tidpo; print(tidpo.gaussian_prior(5).tolist()[2])"],
+                           cwd=tmp_path / "elsewhere", capture_output=True, text=True,
+                           env={**os.environ, "PYTHONPATH": str(tmp_path / "site")})
+    assert check.returncode == 0, check.stderr
+    assert check.stdout.strip() == "1.0"
