@@ -3,12 +3,16 @@ message of a run that stopped on a non-finite step.
 
 A checkpoint (<output-dir>/checkpoints/step-N.pt) holds the policy, the optimizer, the scheduler,
 every process's random states and the data position, so that a resumed run continues as the
-uninterrupted run would have. The frozen reference is written once per run, beside them.
+uninterrupted run would have. The frozen reference is written once per run, beside them
+(reference.pt). A sharded run (--fsdp) writes folders instead, step-N/ and reference/: each process
+its shards of the weights and of the optimizer with torch.distributed.checkpoint, and rank 0 the
+rest in step-N/train.pt. The policy/ folder of every run is a whole Hugging Face folder.
 """
 
 import math
 import os
 import re
+import shutil
 from datetime import datetime
 
 import torch
@@ -18,7 +22,7 @@ import torch.distributed as dist
 MAY_CHANGE_ON_RESUME = ("steps", "epochs", "lr", "fp32", "device", "log_every", "save_every", "keep_last",
                         "output_dir", "resume", "gradient_checkpointing")
 CHECKPOINT_FORMAT = "tidpo train.py checkpoint, version 1"
-CHECKPOINT_NAME = re.compile(r"step-(\d+)\.pt")
+CHECKPOINT_NAME = re.compile(r"step-(\d+)(\.pt)?")  # a file, or a sharded run's folder
 
 
 def saved_checkpoints(run_dir):
@@ -39,28 +43,70 @@ def save_atomically(obj, path):
     os.replace(temporary, path)
 
 
-def save_reference(ref, run_dir):
-    """Write the frozen reference to checkpoints/reference.pt, unless a resumed run already did."""
-    path = os.path.join(run_dir, "checkpoints", "reference.pt")
-    if not os.path.exists(path):
+def save_sharded(state, folder):
+    """torch.distributed.checkpoint's save of `state` (each process writes its shards) into a new
+    name, renamed to `folder` once every process is done: a crash leaves no torn checkpoint."""
+    import torch.distributed.checkpoint as dcp
+
+    temporary = folder + ".tmp"
+    if dist.get_rank() == 0 and os.path.isdir(temporary):
+        shutil.rmtree(temporary)  # the remains of a run stopped while writing
+    dist.barrier()
+    dcp.save(state, checkpoint_id=temporary)
+    dist.barrier()
+    if dist.get_rank() == 0:
+        os.replace(temporary, folder)
+    dist.barrier()
+
+
+def model_state(model, sharded):
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    import distributed
+
+    return get_model_state_dict(distributed.reshard(model)) if sharded else model.state_dict()
+
+
+def save_reference(ref, run_dir, rank, sharded=False):
+    """Write the frozen reference to checkpoints/reference.pt (sharded: the folder reference/),
+    unless a resumed run already did."""
+    path = os.path.join(run_dir, "checkpoints", "reference" if sharded else "reference.pt")
+    if os.path.exists(path):
+        return
+    if rank == 0:
         os.makedirs(os.path.dirname(path), exist_ok=True)
+    if sharded:
+        save_sharded({"model": model_state(ref, True)}, path)
+    elif rank == 0:
         save_atomically(ref.state_dict(), path)
 
 
 def save_checkpoint(args, step, policy, optimizer, scheduler, device, rank, world_size, **loop):
-    """Write checkpoints/step-N.pt (on rank 0: the state is every process's) and delete all but the
-    newest --keep-last; returns its path (None on the other ranks). `loop`: the data position, the
-    log window, the history and the held-out numbers before training."""
+    """Write checkpoints/step-N.pt (on rank 0: the state is every process's; sharded, the folder
+    step-N/) and delete all but the newest --keep-last; returns its path (None on the other
+    ranks). `loop`: the data position, the log window, the history and the held-out numbers before
+    training."""
+    sharded = args.fsdp
     state = {"format": CHECKPOINT_FORMAT, "step": step, "args": vars(args), "world_size": world_size,
-             "policy": policy.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+             "scheduler": scheduler.state_dict(),
              "random": random_states(device, world_size), **loop}  # random_states: a collective call
+    folder = os.path.join(args.output_dir, "checkpoints")
+    path = os.path.join(folder, f"step-{step:06d}" + ("" if sharded else ".pt"))
+    if rank == 0:
+        os.makedirs(folder, exist_ok=True)
+    if sharded:
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+        save_sharded({"policy": model_state(policy, True),
+                      "optimizer": get_optimizer_state_dict(policy, optimizer)}, path)
+        if rank == 0:
+            save_atomically({**state, "sharded": True}, os.path.join(path, "train.pt"))
+    elif rank == 0:
+        save_atomically({**state, "policy": policy.state_dict(), "optimizer": optimizer.state_dict()}, path)
     if rank != 0:
         return None
-    path = os.path.join(args.output_dir, "checkpoints", f"step-{step:06d}.pt")
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    save_atomically(state, path)
     for _, old in saved_checkpoints(args.output_dir)[:-args.keep_last]:
-        os.remove(old)
+        shutil.rmtree(old) if os.path.isdir(old) else os.remove(old)
     return path
 
 
@@ -89,9 +135,10 @@ def find_resume_checkpoint(args):
         return saved[-1][1]
     if not os.path.exists(args.resume):
         raise SystemExit(f"error: --resume {args.resume}: no such file")
-    if os.path.isdir(args.resume):
+    if os.path.isdir(args.resume) and not os.path.isfile(os.path.join(args.resume, "train.pt")):
         raise SystemExit(f"error: --resume {args.resume}: is a folder; name a checkpoint file "
-                         f"(<run>/checkpoints/step-N.pt), or use --resume latest --output-dir <run>")
+                         f"(<run>/checkpoints/step-N.pt, or a sharded run's step-N folder), or use "
+                         f"--resume latest --output-dir <run>")
     if args.output_dir is None:
         args.output_dir = run_dir_of(args.resume)
     return args.resume
@@ -105,7 +152,9 @@ def load_checkpoint(path, args, world_size):
     """The checkpoint's state, with the frozen reference's weights under "reference", after checking
     that it continues this run."""
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        sharded = os.path.isdir(path)
+        state = torch.load(os.path.join(path, "train.pt") if sharded else path, map_location="cpu",
+                           weights_only=True)
     except Exception as error:  # not a torch file, a truncated one, a pickle of something else
         raise SystemExit(f"error: --resume {path}: cannot be read as a checkpoint "
                          f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''})") from None
@@ -122,11 +171,25 @@ def load_checkpoint(path, args, world_size):
         raise SystemExit(f"error: --resume {path}: it was written by a run of world size {state['world_size']}, "
                          f"this one has world size {world_size}; resume with torchrun "
                          f"--nproc_per_node={state['world_size']} (each process continues its own random stream)")
-    reference = os.path.join(os.path.dirname(path), "reference.pt")
-    if not os.path.isfile(reference):
+    reference = os.path.join(os.path.dirname(os.path.abspath(path)), "reference" if sharded else "reference.pt")
+    if not os.path.exists(reference):
         raise SystemExit(f"error: --resume {path}: {reference}, the frozen reference of that run, is missing")
-    state["reference"] = torch.load(reference, map_location="cpu", weights_only=True)
+    if sharded:  # the weights are read once the models are sharded (load_sharded)
+        state["reference_path"] = reference
+    else:
+        state["reference"] = torch.load(reference, map_location="cpu", weights_only=True)
     return state
+
+
+def load_sharded(policy, ref, resume):
+    """A sharded run's policy and reference weights, read into the sharded models."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict
+
+    for model, path, key in ((policy, resume["path"], "policy"), (ref, resume["reference_path"], "model")):
+        state = {key: model_state(model, True)}
+        dcp.load(state, checkpoint_id=path)
+        set_model_state_dict(model, state[key])
 
 
 def load_weights(model, state_dict, checkpoint_path):
@@ -137,12 +200,20 @@ def load_weights(model, state_dict, checkpoint_path):
                          f"({str(error).splitlines()[0]})") from None
 
 
-def restore_loop(resume, optimizer, scheduler, epochs, warmup, lr, device, rank):
+def restore_loop(resume, policy, optimizer, scheduler, epochs, warmup, lr, device, rank):
     """Put a resumed run's loop where the checkpoint left it: the optimizer and schedule (with a new
     learning rate from here on, if `lr` differs from the run's, say after a non-finite loss), the
     data position (data.Epochs), this process's random streams. Returns (sums, count, history,
     first_step, checkpoint path): the log window and where the loop goes on."""
-    optimizer.load_state_dict(resume["optimizer"])
+    if resume.get("sharded"):
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+
+        state = {"optimizer": get_optimizer_state_dict(policy, optimizer)}  # the layout to read into
+        dcp.load(state, checkpoint_id=resume["path"])
+        set_optimizer_state_dict(policy, optimizer, state["optimizer"])
+    else:
+        optimizer.load_state_dict(resume["optimizer"])
     scheduler.load_state_dict(resume["scheduler"])
     if lr != resume["args"]["lr"]:
         scheduler.base_lrs = [lr for _ in optimizer.param_groups]
@@ -204,11 +275,26 @@ def non_finite_message(step, values, args, device, checkpoint):
             f"stopped before applying this update; {where}. Try {'; '.join(advice)}.")
 
 
-def save_policy(policy, tokenizer, folder, rank):
-    """The trained policy and its tokenizer as a Hugging Face folder (from_pretrained loads it)."""
+def save_policy(policy, tokenizer, folder, rank, sharded=False):
+    """The trained policy and its tokenizer as a Hugging Face folder (from_pretrained loads it);
+    sharded, its weights gathered whole on rank 0's CPU first (a collective call)."""
     from transformers.utils.logging import disable_progress_bar
 
     disable_progress_bar()  # the save's progress bar would interleave with the log lines
+    state_dict = None
+    if sharded:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        import distributed
+
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        # whole on rank 0, empty elsewhere
+        state_dict = get_model_state_dict(distributed.reshard(policy), options=options)
+        seen = set()  # a tied weight (output layer = embeddings) is saved once, as without sharding
+        for name, parameter in policy.named_parameters(remove_duplicate=False):
+            if id(parameter) in seen:
+                state_dict.pop(name, None)
+            seen.add(id(parameter))
     if rank == 0:
-        policy.save_pretrained(folder)
+        policy.save_pretrained(folder, state_dict=dict(state_dict) if sharded else None)  # it empties the dict
         tokenizer.save_pretrained(folder)

@@ -1,10 +1,12 @@
-"""Several processes under torchrun: the process group, each process's share of a batch, DDP.
+"""Several processes under torchrun: the process group, each process's share of a batch, DDP or FSDP2.
 
-    setup(device)                     join torchrun's process group (NCCL on CUDA, else gloo)
+    setup(device, fsdp)               join torchrun's process group (NCCL on CUDA, else gloo)
     shard(batch, rank, world_size)    this process's rows of a collated batch, and their share
-    wrap(policy, device, world_size)  the policy in DistributedDataParallel (or as it is, alone)
-    unwrap(policy)                    the module inside a wrapper
-    sync_unless(...)                  DDP's no_sync for every micro-batch of a step but the last
+    wrap(policy, device, world_size)  the policy in DistributedDataParallel (or as it is)
+    fsdp(policy, device, bf16)        the policy and a frozen reference sharded with FSDP2
+    unwrap(policy)                    the module inside a DDP wrapper
+    gathered(model)                   a sharded model's weights gathered for a whole sampling call
+    sync_unless(...)                  no gradient reduction for every micro-batch of a step but the last
     all_reduce_sum(values, ...)       add a tensor up over the processes
     clip_grad_norm(policy, max_norm)  the gradients' total norm, clipped to max_norm unless it is 0
 
@@ -15,25 +17,29 @@ In a step (train.tidpo_step) only the forward of chosen and rejected, with the a
 through the DDP wrapper, so that DDP's hooks average the gradients in the backward; sampling and
 the anchors' forward use the module inside, since DDP expects one forward per backward. The
 anchors' gradients are not lost: autograd adds up all of a parameter's gradient in the backward
-before DDP's hook for that parameter fires.
+before DDP's hook for that parameter fires. FSDP2 shards the module itself (no wrapper): every
+forward gathers each layer's weights, and the backward reduces the gradients layer by layer.
 """
 
 import atexit
+import contextlib
 import os
-from contextlib import nullcontext
 
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 
-def setup(device):
-    """(rank, world_size, device). Under torchrun (WORLD_SIZE > 1) this process joins the group that
-    torchrun's environment variables describe: NCCL on CUDA, one GPU per process, else gloo. A plain
-    `python train.py` is one process, with no group."""
+def setup(device, fsdp=False):
+    """(rank, world_size, device). Under torchrun (WORLD_SIZE > 1, or one process with --fsdp) this
+    process joins the group that torchrun's environment variables describe: NCCL on CUDA, one GPU
+    per process, else gloo. A plain `python train.py` is one process, with no group."""
     world_size = int(os.environ.get("WORLD_SIZE", 1))
-    if world_size == 1:
+    if world_size == 1 and not fsdp:
         return 0, 1, device
+    if "LOCAL_RANK" not in os.environ:
+        raise SystemExit("error: --fsdp runs under torchrun (torchrun --nproc_per_node=N train.py --fsdp ...), "
+                         "which starts the processes and tells each its rank")
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
         torch.cuda.set_device(device)
@@ -54,7 +60,9 @@ def shard(batch, rank, world_size):
 
 def wrap(policy, device, world_size):
     """The policy to train through: DistributedDataParallel with several processes (its constructor
-    also gives every process rank 0's weights), the policy itself with one."""
+    also gives every process rank 0's weights); the policy itself with one, or sharded by fsdp()."""
+    if is_sharded(policy):
+        return reshard(policy)  # the optimizer is to hold the sharded parameters
     if world_size == 1:
         return policy
     wrapped = DistributedDataParallel(policy, device_ids=[device] if device.type == "cuda" else None)
@@ -67,9 +75,88 @@ def unwrap(policy):
     return policy.module if isinstance(policy, DistributedDataParallel) else policy
 
 
+def is_sharded(model):
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+def fsdp(policy, device, bf16):
+    """(policy, reference): two sharded models (FSDP2: every decoder layer, then the whole model)
+    with rank 0's weights of `policy`, the reference frozen.
+
+    Both are built on the meta device (no memory) and sharded there; rank 0's weights are then
+    sent to each process shard by shard, so that only rank 0 ever holds a whole copy (`policy`,
+    which the caller drops), and the other processes may pass `policy` on the meta device.
+    `bf16` (CUDA): the weights are gathered and the forward and backward computed in bfloat16,
+    from float32 master weights, with the gradients reduced in float32.
+    """
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    rank = dist.get_rank()
+    full = policy.state_dict() if rank == 0 else {}
+    # non-persistent buffers (rotary tables) are in no state dict: they are broadcast apart
+    buffers = dict(policy.named_buffers())
+    precision = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else \
+        MixedPrecisionPolicy()
+    # the decoder layers: the classes transformers keeps whole when it splits a model
+    layer_names = set(getattr(policy, "_no_split_modules", None) or ())
+    models = []
+    for trainable in (True, False):
+        with torch.device("meta"):
+            model = type(policy)(policy.config).requires_grad_(trainable).eval()
+        for layer in [m for m in model.modules() if type(m).__name__ in layer_names]:
+            fully_shard(layer, mp_policy=precision)
+        fully_shard(model, mp_policy=precision)
+        model.to_empty(device=device)
+        options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+        set_model_state_dict(model, dict(full), options=options)  # it changes the dict it is given
+        for name, buffer in model.named_buffers():
+            if rank == 0:
+                buffer.copy_(buffers[name])
+            dist.broadcast(buffer, src=0)
+        models.append(model)
+    return tuple(models)
+
+
+@contextlib.contextmanager
+def gathered(model):
+    """A sharded model's weights gathered once for the whole block (a sampling call), then sharded
+    again. Each forward of a sharded model is a collective call, and sampling stops at a number
+    of steps that differs between processes (their responses end apart): with the weights
+    gathered, the decode steps need no collective. Nothing for a model that is not sharded."""
+    if not is_sharded(model):
+        yield model
+        return
+    model.set_reshard_after_forward(False)  # every sharded layer keeps its weights after a forward
+    try:
+        yield model
+    finally:
+        for module in model.modules():
+            if is_sharded(module) and module is not model:  # the whole model's own weights stay
+                module.set_reshard_after_forward(True, recurse=False)  # gathered, as in FSDP2
+        reshard(model)
+
+
+def reshard(model):
+    """Every sharded part of `model` back to its shards. After a forward FSDP2 keeps the whole
+    model's own weights (embeddings, final norm, output layer) gathered, and then the model's
+    parameters are those gathered tensors: the optimizer, a checkpoint and the final save need
+    the sharded ones."""
+    for module in model.modules():
+        if is_sharded(module):
+            module.reshard()
+    return model
+
+
 def sync_unless(policy, world_size, last):
-    """DDP reduces the gradients only at the last micro-batch of a step: no_sync for the others."""
-    return policy.no_sync() if world_size > 1 and not last else nullcontext()
+    """Gradients are reduced only at the last micro-batch of a step: DDP's no_sync, or FSDP's
+    gradient sync off, for the others."""
+    if is_sharded(policy):
+        policy.set_requires_gradient_sync(last)
+        return contextlib.nullcontext()
+    return policy.no_sync() if world_size > 1 and not last else contextlib.nullcontext()
 
 
 def all_reduce_sum(values, world_size):
@@ -81,7 +168,9 @@ def all_reduce_sum(values, world_size):
 
 def clip_grad_norm(policy, max_norm):
     """The total norm of the policy's gradients (a tensor: no wait for the device), after clipping
-    them to `max_norm` (0: no clipping)."""
+    them to `max_norm` (0: no clipping). Sharded, the norm over every process's shards."""
     if max_norm > 0:
-        return torch.nn.utils.clip_grad_norm_(policy.parameters(), max_norm)
-    return torch.nn.utils.get_total_norm([p.grad for p in policy.parameters() if p.grad is not None])
+        norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), max_norm)
+    else:
+        norm = torch.nn.utils.get_total_norm([p.grad for p in policy.parameters() if p.grad is not None])
+    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm

@@ -16,6 +16,7 @@ import math
 import torch
 
 import data
+import distributed
 import memory
 import tidpo
 from sampling import sample
@@ -216,7 +217,7 @@ def evaluate(policy, ref, pairs, tokenizer, args, device, autocast, with_samples
         for name, model in (("policy", policy), ("reference", ref)):
             scores[name] = []
             for batch in data.batches(pairs, args.batch_size, tokenizer.pad_token_id):
-                with autocast:
+                with autocast, distributed.gathered(model):
                     ids, _, response_mask = sample(
                         model, batch["prompt_input_ids"].to(device), batch["prompt_attention_mask"].to(device),
                         tokenizer, max_new_tokens=args.max_new_tokens, min_new_tokens=args.min_new_tokens,

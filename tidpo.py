@@ -104,7 +104,7 @@ def gradient_attribution(model, input_ids, attention_mask, response_mask):
     """Token importance by gradient attribution (Eq. 5-6), from ONE forward pass of `model`.
 
     Args:
-        model: a causal LM with `get_input_embeddings()` that accepts `inputs_embeds`,
+        model: a causal LM with `get_input_embeddings()` whose forward takes `input_ids`,
             `attention_mask` and `position_ids` (any transformers AutoModelForCausalLM).
         input_ids, attention_mask, response_mask: [B, L]. Padding may sit left or right.
 
@@ -130,11 +130,23 @@ def target_gradient(model, input_ids, attention_mask, response_mask):
     """
     _check("target_gradient", {}, "B, L", input_ids=input_ids, attention_mask=attention_mask,
            response_mask=response_mask)
-    embeddings = model.get_input_embeddings()(input_ids)
-    if not embeddings.requires_grad:  # a frozen model: attribute anyway, to its inputs
-        embeddings = embeddings.detach().requires_grad_(True)
-    logits = model(inputs_embeds=embeddings, attention_mask=attention_mask,
-                   position_ids=position_ids(attention_mask)).logits
+    # The embeddings e_i are taken as the embedding layer hands them on, inside the model's own
+    # forward (a hook), not by calling the layer outside it: a sharded model (FSDP) gathers its
+    # weights only inside its forward.
+    captured = []
+
+    def keep(layer, inputs, embeddings):
+        if not embeddings.requires_grad:  # a frozen model: attribute anyway, to its inputs
+            embeddings = embeddings.detach().requires_grad_(True)
+        captured.append(embeddings)
+        return embeddings
+
+    hook = model.get_input_embeddings().register_forward_hook(keep)
+    try:
+        logits = forward_logits(model, input_ids, attention_mask)
+    finally:
+        hook.remove()
+    embeddings = captured[0]  # the input embeddings, [B, L, E]
 
     # The logits at the last response token predict what follows the whole response.
     last = last_response_position(response_mask)

@@ -3,6 +3,7 @@
     python train.py                                  # built-in task, tiny model, offline
     python train.py --model Qwen/Qwen2.5-0.5B-Instruct --data prefs.jsonl
     torchrun --nproc_per_node=2 train.py ...         # DDP: one process per GPU (or CPU share)
+    torchrun --nproc_per_node=8 train.py --fsdp ...  # FSDP2: the models sharded over the GPUs
 
 A run has five phases, in the order main() shows them:
   set-up       flags, tokenizer, data and model, all checked before the output folder is made
@@ -94,6 +95,7 @@ def build_parser(description=__doc__):
     a("--log-every", type=int, default=10, help="steps per progress line")
     a("--device", help="cuda or cpu; default: cuda when available")
     a("--fp32", action="store_true", help="CUDA: float32 instead of bfloat16 autocast")
+    a("--fsdp", action="store_true", help="under torchrun: shard policy and reference (FSDP2)")
 
     a = p.add_argument_group("checkpoints").add_argument
     a("--save-every", type=int, default=0, help="a checkpoint every N steps and at the end")
@@ -135,16 +137,23 @@ def parse_args(argv=None, parser=None):
          f"--min-new-tokens must be between 0 and --max-new-tokens, got {args.min_new_tokens}"),
         (args.batch_size < world_size, f"--batch-size {args.batch_size} is smaller than the "
          f"{world_size} processes: each process needs at least one pair of every micro-batch"),
+        (args.fsdp and args.sampler in ("static", "graph"), f"--sampler {args.sampler} cannot run "
+         "a sharded model (--fsdp): its shadow copy needs whole weights; use --sampler dynamic"),
     ]:
         if wrong:
             p.error(message)
     return args
 
 
-def build_model(args, device, tokenizer):
-    """The policy: --model by hub name or folder, or a tiny Llama built from a config."""
-    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+def build_model(args, device, tokenizer, meta=False):
+    """The policy: --model by hub name or folder, or a tiny Llama built from a config. `meta`:
+    --model's architecture without its weights (a sharded run's processes but rank 0)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
+    if args.model and meta:
+        with torch.device("meta"):
+            config = data.from_pretrained(AutoConfig, args.model)
+            return AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
     if args.model:
         # float32 weights whatever the checkpoint's dtype: in bfloat16, lr 1e-6 updates round away
         policy = data.from_pretrained(AutoModelForCausalLM, args.model, dtype=torch.float32)
@@ -191,10 +200,9 @@ def sft(model, pairs, tokenizer, args, device, autocast, log):
 
 def reference_logps(ref, input_ids, attention_mask, response_mask, autocast):
     """token_logps of the frozen reference, with its logits (for the optional KL term)."""
-    with torch.inference_mode(), autocast:
+    with torch.no_grad(), autocast:
         logits = tidpo.forward_logits(ref, input_ids, attention_mask)
-        logps = memory.token_logps(logits, input_ids, response_mask)
-    return logits, logps.clone()  # inference tensors cannot be saved for backward: a copy can
+        return logits, memory.token_logps(logits, input_ids, response_mask)
 
 
 def hybrid_token_weights(policy, input_ids, attention_mask, response_mask, batch, args):
@@ -228,7 +236,7 @@ def tidpo_step(policy, ref, batch, tokenizer, args, device, autocast, hooks=None
         # Eq. 13's anchor: a response sampled from the current policy for the same prompt, without
         # gradient; its per-token log-ratios are then computed with gradient.
         prompts = batch["prompt_input_ids"].to(device), batch["prompt_attention_mask"].to(device)
-        with autocast, record_function("sample anchors"):
+        with autocast, record_function("sample anchors"), distributed.gathered(module):
             anchor = sample(module, *prompts, tokenizer, max_new_tokens=args.max_new_tokens,
                             min_new_tokens=args.min_new_tokens, temperature=args.temperature,
                             top_k=args.top_k, top_p=args.top_p, method=args.sampler)
@@ -311,12 +319,13 @@ def train_loop(policy, ref, train_pairs, tokenizer, args, run, resume, before):
     checkpoint = None  # the newest checkpoint this run wrote or resumed from
     if resume:  # the optimizer, schedule, random streams, data position and log window as saved
         sums, count, history, first_step, checkpoint = checkpoints.restore_loop(
-            resume, optimizer, scheduler, epochs, lambda s: warmup(s, args), args.lr, device, rank)
+            resume, policy, optimizer, scheduler, epochs, lambda s: warmup(s, args), args.lr, device,
+            rank)
         log(f"resumed from {checkpoint}: step {resume['step']} of {steps} done",
             {"phase": "resume", "step": resume["step"], "checkpoint": checkpoint})
-    if args.save_every and rank == 0:
-        checkpoints.save_reference(ref, args.output_dir)  # once: every checkpoint needs it
-    if device.type == "cuda" and not args.fp32:
+    if args.save_every:
+        checkpoints.save_reference(ref, args.output_dir, rank, args.fsdp)  # every checkpoint needs it
+    if device.type == "cuda" and not args.fp32 and not args.fsdp:
         # The reference's Linear weights in bfloat16, the dtype autocast casts them to at every
         # forward anyway: the same numbers, without the casts. After the save (float32 on disk).
         static_sampler.linear_weights_in(ref, torch.bfloat16)
@@ -391,7 +400,7 @@ class Run:
 
     def __init__(self, args, hooks):
         torch.manual_seed(args.seed)
-        self.rank, self.world_size, self.device = distributed.setup(pick_device(args))
+        self.rank, self.world_size, self.device = distributed.setup(pick_device(args), args.fsdp)
         self.autocast = autocast_for(self.device, args)
         self.hooks, self.metrics_path = hooks or {}, None
 
@@ -432,7 +441,10 @@ def main(argv=None, hooks=None):
     if len(train_pairs) < run.world_size:
         raise SystemExit(f"error: too few training pairs ({len(train_pairs)}) for "
                          f"{run.world_size} processes: each process needs at least one")
-    policy = build_model(args, run.device, tokenizer)
+    # A sharded run loads --model on rank 0's CPU only; the other processes wait on the meta device.
+    meta = args.fsdp and args.model is not None and run.rank != 0
+    policy = build_model(args, torch.device("cpu") if args.fsdp and args.model else run.device,
+                         tokenizer, meta)
     # refuses a sampler that cannot run this model
     sampling.choose_method(policy, args.sampler, run.device.type == "cuda")
     resume_path = checkpoints.find_resume_checkpoint(args) if args.resume else None
@@ -447,13 +459,19 @@ def main(argv=None, hooks=None):
     # Reference. Algorithm 1 starts from pi_theta = pi_ref, a frozen copy of the starting policy
     # (the tiny model's after its SFT; on --resume, that of the run that wrote the checkpoint).
     if resume:
-        checkpoints.load_weights(policy, resume["policy"], resume_path)
-    elif args.model is None:
-        sft(policy, train_pairs, tokenizer, args, run.device, run.autocast, log)
-    ref = copy.deepcopy(policy).requires_grad_(False).eval()
-    if resume:
-        checkpoints.load_weights(ref, resume["reference"], resume_path)
         resume["path"] = resume_path
+    if resume and not args.fsdp:
+        checkpoints.load_weights(policy, resume["policy"], resume_path)
+    elif args.model is None and not resume:
+        sft(policy, train_pairs, tokenizer, args, run.device, run.autocast, log)
+    if args.fsdp:  # both sharded, from rank 0's weights; a resumed run's then read into them
+        policy, ref = distributed.fsdp(policy, run.device, bf16=isinstance(run.autocast, torch.autocast))
+        if resume:
+            checkpoints.load_sharded(policy, ref, resume)
+    else:
+        ref = copy.deepcopy(policy).requires_grad_(False).eval()
+        if resume:
+            checkpoints.load_weights(ref, resume["reference"], resume_path)
 
     # Evaluation before the loop: the starting policy's held-out numbers.
     if resume:
@@ -469,7 +487,7 @@ def main(argv=None, hooks=None):
 
     # Save.
     folder = os.path.join(args.output_dir, "policy")
-    checkpoints.save_policy(policy, tokenizer, folder, run.rank)
+    checkpoints.save_policy(policy, tokenizer, folder, run.rank, args.fsdp)
     log(f"saved the policy and tokenizer to {folder} and the metrics to {run.metrics_path}")
     return {"before": before, "after": after, "history": history, "output_dir": args.output_dir}
 

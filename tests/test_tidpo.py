@@ -1105,7 +1105,9 @@ class CumulativeLM(nn.Module):
     def get_input_embeddings(self):
         return self.embed
 
-    def forward(self, inputs_embeds, attention_mask, position_ids=None):
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None):
+        if inputs_embeds is None:  # as a transformers model: the embedding layer inside the forward
+            inputs_embeds = self.embed(input_ids)
         hidden = (inputs_embeds * attention_mask[..., None]).cumsum(dim=1)
         return SimpleNamespace(logits=hidden @ self.readout)
 
