@@ -1,7 +1,7 @@
 """Benchmark: the step time and peak memory of DPO, TI-DPO without the triplet and full TI-DPO.
 
     python bench.py                                   # a tiny Llama, batch 16, prompt 32 + response 64 tokens
-    python bench.py --preset 0.5b                     # a ~0.5B Llama of Qwen2.5-0.5B's width, depth and vocabulary
+    python bench.py --preset 0.5b                     # a Llama of Qwen2.5-0.5B's shapes (0.49B parameters)
     python bench.py --bench-hidden 256 --bench-layers 4 --bench-vocab 8000 --bench-profile
 
 Each variant runs train.py's own training step (tidpo_step, backward, clipping, optimizer step) on
@@ -47,7 +47,9 @@ import train
 BENCH_VARIANTS = {"dpo": {"loss": "dpo"}, "tidpo_no_triplet": {"loss": "tidpo", "gamma": 0.0},
                   "tidpo": {"loss": "tidpo"}}
 
-PRESETS = {"0.5b": {"bench_hidden": 896, "bench_layers": 24, "bench_heads": 14, "bench_vocab": 151936}}
+# Qwen2.5-0.5B's shapes (its config.json): 14 query heads, 2 key/value heads, an MLP of 4864, tied
+PRESETS = {"0.5b": {"bench_hidden": 896, "bench_layers": 24, "bench_heads": 14, "bench_kv_heads": 2,
+                    "bench_intermediate": 4864, "bench_vocab": 151936, "bench_tied": True}}
 
 # Dense bfloat16 peak of a GPU, in TFLOP/s (the vendor's figure without sparsity), by a part of its name.
 PEAK_TFLOPS = {"H200": 989, "H100 PCIe": 756, "H100": 989, "A100": 312}
@@ -64,9 +66,11 @@ def bench_setup(args, device):
 
     torch.manual_seed(args.seed)
     config = LlamaConfig(vocab_size=args.bench_vocab, hidden_size=args.bench_hidden,
-                         intermediate_size=args.bench_hidden * 3, num_hidden_layers=args.bench_layers,
-                         num_attention_heads=args.bench_heads, num_key_value_heads=args.bench_heads,
-                         max_position_embeddings=4096, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+                         intermediate_size=args.bench_intermediate or args.bench_hidden * 3,
+                         num_hidden_layers=args.bench_layers, num_attention_heads=args.bench_heads,
+                         num_key_value_heads=args.bench_kv_heads or args.bench_heads,
+                         tie_word_embeddings=args.bench_tied, max_position_embeddings=4096, pad_token_id=0,
+                         bos_token_id=1, eos_token_id=2)
     with device:  # the weights are made where they are used: no copy from the CPU
         policy = LlamaForCausalLM(config).eval()
     ref = copy.deepcopy(policy).requires_grad_(False)
@@ -231,7 +235,9 @@ def bench(args, argv, device, autocast):
         return child_memory(policy, ref, batch_list, tokenizer, args, device, autocast)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-5)
     n_params = sum(p.numel() for p in policy.parameters())
-    matmul_params = n_params - policy.get_input_embeddings().weight.numel()  # the lookup multiplies nothing
+    # the weights that multiply: the Linear layers' (the output layer's too, tied or not; the
+    # embedding lookup multiplies nothing)
+    matmul_params = sum(p.numel() for m in policy.modules() if isinstance(m, torch.nn.Linear) for p in m.parameters())
     say(f"bench: {n_params / 1e6:.1f}M parameters, built in {time.perf_counter() - started:.1f} s; 3 warm-up "
         f"steps of each variant, then {args.bench_steps} timed")
 
@@ -304,15 +310,17 @@ def parse_args(argv=None):
     parser = train.build_parser(description=__doc__)
     a = parser.add_argument_group("benchmark: DPO vs TI-DPO step time and memory on random tokens")
     a.add_argument("--preset", choices=sorted(PRESETS), default=None, help="a model size: 0.5b is "
-                   "--bench-hidden 896 --bench-layers 24 --bench-heads 14 --bench-vocab 151936 (flags given "
-                   "as well win)")
+                   "Qwen2.5-0.5B's shapes, --bench-hidden 896 --bench-layers 24 --bench-heads 14 --bench-kv-heads 2 "
+                   "--bench-intermediate 4864 --bench-vocab 151936 --bench-tied (flags given as well win)")
     a.add_argument("--bench-steps", type=int, default=20, help="timed steps per variant (after 3 warm-up steps)")
     a.add_argument("--bench-prompt-length", type=int, default=32, help="tokens per prompt")
     a.add_argument("--bench-response-length", type=int, default=64, help="also the anchors' length")
-    a.add_argument("--bench-hidden", type=int, default=64, help="hidden size of the benchmark's Llama "
-                   "(its MLP is 3x wider)")
+    a.add_argument("--bench-hidden", type=int, default=64, help="hidden size of the benchmark's Llama")
+    a.add_argument("--bench-intermediate", type=int, default=None, help="its MLP width (default: 3x hidden)")
     a.add_argument("--bench-layers", type=int, default=2, help="its layers")
     a.add_argument("--bench-heads", type=int, default=4, help="its attention heads")
+    a.add_argument("--bench-kv-heads", type=int, default=None, help="its key/value heads (default: as many)")
+    a.add_argument("--bench-tied", action="store_true", help="its output layer is its embedding")
     a.add_argument("--bench-vocab", type=int, default=1000, help="its vocabulary size")
     a.add_argument("--bench-profile", action="store_true", help="also profile the full tidpo step with "
                    "torch.profiler and print where its time goes")

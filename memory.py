@@ -63,51 +63,74 @@ def checkpoint_activations(model):
 ACTIVATION_BYTES = {"float32": (32, 16, 8), "bfloat16": (30, 8, 4)}
 
 
-def step_peak_bytes(config, pairs, length, anchor_length, full_tidpo, checkpointing, gpu=True):
-    """The peak memory of one training step of train.py, term by term (a dict of bytes).
+def step_peak_bytes(config, pairs, length, anchor_length, full_tidpo, checkpointing, gpu=True, shards=1):
+    """The peak memory of one training step of train.py on one device, term by term (bytes).
 
     Args:
         config: the model's transformers config (vocab_size, hidden_size, intermediate_size,
             num_hidden_layers, num_attention_heads, num_key_value_heads, tie_word_embeddings).
-        pairs: preference pairs per micro-batch; length: prompt + response tokens of each of
-            chosen and rejected (as padded); anchor_length: prompt + sampled tokens of an anchor.
+        pairs: preference pairs per micro-batch on this device (under torchrun, its share);
+            length: prompt + response tokens of each of chosen and rejected (as padded);
+            anchor_length: prompt + sampled tokens of an anchor.
         full_tidpo: True for TI-DPO with the triplet (anchors sampled and run with gradient),
             False for DPO (TI-DPO without the triplet: the same, the attribution adds no memory
             that outlives its backward).
         checkpointing: --gradient-checkpointing.
         gpu: True for CUDA with bfloat16 autocast (float32 weights, bfloat16 activations and
             logits, the reference's Linear weights in bfloat16); False for the CPU in float32.
+        shards: the processes of a --fsdp run (1: not sharded). Sharded, the float32 weights,
+            gradients, AdamW moments and reference are split over them; the whole model's own
+            weights (embeddings, output layer, final norm) and two decoder layers' are gathered at
+            a time, in bfloat16 on CUDA (FSDP's mixed precision: no autocast copies), and the
+            anchors are sampled with the whole policy gathered ("sampling", a peak of its own).
 
     The peak is at the start of the backward: every activation and the logits are still held,
     and the logits' gradient is being made. The policy's gradients are counted whole, as if all
-    were already there (they fill in while the activations are freed).
+    were already there (they fill in while the activations are freed). "total" is the larger of
+    that peak and, sharded, the sampling's.
     """
     h, i, layers, vocab = config.hidden_size, config.intermediate_size, config.num_hidden_layers, config.vocab_size
     head_dim = getattr(config, "head_dim", None) or h // config.num_attention_heads
     kv = config.num_key_value_heads * head_dim
-    linear = layers * (2 * h * h + 2 * h * kv + 3 * h * i)  # q, o; k, v; gate, up, down
+    layer = 2 * h * h + 2 * h * kv + 3 * h * i  # one decoder layer's Linear weights: q, o; k, v; gate, up, down
+    linear = layers * layer
     embedding = vocab * h
-    params = linear + embedding * (1 if config.tie_word_embeddings else 2) + (2 * layers + 1) * h
-    element = 2 if gpu else 4  # bytes of an activation or a logit
+    root = embedding * (1 if config.tie_word_embeddings else 2) + h  # the whole model's own weights
+    params = linear + root + 2 * layers * h
+    element = 2 if gpu else 4  # bytes of an activation or a logit (and of a gathered weight, sharded)
     tokens = 2 * pairs * length + (pairs * anchor_length if full_tidpo else 0)  # with gradient
     per_h, per_i, per_kv = ACTIVATION_BYTES["bfloat16" if gpu else "float32"]
     one_layer = tokens * (per_h * h + per_i * i + per_kv * kv)
+    rows = 1 << (pairs - 1).bit_length()  # a static sampler's batch bucket
+    # the anchors' KV cache: keys in float32 (rotary embeddings compute in it), values bfloat16
+    kv_cache = (4 + 2 if gpu else 8) * layers * rows * (anchor_length + 64) * kv
     terms = {
-        "weights": 4 * params,  # float32
-        "gradients": 4 * params,
-        "adamw": 8 * params,  # two float32 moments
-        # on CUDA a frozen copy with bfloat16 Linear weights (the output layer its own copy)
-        "reference": 2 * (linear + embedding) + 4 * embedding if gpu else 4 * params,
+        "weights": 4 * params // shards,  # float32
+        "gradients": 4 * params // shards,
+        "adamw": 8 * params // shards,  # two float32 moments
         "activations": tokens * layers * 4 * h + one_layer if checkpointing else layers * one_layer,
         # the logits and, in the backward, their gradient; token_logps's float32 temporaries
         "logits": 2 * tokens * vocab * element + 3 * 4 * min(2 ** 24, tokens * vocab),
     }
-    if gpu:
-        terms["autocast copies"] = 2 * (linear + embedding)  # bfloat16 Linear weights, forward to backward
-        if full_tidpo:  # the sampler's shadow (bfloat16 Linear weights) and its static KV cache
-            rows = 1 << (pairs - 1).bit_length()
-            terms["sampler"] = 2 * (linear + embedding) + 2 * 2 * layers * rows * (anchor_length + 64) * kv
-    terms["total"] = sum(terms.values())
+    if shards > 1:
+        terms["reference"] = 4 * params // shards
+        # the root's weights and two layers' (the one computing, the one prefetched), gathered; a
+        # layer's and the root's gradients before their reduction (and its float32 copy on CUDA)
+        terms["gathered"] = element * (root + 2 * layer)
+        terms["unsharded gradients"] = (element + (4 if gpu else 0)) * (root + layer)
+    else:
+        # on CUDA a frozen copy with bfloat16 Linear weights (the output layer its own copy)
+        terms["reference"] = 2 * (linear + embedding) + 4 * embedding if gpu else 4 * params
+        if gpu:
+            terms["autocast copies"] = 2 * (linear + embedding)  # bfloat16 Linear weights, forward to backward
+            if full_tidpo:  # the sampler's shadow (bfloat16 Linear weights) and its static KV cache
+                terms["sampler"] = 2 * (linear + embedding) + kv_cache
+    backward = sum(terms.values())
+    terms["total"] = backward
+    if shards > 1 and full_tidpo:  # before the forward: the whole policy gathered, and the cache
+        static = sum(terms[name] for name in ("weights", "gradients", "adamw", "reference"))
+        terms["sampling"] = static + element * params + kv_cache + rows * vocab * 4
+        terms["total"] = max(backward, terms["sampling"])
     return terms
 
 
@@ -122,11 +145,23 @@ QWEN25 = {
 }
 
 
-def main(pairs=8, prompt=256, response=256, new_tokens=64):
-    """Print docs/training.md's table: GiB per step on a GPU, bfloat16 autocast, AdamW."""
-    from transformers import Qwen2Config
+# The paper's models and Qwen2.5-7B (their config.json files), for the sharded table
+PAPER_MODELS = {
+    "Llama-3.2-3B": dict(vocab_size=128256, hidden_size=3072, intermediate_size=8192, num_hidden_layers=28,
+                         num_attention_heads=24, num_key_value_heads=8, tie_word_embeddings=True),
+    "Llama-3.1-8B": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                         num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=False),
+    "Qwen2.5-7B": QWEN25["7B"],
+}
 
-    print(f"{pairs} pairs, prompt {prompt} + response {response} tokens, anchors {prompt} + {new_tokens}; GiB")
+
+def main(pairs=8, prompt=256, response=256, new_tokens=64, sharded_pairs=4, gpus=(2, 4, 8)):
+    """Print docs/training.md's tables: GiB per step and GPU, bfloat16 autocast, AdamW; one GPU,
+    then sharded (--fsdp) over 2, 4 and 8."""
+    from transformers import LlamaConfig, Qwen2Config
+
+    print(f"One GPU: {pairs} pairs, prompt {prompt} + response {response} tokens, anchors {prompt} + "
+          f"{new_tokens}; GiB")
     print("| model | loss | weights, gradients, AdamW, reference | without checkpointing | with checkpointing |")
     print("|---|---|---:|---:|---:|")
     for name, shape in QWEN25.items():
@@ -135,7 +170,17 @@ def main(pairs=8, prompt=256, response=256, new_tokens=64):
                                        checkpointing) for checkpointing in (False, True))
             static = off["weights"] + off["gradients"] + off["adamw"] + off["reference"]
             print(f"| {name} | {loss} | {static / 2**30:.1f} | {off['total'] / 2**30:.1f} | {on['total'] / 2**30:.1f} |")
-
+    print(f"\nSharded (--fsdp): {sharded_pairs} pairs per GPU, the same lengths; GiB per GPU")
+    print("| model | loss | checkpointing | " + " | ".join(f"{n} GPUs" for n in gpus) + " |")
+    print("|---|---|---|" + "---:|" * len(gpus))
+    for name, shape in PAPER_MODELS.items():
+        config = LlamaConfig(**shape)
+        for loss, full in (("DPO", False), ("TI-DPO", True)):
+            for checkpointing in (False, True):
+                cells = [step_peak_bytes(config, sharded_pairs, prompt + response, prompt + new_tokens, full,
+                                         checkpointing, shards=n)["total"] / 2**30 for n in gpus]
+                print(f"| {name} | {loss} | {'on' if checkpointing else 'off'} | "
+                      + " | ".join(f"{cell:.1f}" for cell in cells) + " |")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -2,8 +2,8 @@
 a CUDA graph. Same rules and results in distribution as sampling.py's plain way (tests/test_sampling.py
 compares the two); chosen by --sampler static|graph, and by "auto" on CUDA.
 
-A KV cache of fixed size, one fixed-shape decode step, a fixed number of steps and no wait for
-the device inside the loop. On CUDA ("graph", the default there) that step is captured once in a
+A KV cache of fixed size, one fixed-shape decode step, and a wait for the device only every 8
+steps (to stop once every response has ended). On CUDA ("graph", the default there) that step is captured once in a
 CUDA graph per (batch, prompt length) bucket and replayed: a decode step of a 24-layer model is
 hundreds of small kernels, and launching them one by one from Python takes longer than running
 them. Runs on the CPU too, without the graph ("static"). Not for models with sliding-window
@@ -172,8 +172,11 @@ class StaticSampler:
                 warnings.warn(f"the decode step could not be captured in a CUDA graph; it runs eagerly: {error}")
                 loop.capture_failed = True
             loop.start(runner, ids, mask)  # warm-up ran the step: start over
-        for _ in range(settings.max_new_tokens - 1):
+        for step in range(settings.max_new_tokens - 1):
             loop.graph.replay() if graph and loop.graph is not None else loop.step(runner)
+            # every 8 steps, one wait for the device: stop once every response has ended
+            if step % 8 == 7 and bool(loop.finished[:n].all()):
+                break
         response = loop.response[:n]
         kept = int(response.sum(-1).max())  # the one wait for the device: where the longest response ends
         response = response[:, :kept].to(prompt_mask.dtype)
@@ -187,11 +190,15 @@ def _values_in_their_own_dtype(layer):
     Under autocast a Llama's keys come out of the rotary embedding in float32 and its values in
     bfloat16; transformers 5.17 allocates both in the keys' dtype, and the values' in-place copy
     into the cache then fails (5.24 allocates each in its own dtype: there this changes nothing).
+    The function holds the layer by a weak reference: set as the layer's own attribute, a strong
+    one would make a cycle, and an evicted bucket's cache would wait for the garbage collector.
     """
-    allocate = layer.lazy_initialization
+    allocate = type(layer).lazy_initialization  # the class's function: no reference to the layer
+    owner = weakref.ref(layer)
 
     def lazy_initialization(key_states, value_states):
-        allocate(key_states, value_states)
+        layer = owner()
+        allocate(layer, key_states, value_states)
         if layer.values.dtype != value_states.dtype:
             layer.values = torch.zeros_like(layer.values, dtype=value_states.dtype)
 

@@ -198,9 +198,9 @@ def sft(model, pairs, tokenizer, args, device, autocast, log):
 # ------------------------------------------------------------------ one step: Eq. 14 (or Eq. 3)
 
 
-def reference_logps(ref, input_ids, attention_mask, response_mask, autocast):
+def reference_logps(ref, input_ids, attention_mask, response_mask):
     """token_logps of the frozen reference, with its logits (for the optional KL term)."""
-    with torch.no_grad(), autocast:
+    with torch.no_grad():
         logits = tidpo.forward_logits(ref, input_ids, attention_mask)
         return logits, memory.token_logps(logits, input_ids, response_mask)
 
@@ -232,43 +232,44 @@ def tidpo_step(policy, ref, batch, tokenizer, args, device, autocast, hooks=None
     n = len(batch["chosen_input_ids"])
     tidpo_on = args.loss == "tidpo"
     anchor_logratios = anchor_mask = None
-    if tidpo_on and args.gamma != 0:
-        # Eq. 13's anchor: a response sampled from the current policy for the same prompt, without
-        # gradient; its per-token log-ratios are then computed with gradient.
-        prompts = batch["prompt_input_ids"].to(device), batch["prompt_attention_mask"].to(device)
-        with autocast, record_function("sample anchors"), distributed.gathered(module):
-            anchor = sample(module, *prompts, tokenizer, max_new_tokens=args.max_new_tokens,
-                            min_new_tokens=args.min_new_tokens, temperature=args.temperature,
-                            top_k=args.top_k, top_p=args.top_p, method=args.sampler)
-        with autocast, record_function("anchor forwards"):
-            anchor_logits = tidpo.forward_logits(module, *anchor[:2])
-            anchor_logps = memory.token_logps(anchor_logits, anchor[0], anchor[2])
-        # reference_logps enters the autocast itself (nested, it would stay on after the exit)
-        anchor_logratios = anchor_logps - reference_logps(ref, *anchor, autocast)[1]  # [B, L_a]
-        anchor_mask = anchor[2]
+    # One autocast region for all of the step's forwards: autocast casts each float32 weight to
+    # bfloat16 once per region, and every forward of the region shares that copy.
+    with autocast:
+        if tidpo_on and args.gamma != 0:
+            # Eq. 13's anchor: a response sampled from the current policy for the same prompt,
+            # without gradient; its per-token log-ratios are then computed with gradient.
+            prompts = batch["prompt_input_ids"].to(device), batch["prompt_attention_mask"].to(device)
+            with record_function("sample anchors"), distributed.gathered(module):
+                anchor = sample(module, *prompts, tokenizer, max_new_tokens=args.max_new_tokens,
+                                min_new_tokens=args.min_new_tokens, temperature=args.temperature,
+                                top_k=args.top_k, top_p=args.top_p, method=args.sampler)
+            with record_function("anchor forwards"):
+                anchor_logits = tidpo.forward_logits(module, *anchor[:2])
+                anchor_logps = memory.token_logps(anchor_logits, anchor[0], anchor[2])
+                anchor_logratios = anchor_logps - reference_logps(ref, *anchor)[1]  # [B, L_a]
+            anchor_mask = anchor[2]
 
-    stacked = data.stack_pair(batch, tokenizer.pad_token_id)  # chosen rows [:n], rejected [n:]
-    input_ids, attention_mask, response_mask = (t.to(device) for t in stacked)
-    with record_function("reference forward"):
-        ref_logits, ref_logps = reference_logps(ref, input_ids, attention_mask, response_mask,
-                                                autocast)
-    kl_on = tidpo_on and args.kl_alpha != 0
-    if not kl_on:
-        ref_logits = None  # [2B, L, V]: freed before the policy's forward needs the memory
-    with autocast, record_function("policy forward (+ attribution)"):
-        if tidpo_on:
-            token_weights = hooks.get("weights", hybrid_token_weights)
-            logits, weights = token_weights(policy, input_ids, attention_mask, response_mask,
-                                            batch, args)
-        else:  # DPO: every response token weighs 1
-            logits = tidpo.forward_logits(policy, input_ids, attention_mask)
-            weights = response_mask.float()
-        logps = memory.token_logps(logits, input_ids, response_mask)
+        stacked = data.stack_pair(batch, tokenizer.pad_token_id)  # chosen rows [:n], rejected [n:]
+        input_ids, attention_mask, response_mask = (t.to(device) for t in stacked)
+        with record_function("reference forward"):
+            ref_logits, ref_logps = reference_logps(ref, input_ids, attention_mask, response_mask)
+        kl_on = tidpo_on and args.kl_alpha != 0
+        if not kl_on:
+            ref_logits = None  # [2B, L, V]: freed before the policy's forward needs the memory
+        with record_function("policy forward (+ attribution)"):
+            if tidpo_on:
+                token_weights = hooks.get("weights", hybrid_token_weights)
+                logits, weights = token_weights(policy, input_ids, attention_mask, response_mask,
+                                                batch, args)
+            else:  # DPO: every response token weighs 1
+                logits = tidpo.forward_logits(policy, input_ids, attention_mask)
+                weights = response_mask.float()
+            logps = memory.token_logps(logits, input_ids, response_mask)
+        kl = {}
+        if kl_on:
+            kl_both = memory.sequence_kl(logits, ref_logits, response_mask)
+            kl = {"kl_chosen": kl_both[:n], "kl_rejected": kl_both[n:]}
 
-    kl = {}
-    if kl_on:
-        kl_both = memory.sequence_kl(logits, ref_logits.clone(), response_mask)
-        kl = {"kl_chosen": kl_both[:n], "kl_rejected": kl_both[n:]}
     triplet = hooks.get("triplet", tidpo.triplet_loss)
     loss, metrics = tidpo.tidpo_loss(
         logps[:n], logps[n:], ref_logps[:n], ref_logps[n:], weights[:n], weights[n:],

@@ -1,6 +1,7 @@
 """One TI-DPO step sharded with FSDP2 against the same step in one process (run by test_fsdp.py
 under torchrun). Prints one JSON line on rank 0: for every parameter of the policy, whether its
-sharded gradient exists and how far it is from the one-process gradient.
+sharded gradient exists and how far it is from the one-process gradient; and the bytes rank 0
+holds of the weights, gradients, AdamW moments and reference after an optimizer step.
 
     torchrun --nproc_per_node=2 tests/fsdp_step.py tied|untied [--gradient-checkpointing]
 """
@@ -62,8 +63,23 @@ def main(kind, checkpointing):
         report[name] = {"has_grad": grad is not None,
                         "expected_norm": expected[name].norm().item(),
                         "max_diff": None if grad is None else (grad - expected[name]).abs().max().item()}
+    # what this process holds: its shards of the weights, gradients, AdamW's moments, the reference
+    optimizer = torch.optim.AdamW(sharded.parameters(), lr=1e-3)
+    optimizer.step()
+
+    def local_bytes(tensors):
+        return sum(t.to_local().numel() * t.element_size() for t in tensors)
+
+    distributed.reshard(ref)  # after a forward its own weights stay gathered
+    held = {"weights": local_bytes(sharded.parameters()),
+            "gradients": local_bytes(p.grad for p in sharded.parameters()),
+            "adamw": local_bytes(v for state in optimizer.state.values() for v in state.values() if v.dim() > 0),
+            "reference": local_bytes(ref.parameters())}
     if rank == 0:
-        print(json.dumps({"loss": loss.item(), "params": report}))
+        shape = {name: getattr(config, name) for name in ("vocab_size", "hidden_size", "intermediate_size",
+                                                          "num_hidden_layers", "num_attention_heads",
+                                                          "num_key_value_heads", "tie_word_embeddings")}
+        print(json.dumps({"loss": loss.item(), "params": report, "held": held, "config": shape}))
     del undo
 
 

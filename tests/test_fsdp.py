@@ -15,11 +15,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, LlamaConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
+import memory  # noqa: E402
 import train  # noqa: E402
 from test_real_models import build_checkpoint, chat_records  # noqa: E402
 
@@ -87,6 +88,12 @@ def test_a_sharded_step_gives_every_parameter_the_one_process_gradient(case):
         assert entry["has_grad"], name
         assert entry["expected_norm"] > 0, name
         assert entry["max_diff"] <= 1e-4 * entry["expected_norm"] + 1e-7, (name, entry)
+    # memory.step_peak_bytes's sharded terms are what a process holds: half of each, to the rows
+    # that an odd first dimension gives one shard more than the other
+    result = json.loads(child.stdout.strip().splitlines()[-1])
+    formula = memory.step_peak_bytes(LlamaConfig(**result["config"]), 1, 4, 4, False, False, gpu=False, shards=2)
+    for term, held in result["held"].items():
+        assert held == pytest.approx(formula[term], rel=0.02), term
 
 
 @pytest.mark.parametrize("case", ["triplet", "no-triplet-checkpointing"])

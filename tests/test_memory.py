@@ -136,13 +136,33 @@ def test_step_peak_bytes_hand_case():
     on = memory.step_peak_bytes(small_config(layers=2), 1, 3, 4, False, True)
     assert on["activations"] == 6 * 2 * 16 + 6 * (30 * 4 + 8 * 8 + 4 * 2)
     # full TI-DPO: the anchor's 4 tokens carry gradient too, and the sampler holds its shadow and
-    # a static cache (k and v, 1 row, 4 + 64 positions, kv 2, bfloat16)
+    # a static cache (1 row, 4 + 64 positions, kv 2: keys float32, values bfloat16)
     full = memory.step_peak_bytes(small_config(), 1, 3, 4, True, False)
     assert full["activations"] == 10 * (30 * 4 + 8 * 8 + 4 * 2)
-    assert full["sampler"] == 2 * (144 + 40) + 2 * 2 * 1 * 1 * (4 + 64) * 2
+    assert full["sampler"] == 2 * (144 + 40) + (4 + 2) * 1 * 1 * (4 + 64) * 2
     cpu = memory.step_peak_bytes(small_config(), 1, 3, 4, False, False, gpu=False)
     assert cpu["reference"] == 4 * 196 and "autocast copies" not in cpu
     assert cpu["activations"] == 6 * (32 * 4 + 16 * 8 + 8 * 2)
+
+
+def test_step_peak_bytes_sharded_hand_case():
+    # P = 196 over 2 shards: 98 each. The root (the tied embedding 40 + the final norm 4) = 44, one
+    # layer's Linear weights 144. bfloat16 on CUDA: gathered 2 (44 + 2 x 144), unsharded gradients
+    # (2 + 4) (44 + 144); no autocast copies (FSDP gathers bfloat16), the reference sharded float32.
+    terms = memory.step_peak_bytes(small_config(), 1, 3, 4, False, False, shards=2)
+    assert terms["weights"] == terms["gradients"] == terms["reference"] == 4 * 98
+    assert terms["adamw"] == 8 * 98
+    assert terms["gathered"] == 2 * (44 + 2 * 144)
+    assert terms["unsharded gradients"] == 6 * (44 + 144)
+    assert "autocast copies" not in terms and "sampler" not in terms and "sampling" not in terms
+    assert terms["activations"] == 6 * (30 * 4 + 8 * 8 + 4 * 2)  # this process's pairs, as unsharded
+    # full TI-DPO: the sampling, with the whole policy gathered (2 P) and the anchors' cache and
+    # one step's float32 logits (1 row, V 10), is a peak of its own
+    full = memory.step_peak_bytes(small_config(), 1, 3, 4, True, False, shards=2)
+    static = 4 * 98 * 3 + 8 * 98
+    assert full["sampling"] == static + 2 * 196 + 6 * 1 * 1 * 68 * 2 + 1 * 10 * 4
+    backward = sum(v for name, v in full.items() if name not in ("total", "sampling"))
+    assert full["total"] == max(backward, full["sampling"])
 
 
 @pytest.mark.parametrize("tied", [True, False])
@@ -179,3 +199,34 @@ def test_activation_bytes_are_what_autograd_saves_per_layer():
     per_layer_per_token = (saved_bytes(3) - saved_bytes(2)) / tokens
     formula = sum(c * n for c, n in zip(memory.ACTIVATION_BYTES["float32"], (h, i, kv)))
     assert formula <= per_layer_per_token <= formula + 32
+
+
+def test_a_step_keeps_one_bfloat16_copy_of_each_weight_for_the_backward():
+    # Under autocast each float32 weight is cast to bfloat16 once per autocast region; the step's
+    # forwards (the anchors', the pair's with the attribution) share one region, so the backward
+    # holds one copy of each weight, as step_peak_bytes counts ("autocast copies"). The CPU's
+    # bfloat16 autocast shows it: the MLP weights (gate, up [i, h], down [h, i]) of 2 layers are
+    # 6 weights, each saved by both forwards (as itself or transposed: the same storage).
+    args = train.parse_args(["--max-new-tokens", "3", "--temperature", "0", "--batch-size", "2"])
+    tokenizer = data.load_tokenizer(args)
+    batch = data.collate(data.load_pairs(args, tokenizer)[0][:2], tokenizer.pad_token_id)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=2, tie_word_embeddings=True,
+                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    torch.manual_seed(0)
+    policy = LlamaForCausalLM(config).eval()
+    ref = copy.deepcopy(policy).requires_grad_(False)
+    saves = {}
+
+    def pack(tensor):
+        if tensor.dtype == torch.bfloat16 and tensor.dim() == 2 and tensor.numel() == 48 * 32:
+            key = tensor.untyped_storage().data_ptr()
+            saves[key] = saves.get(key, 0) + 1
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        loss, _ = train.tidpo_step(policy, ref, batch, tokenizer, args, torch.device("cpu"),
+                                   torch.autocast("cpu", dtype=torch.bfloat16))
+    assert len(saves) == 6 and all(count >= 2 for count in saves.values()), saves
+    loss.backward()
+    assert all(p.grad is not None for p in policy.parameters())

@@ -493,7 +493,7 @@ def test_fewer_training_pairs_than_processes_is_refused(model_dir, tmp_path, mon
     path = tmp_path / "two.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
     # as if under torchrun with 2 processes (no process group is needed before this check)
-    monkeypatch.setattr(distributed, "setup", lambda device: (0, 2, device))
+    monkeypatch.setattr(distributed, "setup", lambda device, fsdp: (0, 2, device))
     with pytest.raises(SystemExit) as stop:
         run(["--model", str(model_dir), "--data", str(path), "--batch-size", "2"], tmp_path / "run")
     assert stop.value.code == "error: too few training pairs (1) for 2 processes: each process needs at least one"

@@ -165,6 +165,45 @@ def test_buckets_are_bounded_least_recently_used_first():
     assert kept == [*range(4, limit + 1), 1, limit + 1, limit + 2]  # 2 and 3 are gone
 
 
+def test_the_static_way_stops_once_every_response_has_ended(monkeypatch):
+    # eos (2) is the likeliest token from min_new_tokens on: every response ends at its 5th token,
+    # and the decode loop looks every 8 steps whether all have ended: 8 steps of 63, not 63.
+    model, prompt_ids, prompt_mask = peaked_model()
+    tokenizer = argparse.Namespace(pad_token_id=0, eos_token_id=2)
+    bias = torch.zeros(50)
+    bias[2] = 100.0
+    model.lm_head.register_forward_hook(lambda module, inputs, output: output + bias)
+    steps = []
+    step = static_sampler.DecodeLoop.step
+    monkeypatch.setattr(static_sampler.DecodeLoop, "step", lambda loop, runner: steps.append(1) or step(loop, runner))
+    ids, _, response_mask = sampling.sample(model, prompt_ids, prompt_mask, tokenizer,
+                                            **settings(max_new_tokens=64, min_new_tokens=4), method="static")
+    assert len(steps) == 8
+    assert response_mask.sum(-1).tolist() == [5, 5, 5] and ids[:, -1].tolist() == [2, 2, 2]
+
+
+def test_an_evicted_bucket_is_freed_at_once_not_by_the_garbage_collector():
+    # A bucket's static cache is large on a GPU; when the least recently used one goes, its memory
+    # must go with it, not wait for a collection of reference cycles.
+    import gc
+    import weakref
+
+    model, prompt_ids, prompt_mask = peaked_model()
+    tokenizer = argparse.Namespace(pad_token_id=0, eos_token_id=2)
+    sampler = static_sampler.static_sampler(model)
+    sampling.sample(model, prompt_ids, prompt_mask, tokenizer, **settings(max_new_tokens=1), method="static")
+    (loop,) = sampler.buckets.values()
+    cache, layer = weakref.ref(loop.cache), weakref.ref(loop.cache.layers[0])
+    del loop
+    gc.disable()
+    try:
+        for n in range(2, sampler.MAX_BUCKETS + 2):  # one bucket more than are kept: the first goes
+            sampling.sample(model, prompt_ids, prompt_mask, tokenizer, **settings(max_new_tokens=n), method="static")
+        assert cache() is None and layer() is None
+    finally:
+        gc.enable()
+
+
 def test_a_static_way_that_fails_at_first_use_warns_once_and_samples_dynamically(monkeypatch):
     model, prompt_ids, prompt_mask = peaked_model()
     tokenizer = argparse.Namespace(pad_token_id=0, eos_token_id=2)
