@@ -174,15 +174,21 @@ def load_checkpoint(path, args, world_size):
     reference = os.path.join(os.path.dirname(os.path.abspath(path)), "reference" if sharded else "reference.pt")
     if not os.path.exists(reference):
         raise SystemExit(f"error: --resume {path}: {reference}, the frozen reference of that run, is missing")
-    if sharded:  # the weights are read once the models are sharded (load_sharded)
+    if sharded:  # the weights are read once the models are sharded (load_models)
         state["reference_path"] = reference
     else:
         state["reference"] = torch.load(reference, map_location="cpu", weights_only=True)
+    state["path"] = path
     return state
 
 
-def load_sharded(policy, ref, resume):
-    """A sharded run's policy and reference weights, read into the sharded models."""
+def load_models(policy, ref, resume):
+    """The policy's and the reference's weights of the run that wrote the checkpoint (sharded: read
+    into the sharded models, each process its shards)."""
+    if not resume.get("sharded"):
+        load_weights(policy, resume["policy"], resume["path"])
+        load_weights(ref, resume["reference"], resume["path"])
+        return
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import set_model_state_dict
 

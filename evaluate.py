@@ -19,6 +19,7 @@ import data
 import distributed
 import memory
 import tidpo
+import sampling
 from sampling import sample
 
 
@@ -220,8 +221,7 @@ def evaluate(policy, ref, pairs, tokenizer, args, device, autocast, with_samples
                 with autocast, distributed.gathered(model):
                     ids, _, response_mask = sample(
                         model, batch["prompt_input_ids"].to(device), batch["prompt_attention_mask"].to(device),
-                        tokenizer, max_new_tokens=args.max_new_tokens, min_new_tokens=args.min_new_tokens,
-                        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, method=args.sampler)
+                        tokenizer, **sampling.options(args))
                 for row, keep in zip(ids, response_mask.bool()):
                     text = tokenizer.decode(row[keep], skip_special_tokens=True)
                     scores[name].append(data.judge(text))

@@ -80,6 +80,12 @@ def _sample(model, prompt_ids, prompt_mask, tokenizer, settings, method):
     return dynamic_sample(model, prompt_ids, prompt_mask, settings)
 
 
+def options(args):
+    """sample()'s keyword arguments from train.py's flags."""
+    return dict(max_new_tokens=args.max_new_tokens, min_new_tokens=args.min_new_tokens,
+                temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, method=args.sampler)
+
+
 def end_ids(model, tokenizer):
     """Every id that ends a response: the tokenizer's eos and each eos id of the model's generation
     config (Llama 3 lists <|eot_id|> and <|end_of_text|>, Qwen2.5 <|im_end|> and <|endoftext|>)."""

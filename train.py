@@ -145,15 +145,17 @@ def parse_args(argv=None, parser=None):
     return args
 
 
-def build_model(args, device, tokenizer, meta=False):
-    """The policy: --model by hub name or folder, or a tiny Llama built from a config. `meta`:
-    --model's architecture without its weights (a sharded run's processes but rank 0)."""
+def build_model(args, device, tokenizer, rank=0):
+    """The policy: --model by hub name or folder, or a tiny Llama built from a config. A sharded
+    run (--fsdp) loads --model on rank 0's CPU only, the other processes on the meta device."""
     from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
-    if args.model and meta:
-        with torch.device("meta"):
-            config = data.from_pretrained(AutoConfig, args.model)
-            return AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    if args.model and args.fsdp:
+        if rank != 0:  # the architecture without its weights, which rank 0 sends later
+            with torch.device("meta"):
+                config = data.from_pretrained(AutoConfig, args.model)
+                return AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+        device = torch.device("cpu")
     if args.model:
         # float32 weights whatever the checkpoint's dtype: in bfloat16, lr 1e-6 updates round away
         policy = data.from_pretrained(AutoModelForCausalLM, args.model, dtype=torch.float32)
@@ -238,11 +240,11 @@ def tidpo_step(policy, ref, batch, tokenizer, args, device, autocast, hooks=None
         if tidpo_on and args.gamma != 0:
             # Eq. 13's anchor: a response sampled from the current policy for the same prompt,
             # without gradient; its per-token log-ratios are then computed with gradient.
-            prompts = batch["prompt_input_ids"].to(device), batch["prompt_attention_mask"].to(device)
+            prompt_ids = batch["prompt_input_ids"].to(device)
+            prompt_mask = batch["prompt_attention_mask"].to(device)
             with record_function("sample anchors"), distributed.gathered(module):
-                anchor = sample(module, *prompts, tokenizer, max_new_tokens=args.max_new_tokens,
-                                min_new_tokens=args.min_new_tokens, temperature=args.temperature,
-                                top_k=args.top_k, top_p=args.top_p, method=args.sampler)
+                anchor = sample(module, prompt_ids, prompt_mask, tokenizer,
+                                **sampling.options(args))
             with record_function("anchor forwards"):
                 anchor_logits = tidpo.forward_logits(module, *anchor[:2])
                 anchor_logps = memory.token_logps(anchor_logits, anchor[0], anchor[2])
@@ -320,12 +322,12 @@ def train_loop(policy, ref, train_pairs, tokenizer, args, run, resume, before):
     checkpoint = None  # the newest checkpoint this run wrote or resumed from
     if resume:  # the optimizer, schedule, random streams, data position and log window as saved
         sums, count, history, first_step, checkpoint = checkpoints.restore_loop(
-            resume, policy, optimizer, scheduler, epochs, lambda s: warmup(s, args), args.lr, device,
-            rank)
+            resume, policy, optimizer, scheduler, epochs, lambda s: warmup(s, args), args.lr,
+            device, rank)
         log(f"resumed from {checkpoint}: step {resume['step']} of {steps} done",
             {"phase": "resume", "step": resume["step"], "checkpoint": checkpoint})
     if args.save_every:
-        checkpoints.save_reference(ref, args.output_dir, rank, args.fsdp)  # every checkpoint needs it
+        checkpoints.save_reference(ref, args.output_dir, rank, args.fsdp)  # all checkpoints need it
     if device.type == "cuda" and not args.fp32 and not args.fsdp:
         # The reference's Linear weights in bfloat16, the dtype autocast casts them to at every
         # forward anyway: the same numbers, without the casts. After the save (float32 on disk).
@@ -442,10 +444,7 @@ def main(argv=None, hooks=None):
     if len(train_pairs) < run.world_size:
         raise SystemExit(f"error: too few training pairs ({len(train_pairs)}) for "
                          f"{run.world_size} processes: each process needs at least one")
-    # A sharded run loads --model on rank 0's CPU only; the other processes wait on the meta device.
-    meta = args.fsdp and args.model is not None and run.rank != 0
-    policy = build_model(args, torch.device("cpu") if args.fsdp and args.model else run.device,
-                         tokenizer, meta)
+    policy = build_model(args, run.device, tokenizer, run.rank)
     # refuses a sampler that cannot run this model
     sampling.choose_method(policy, args.sampler, run.device.type == "cuda")
     resume_path = checkpoints.find_resume_checkpoint(args) if args.resume else None
@@ -459,20 +458,14 @@ def main(argv=None, hooks=None):
 
     # Reference. Algorithm 1 starts from pi_theta = pi_ref, a frozen copy of the starting policy
     # (the tiny model's after its SFT; on --resume, that of the run that wrote the checkpoint).
-    if resume:
-        resume["path"] = resume_path
-    if resume and not args.fsdp:
-        checkpoints.load_weights(policy, resume["policy"], resume_path)
-    elif args.model is None and not resume:
+    if args.model is None and not resume:
         sft(policy, train_pairs, tokenizer, args, run.device, run.autocast, log)
-    if args.fsdp:  # both sharded, from rank 0's weights; a resumed run's then read into them
-        policy, ref = distributed.fsdp(policy, run.device, bf16=isinstance(run.autocast, torch.autocast))
-        if resume:
-            checkpoints.load_sharded(policy, ref, resume)
+    if args.fsdp:  # both sharded, from rank 0's weights
+        policy, ref = distributed.fsdp(policy, run.device, isinstance(run.autocast, torch.autocast))
     else:
         ref = copy.deepcopy(policy).requires_grad_(False).eval()
-        if resume:
-            checkpoints.load_weights(ref, resume["reference"], resume_path)
+    if resume:
+        checkpoints.load_models(policy, ref, resume)
 
     # Evaluation before the loop: the starting policy's held-out numbers.
     if resume:
