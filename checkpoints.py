@@ -234,7 +234,9 @@ def restore_loop(resume, policy, optimizer, scheduler, epochs, warmup, lr, devic
 
 
 def make_output_dir(args, resume_path=None, rank=0, world_size=1):
-    """Create --output-dir. It must be new or empty, unless --resume continues the run that lives there."""
+    """Create --output-dir. It must be new or empty, unless --resume continues the run that lives there;
+    one that holds only the metrics.jsonl of a run that stopped early (no checkpoint, no policy) is
+    started over."""
     if args.output_dir is None:
         args.output_dir = os.path.join("runs", f"{args.loss}-{datetime.now():%Y%m%d-%H%M%S}")
         if world_size > 1:  # rank 0's clock names the folder of every process
@@ -243,6 +245,13 @@ def make_output_dir(args, resume_path=None, rank=0, world_size=1):
             args.output_dir = name[0]
     held = sorted(os.listdir(args.output_dir)) if os.path.isdir(args.output_dir) else []
     own_run = bool(held and resume_path) and os.path.samefile(run_dir_of(resume_path), args.output_dir)
+    if held == ["metrics.jsonl"] and not own_run:
+        # a run that stopped before its first checkpoint and its save: nothing to continue or keep
+        if world_size > 1:
+            dist.barrier()  # every process has looked at the folder before rank 0 empties it
+        if rank == 0:
+            os.remove(os.path.join(args.output_dir, "metrics.jsonl"))
+        held = []
     if held and not own_run:
         saved = saved_checkpoints(args.output_dir)
         if saved:

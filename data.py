@@ -191,11 +191,31 @@ def encode_pair(tokenizer, prompt_text, chosen_text, rejected_text, max_length, 
     # token is predicted from the position before it. Both responses share the
     # same truncated prompt, so their log-probabilities stay comparable.
     longest = max(len(ids) for ids in responses.values())
-    prompt_ids = prompt_ids[-max(1, max_length - longest):]
-    room = max_length - len(prompt_ids)
-    return {"prompt_ids": prompt_ids,
+    kept = prompt_ids[-max(1, max_length - longest):]
+    room = max_length - len(kept)
+    return {"prompt_ids": kept,
             "chosen_ids": responses["chosen"][:room],
-            "rejected_ids": responses["rejected"][:room]}
+            "rejected_ids": responses["rejected"][:room],
+            # tokens cut from the prompt, the chosen and the rejected response (cut_report)
+            "cut": [len(prompt_ids) - len(kept), *(max(0, len(responses[f]) - room) for f in RESPONSES)]}
+
+
+def cut_report(pairs, max_length, what):
+    """Warnings (lines of text) about the pairs that encode_pair cut to fit max_length: how many,
+    how many lost a response's end (then Eq. 5's target sits mid-response), and prompts cut to
+    almost nothing."""
+    cut = [pair["cut"] for pair in pairs if "cut" in pair and any(pair["cut"])]
+    if not cut:
+        return []
+    lost_end = sum(1 for c in cut if c[1] or c[2])
+    lines = [f"warning: {len(cut)} of {len(pairs)} {what} pairs are longer than --max-length {max_length} and "
+             f"were cut; {lost_end} of them lost a response's last tokens, its end token with them (Eq. 5's "
+             f"target then sits mid-response); a larger --max-length keeps them whole"]
+    short = sum(1 for pair in pairs if "cut" in pair and pair["cut"][0] and len(pair["prompt_ids"]) < 4)
+    if short:
+        lines.append(f"warning: {short} {what} prompts were cut to fewer than 4 tokens (the responses take "
+                     f"the room first): the model sees almost nothing of what it answers")
+    return lines
 
 
 def end_of_turn_ids(tokenizer) -> set[int]:
@@ -587,6 +607,14 @@ def from_pretrained(auto_class, name, **options):
     """auto_class.from_pretrained(name), or a one-line error naming --model and what went wrong."""
     if name.startswith(("/", ".", "~")) and not os.path.isdir(os.path.expanduser(name)):
         raise SystemExit(f"error: --model {name}: no such folder (a hub name looks like 'org/name')")
+    folder = os.path.expanduser(name)
+    if (os.path.isdir(folder) and not os.path.isfile(os.path.join(folder, "config.json"))
+            and os.path.isfile(os.path.join(folder, "policy", "config.json"))):
+        raise SystemExit(f"error: --model {name}: a train.py run folder; the model it trained is "
+                         f"{os.path.join(name, 'policy')}")
+    from transformers.utils.logging import disable_progress_bar
+
+    disable_progress_bar()  # a bar would interleave with the run's log lines
     try:
         return auto_class.from_pretrained(name, **options)
     except (OSError, ValueError) as error:  # no such folder or hub name, no network, not a causal LM
@@ -650,3 +678,35 @@ def model_note(args, autocast):
     autocast_dtype = isinstance(autocast, torch.autocast) and str(autocast.fast_dtype).removeprefix("torch.")
     under = f" under {autocast_dtype} autocast" if autocast_dtype else ""
     return f"{args.model} (saved in {saved}, trained in float32{under})"
+
+
+def check_fit(args, config, train_pairs, heldout_pairs, steps):
+    """Before anything is written: stop a run whose sequences a model with absolute positions
+    (GPT-2) cannot hold, and the warnings (lines of text) a user should see first: sequences past a
+    rotary model's trained length, pairs cut to --max-length, fewer steps than warmup steps, and a
+    held-out set too small for its accuracy to mean much."""
+    longest_pair = max(len(p["prompt_ids"]) + max(len(p["chosen_ids"]), len(p["rejected_ids"]))
+                       for p in train_pairs + heldout_pairs)
+    longest_prompt = max(len(p["prompt_ids"]) for p in train_pairs + heldout_pairs)
+    need = max(longest_pair, longest_prompt + args.max_new_tokens)  # sampled: prompt + new tokens
+    positions = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
+    rotary = any(getattr(config, name, None) is not None for name in ("rope_parameters", "rope_theta"))
+    warnings = []
+    if positions and need > positions:
+        what = (f"the longest pair takes {longest_pair} tokens and the longest prompt plus --max-new-tokens "
+                f"{args.max_new_tokens} takes {longest_prompt + args.max_new_tokens}")
+        if not rotary:
+            raise SystemExit(f"error: the model has {positions} positions and {what}: lower --max-length "
+                             f"(now {args.max_length}) or --max-new-tokens")
+        warnings.append(f"warning: the model was trained on {positions} positions and {what}: past them a "
+                        "rotary model's numbers are untested")
+    warnings += cut_report(train_pairs, args.max_length, "training")
+    warnings += cut_report(heldout_pairs, args.max_length, "held-out")
+    if steps < args.warmup_steps:
+        warnings.append(f"warning: the run has {steps} steps, fewer than --warmup-steps {args.warmup_steps}: the "
+                        f"learning rate never reaches --lr; lower --warmup-steps or train longer (--steps, "
+                        f"--epochs)")
+    if len(heldout_pairs) < 20:
+        warnings.append(f"warning: {len(heldout_pairs)} held-out pairs: the held-out accuracy moves in steps of "
+                        f"1/{len(heldout_pairs)}; give --eval-data, or more records to --data")
+    return warnings

@@ -299,6 +299,10 @@ def make_optimizer(policy, args):
     return optimizer, scheduler
 
 
+def count_steps(args, n_pairs):
+    return args.steps or max(1, math.ceil(args.epochs * n_pairs / (args.batch_size * args.grad_accum)))
+
+
 def warmup(step, args):
     return min(1.0, (step + 1) / (args.warmup_steps + 1))
 
@@ -313,8 +317,7 @@ def train_loop(policy, ref, train_pairs, tokenizer, args, run, resume, before):
                          else policy.eval)
     train_policy = distributed.wrap(policy, device, world_size)
     optimizer, scheduler = make_optimizer(policy, args)
-    per_step = args.batch_size * args.grad_accum
-    steps = args.steps or max(1, math.ceil(args.epochs * len(train_pairs) / per_step))
+    steps = count_steps(args, len(train_pairs))
     pad_id = tokenizer.pad_token_id
     epochs = data.Epochs(train_pairs, args.batch_size, pad_id, args.seed, min_pairs=world_size)
     sums, count, history, first_step = {}, 0, [], 1
@@ -387,7 +390,11 @@ def train_loop(policy, ref, train_pairs, tokenizer, args, run, resume, before):
 
 
 def pick_device(args):
-    return torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"error: --device {args.device}: PyTorch sees no CUDA device here (torch "
+                         f"{torch.__version__}); leave --device out, or use --device cpu")
+    return device
 
 
 def autocast_for(device, args):
@@ -445,8 +452,10 @@ def main(argv=None, hooks=None):
         raise SystemExit(f"error: too few training pairs ({len(train_pairs)}) for "
                          f"{run.world_size} processes: each process needs at least one")
     policy = build_model(args, run.device, tokenizer, run.rank)
-    # refuses a sampler that cannot run this model
+    # refuses a sampler that cannot run this model, and lengths it cannot hold
     sampling.choose_method(policy, args.sampler, run.device.type == "cuda")
+    warnings = data.check_fit(args, policy.config, train_pairs, heldout_pairs,
+                              count_steps(args, len(train_pairs)))
     resume_path = checkpoints.find_resume_checkpoint(args) if args.resume else None
     resume = checkpoints.load_checkpoint(resume_path, args, run.world_size) if resume_path else None
     checkpoints.make_output_dir(args, resume_path, run.rank, run.world_size)
@@ -455,6 +464,8 @@ def main(argv=None, hooks=None):
         f"{sum(p.numel() for p in policy.parameters()) / 1e6:.2f}M parameters, on {run.device}"
         f"{f' x {run.world_size} processes' if run.world_size > 1 else ''}; "
         f"{len(train_pairs)} training pairs, {len(heldout_pairs)} held-out")
+    for warning in warnings:
+        log(warning, {"phase": "warning", "message": warning})
 
     # Reference. Algorithm 1 starts from pi_theta = pi_ref, a frozen copy of the starting policy
     # (the tiny model's after its SFT; on --resume, that of the run that wrote the checkpoint).

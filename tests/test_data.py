@@ -72,7 +72,8 @@ def test_collate_omits_critical_masks_unless_every_pair_has_them():
 
 def test_encode_pair_adds_bos_and_eos(letters):
     pair = data.encode_pair(letters, "a b c", "d e", "f g h", max_length=100)
-    assert pair == {"prompt_ids": [BOS, 4, 5, 6], "chosen_ids": [7, 8, EOS], "rejected_ids": [9, 10, 11, EOS]}
+    assert pair == {"prompt_ids": [BOS, 4, 5, 6], "chosen_ids": [7, 8, EOS], "rejected_ids": [9, 10, 11, EOS],
+                    "cut": [0, 0, 0]}
 
 
 def test_encode_pair_does_not_double_bos(letters):
@@ -80,16 +81,25 @@ def test_encode_pair_does_not_double_bos(letters):
     assert pair["prompt_ids"] == [BOS, 4, 5]
 
 
-@pytest.mark.parametrize("max_length, prompt, chosen, rejected", [
-    (8, [BOS, 4, 5, 6], [7, 8, EOS], [9, 10, 11, EOS]),   # fits exactly
-    (6, [5, 6], [7, 8, EOS], [9, 10, 11, EOS]),           # prompt loses its oldest tokens first
-    (5, [6], [7, 8, EOS], [9, 10, 11, EOS]),              # down to its last token
-    (4, [6], [7, 8, EOS], [9, 10, 11]),                   # then responses are cut from the right
-    (2, [6], [7], [9]),
+@pytest.mark.parametrize("max_length, prompt, chosen, rejected, cut", [
+    (8, [BOS, 4, 5, 6], [7, 8, EOS], [9, 10, 11, EOS], [0, 0, 0]),   # fits exactly
+    (6, [5, 6], [7, 8, EOS], [9, 10, 11, EOS], [2, 0, 0]),           # prompt loses its oldest tokens first
+    (5, [6], [7, 8, EOS], [9, 10, 11, EOS], [3, 0, 0]),              # down to its last token
+    (4, [6], [7, 8, EOS], [9, 10, 11], [3, 0, 1]),                   # then responses are cut from the right
+    (2, [6], [7], [9], [3, 2, 3]),
 ])
-def test_encode_pair_truncation(letters, max_length, prompt, chosen, rejected):
+def test_encode_pair_truncation(letters, max_length, prompt, chosen, rejected, cut):
     pair = data.encode_pair(letters, "a b c", "d e", "f g h", max_length=max_length)
-    assert pair == {"prompt_ids": prompt, "chosen_ids": chosen, "rejected_ids": rejected}
+    assert pair == {"prompt_ids": prompt, "chosen_ids": chosen, "rejected_ids": rejected, "cut": cut}
+
+
+def test_cut_report_counts_the_cut_pairs_and_those_that_lost_their_end(letters):
+    pairs = [data.encode_pair(letters, "a b c", "d e", "f g h", max_length=n) for n in (8, 6, 4, 2)]
+    lines = data.cut_report(pairs, 4, "training")
+    assert lines[0].startswith("warning: 3 of 4 training pairs are longer than --max-length 4 and were cut; "
+                               "2 of them lost a response's last tokens")
+    assert lines[1].startswith("warning: 3 training prompts were cut to fewer than 4 tokens")
+    assert data.cut_report(pairs[:1], 8, "training") == []
 
 
 def test_encode_pair_errors(letters):
