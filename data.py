@@ -78,6 +78,74 @@ def load_jsonl(path) -> list[dict]:
     return records
 
 
+DATASET_FILES = (".parquet", ".arrow", ".csv")
+
+
+def load_records(spec, split="train") -> list[dict]:
+    """--data or --eval-data: a JSONL file (load_jsonl), or a Hugging Face dataset by hub name,
+    local folder or .parquet/.arrow/.csv file, with an optional split after a colon
+    ("trl-lib/ultrafeedback_binarized:train"; default: `split`). Dataset rows may be in any of
+    TRL's preference formats (implicit_prompt); each record's source names the row."""
+    path, _, named = spec.rpartition(":") if ":" in spec and not os.path.exists(spec) else (spec, "", "")
+    if os.path.isfile(path) and not path.endswith(DATASET_FILES):
+        return load_jsonl(path)
+    split = named or split
+    try:
+        import datasets
+    except ImportError:
+        raise DataError(f"{spec}: reading a Hugging Face dataset needs the datasets package "
+                        "(pip install datasets); JSONL files need nothing more") from None
+    datasets.disable_progress_bars()
+    try:
+        saved = any(os.path.isfile(os.path.join(path, name)) for name in ("state.json", "dataset_dict.json"))
+        if os.path.isdir(path) and saved:  # written by save_to_disk
+            rows = datasets.load_from_disk(path)
+        elif os.path.isfile(path):
+            rows = datasets.load_dataset(path.rsplit(".", 1)[-1], data_files={split: path}, split=split)
+        else:
+            rows = datasets.load_dataset(path, split=split)
+    except Exception as error:  # no such dataset or split, no network, files it cannot read
+        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise DataError(f"{spec}: cannot load it as a Hugging Face dataset (split {split!r}): {message}") from None
+    if isinstance(rows, datasets.DatasetDict):  # a saved dataset with several splits
+        if split not in rows:
+            raise DataError(f"{spec}: the dataset has no split {split!r} (it has {', '.join(rows)})")
+        rows = rows[split]
+    records = []
+    for index, row in enumerate(rows):
+        where = f"{path} (split {split}), row {index}"
+        record = implicit_prompt(row, where) if "prompt" not in row else row
+        _check_record(record, where)
+        records.append({**{field: record[field] for field in FIELDS}, "source": where})
+    if not records:
+        raise DataError(f"{spec}: split {split!r} has no rows")
+    return records
+
+
+def implicit_prompt(row, where):
+    """A record without a prompt (TRL's implicit-prompt format: chosen and rejected are whole
+    conversations, or texts, that share their beginning, as in Anthropic HH and UltraFeedback
+    binarized) split into prompt, chosen and rejected: the shared first messages are the prompt;
+    for texts, their shared beginning up to its last whitespace."""
+    chosen, rejected = row.get("chosen"), row.get("rejected")
+    if isinstance(chosen, list) and isinstance(rejected, list):
+        shared = 0
+        while shared < min(len(chosen), len(rejected)) and chosen[shared] == rejected[shared]:
+            shared += 1
+        if shared == 0:
+            raise DataError(f"{where}: no field 'prompt', and 'chosen' and 'rejected' share no first message "
+                            "to take it from")
+        return {"prompt": chosen[:shared], "chosen": chosen[shared:], "rejected": rejected[shared:]}
+    if isinstance(chosen, str) and isinstance(rejected, str):
+        shared = os.path.commonprefix([chosen, rejected])
+        cut = max(shared.rfind(" "), shared.rfind("\n")) + 1  # whole words stay in the responses
+        if cut == 0:
+            raise DataError(f"{where}: no field 'prompt', and 'chosen' and 'rejected' share no beginning to "
+                            "take it from")
+        return {"prompt": chosen[:cut], "chosen": chosen[cut:], "rejected": rejected[cut:]}
+    return row  # _check_record names what is missing
+
+
 def _check_record(record, where):
     for field in FIELDS:
         if field not in record:
@@ -637,7 +705,7 @@ def load_tokenizer(args, task=None):
         train, heldout = builtin_task(seed=args.seed, setting=(task or {}).get("setting", "default"))
         records = train + heldout
     else:
-        records = load_jsonl(args.data) + (load_jsonl(args.eval_data) if args.eval_data else [])
+        records = load_records(args.data) + (load_records(args.eval_data, "test") if args.eval_data else [])
         conversational = [r["source"] for r in records if not isinstance(r["prompt"], str)]
         if conversational:
             raise DataError(f"{conversational[0]}: the record is conversational (lists of messages), but the "
@@ -658,9 +726,9 @@ def load_pairs(args, tokenizer, task=None):
     def encode(records):
         return [encode_pair(tokenizer, *render(tokenizer, r), args.max_length, r["source"]) for r in records]
 
-    records = load_jsonl(args.data)
+    records = load_records(args.data)
     if args.eval_data:
-        return encode(records), encode(load_jsonl(args.eval_data))
+        return encode(records), encode(load_records(args.eval_data, "test"))
     if len(records) < 2:
         raise DataError(f"{args.data}: needs at least 2 records (one is held out), or --eval-data")
     n_heldout = min(256, max(1, len(records) // 20))

@@ -54,8 +54,8 @@ def build_parser(description=__doc__):
     p = argparse.ArgumentParser(description=description, formatter_class=HelpFormatter)
     a = p.add_argument_group("model and data").add_argument
     a("--model", help="hub name or folder of a causal LM; default: a tiny Llama, built-in task")
-    a("--data", help="preference JSONL, plain or chat records; default: the built-in task")
-    a("--eval-data", help="held-out JSONL; default: built-in split, or the last 5%% of --data")
+    a("--data", help="preference JSONL, or a dataset (hub name or folder[:split]); default: built-in")
+    a("--eval-data", help="held-out JSONL or dataset (split test); default: the last 5%% of --data")
     a("--max-length", type=int, default=256, help="prompt + response tokens (prompt cut first)")
     a("--output-dir", help="a new folder for the run; default: runs/<loss>-<date-time>")
 

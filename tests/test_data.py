@@ -330,3 +330,73 @@ def test_encode_builtin_critical_masks_cover_the_phrases(task, task_tokenizer):
     short = data.encode_builtin(task_tokenizer, records, max_length=6)
     for pair in short:
         assert all(index < len(pair["chosen_ids"]) for index in pair["chosen_critical"])
+
+
+# --- Hugging Face datasets (--data NAME[:SPLIT], a folder, a parquet file) ---------------------
+
+HH_CHOSEN = "\n\nHuman: How do I treat a cut?\n\nAssistant: Clean it and cover it."
+HH_REJECTED = "\n\nHuman: How do I treat a cut?\n\nAssistant: Ignore it."
+
+
+def conversation(*turns):
+    return [{"role": role, "content": text} for role, text in zip(("user", "assistant") * 2, turns)]
+
+
+@pytest.fixture()
+def implicit_rows():
+    """TRL's implicit-prompt formats: whole conversations (UltraFeedback binarized) and whole
+    texts (Anthropic HH) that share their beginning."""
+    return [{"chosen": conversation("How do I treat a cut?", "Clean it."),
+             "rejected": conversation("How do I treat a cut?", "Ignore it."), "score_chosen": 8.0},
+            {"chosen": conversation("Hi", "Hello!", "Bye", "Goodbye."),
+             "rejected": conversation("Hi", "Hello!", "Bye", "Whatever."), "score_chosen": 6.0}]
+
+
+def test_a_parquet_dataset_folder_in_the_implicit_prompt_format(implicit_rows, tmp_path):
+    datasets = pytest.importorskip("datasets")
+    folder = tmp_path / "ultrafeedback"
+    (folder / "data").mkdir(parents=True)
+    datasets.Dataset.from_list(implicit_rows).to_parquet(str(folder / "data" / "train-00000-of-00001.parquet"))
+    records = data.load_records(str(folder))
+    assert [r["prompt"] for r in records] == [conversation("How do I treat a cut?"),
+                                             conversation("Hi", "Hello!", "Bye")]
+    assert [r["chosen"] for r in records] == [[{"role": "assistant", "content": "Clean it."}],
+                                             [{"role": "assistant", "content": "Goodbye."}]]
+    assert records[1]["rejected"] == [{"role": "assistant", "content": "Whatever."}]
+    assert records[0]["source"] == f"{folder} (split train), row 0" and "score_chosen" not in records[0]
+    # the split after a colon; a split the dataset lacks is named
+    assert data.load_records(f"{folder}:train") == records
+    with pytest.raises(DataError, match=r"cannot load it as a Hugging Face dataset \(split 'test'\)"):
+        data.load_records(f"{folder}:test")
+
+
+def test_a_saved_dataset_with_texts_and_explicit_prompts(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    texts = datasets.Dataset.from_list([{"chosen": HH_CHOSEN, "rejected": HH_REJECTED}])
+    explicit = datasets.Dataset.from_list([{"prompt": "Q", "chosen": "yes", "rejected": "no"}])
+    datasets.DatasetDict({"train": texts, "test": explicit}).save_to_disk(str(tmp_path / "saved"))
+    (record,) = data.load_records(str(tmp_path / "saved"))
+    # the shared beginning up to its last whitespace is the prompt; whole words stay in the responses
+    assert record["prompt"] == "\n\nHuman: How do I treat a cut?\n\nAssistant: "
+    assert (record["chosen"], record["rejected"]) == ("Clean it and cover it.", "Ignore it.")
+    (record,) = data.load_records(str(tmp_path / "saved"), "test")
+    assert (record["prompt"], record["chosen"], record["rejected"]) == ("Q", "yes", "no")
+    with pytest.raises(DataError, match=r"has no split 'validation' \(it has train, test\)"):
+        data.load_records(f"{tmp_path / 'saved'}:validation")
+
+
+def test_bad_dataset_rows_are_named_by_row_and_field(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    path = tmp_path / "prefs.parquet"
+    datasets.Dataset.from_list([{"prompt": "Q", "chosen": "yes", "rejected": "no"},
+                                {"prompt": "Q", "chosen": "same", "rejected": "same"}]).to_parquet(str(path))
+    with pytest.raises(DataError, match=rf"^{path} \(split train\), row 1: fields 'chosen' and 'rejected' are "
+                                        r"identical"):
+        data.load_records(str(path))
+    no_shared = tmp_path / "apart.parquet"
+    datasets.Dataset.from_list([{"chosen": conversation("A", "x"), "rejected": conversation("B", "y")}]
+                               ).to_parquet(str(no_shared))
+    with pytest.raises(DataError, match=r"row 0: no field 'prompt', and 'chosen' and 'rejected' share no first"):
+        data.load_records(str(no_shared))
+    with pytest.raises(DataError, match=r"no-such-org/no-such-dataset: cannot load it as a Hugging Face dataset"):
+        data.load_records("no-such-org/no-such-dataset")

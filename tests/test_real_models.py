@@ -128,6 +128,23 @@ def test_a_hub_shaped_checkpoint_trains_in_float32_with_one_end_of_turn(kind, ch
         assert kept / total > 0.9, kept / total
 
 
+def test_a_local_parquet_dataset_in_the_implicit_prompt_format_trains_like_its_jsonl(checkpoints, tmp_path):
+    # UltraFeedback binarized's shape: chosen and rejected are whole conversations sharing the
+    # user's turn, in a dataset folder of parquet files (a hub name goes through the same
+    # datasets.load_dataset call). The pairs are the JSONL file's, and so is the run.
+    datasets = pytest.importorskip("datasets")
+    folders, chat = checkpoints
+    rows = [{"chosen": r["prompt"] + r["chosen"], "rejected": r["prompt"] + r["rejected"]} for r in chat_records()]
+    (tmp_path / "uf" / "data").mkdir(parents=True)
+    datasets.Dataset.from_list(rows).to_parquet(str(tmp_path / "uf" / "data" / "train-00000-of-00001.parquet"))
+    runs = {}
+    for name, source in (("dataset", tmp_path / "uf"), ("jsonl", chat)):
+        runs[name] = train.main(["--model", str(folders["qwen2"]), "--data", str(source), *FLAGS,
+                                 "--output-dir", str(tmp_path / name)])
+    assert runs["dataset"]["history"] == runs["jsonl"]["history"]
+    assert runs["dataset"]["after"] == runs["jsonl"]["after"]
+
+
 def biased(model, token_id):
     """`model` with `token_id` by far the likeliest next token everywhere."""
     bias = torch.zeros(model.config.vocab_size)
