@@ -236,7 +236,7 @@ def restore_loop(resume, policy, optimizer, scheduler, epochs, warmup, lr, devic
 def make_output_dir(args, resume_path=None, rank=0, world_size=1):
     """Create --output-dir. It must be new or empty, unless --resume continues the run that lives there;
     one that holds only the metrics.jsonl of a run that stopped early (no checkpoint, no policy) is
-    started over."""
+    started over, and the note that says so returned."""
     if args.output_dir is None:
         args.output_dir = os.path.join("runs", f"{args.loss}-{datetime.now():%Y%m%d-%H%M%S}")
         if world_size > 1:  # rank 0's clock names the folder of every process
@@ -244,6 +244,7 @@ def make_output_dir(args, resume_path=None, rank=0, world_size=1):
             dist.broadcast_object_list(name)
             args.output_dir = name[0]
     held = sorted(os.listdir(args.output_dir)) if os.path.isdir(args.output_dir) else []
+    note = None
     own_run = bool(held and resume_path) and os.path.samefile(run_dir_of(resume_path), args.output_dir)
     if held == ["metrics.jsonl"] and not own_run:
         # a run that stopped before its first checkpoint and its save: nothing to continue or keep
@@ -251,7 +252,8 @@ def make_output_dir(args, resume_path=None, rank=0, world_size=1):
             dist.barrier()  # every process has looked at the folder before rank 0 empties it
         if rank == 0:
             os.remove(os.path.join(args.output_dir, "metrics.jsonl"))
-        held = []
+        held, note = [], (f"started over in {args.output_dir}: it held only the metrics.jsonl of a run that "
+                          "stopped before its first checkpoint")
     if held and not own_run:
         saved = saved_checkpoints(args.output_dir)
         if saved:
@@ -265,6 +267,7 @@ def make_output_dir(args, resume_path=None, rank=0, world_size=1):
         dist.barrier()  # every process has looked at the folder before rank 0 writes to it
     if rank == 0:
         os.makedirs(args.output_dir, exist_ok=True)
+    return note
 
 
 def non_finite_message(step, values, args, device, checkpoint):

@@ -33,6 +33,7 @@ import data
 import distributed
 import evaluate
 import memory
+import plots
 import sampling
 import static_sampler
 import tidpo
@@ -371,9 +372,10 @@ def train_loop(policy, ref, train_pairs, tokenizer, args, run, resume, before):
             seconds = (time.perf_counter() - t0) / count
             # The training batch's accuracy and margin are those of the WEIGHTED rewards (Eq. 11);
             # the held-out accuracy and margin use the plain, unweighted DPO reward.
+            left = round(seconds * (steps - step))
             log(f"step {step}/{steps} | loss {logged['loss']:.4f} | weighted acc "
                 f"{logged['rewards/accuracies']:.2f} | weighted margin "
-                f"{logged['rewards/margins']:.4f} | {seconds:.2f} s/step",
+                f"{logged['rewards/margins']:.4f} | {seconds:.2f} s/step, {left // 60}:{left % 60:02d} left",
                 {"phase": "train", "step": step, "seconds_per_step": seconds, **logged})
             history.append({"step": step, **logged})
             sums, count, t0 = {}, 0, time.perf_counter()
@@ -458,13 +460,13 @@ def main(argv=None, hooks=None):
                               count_steps(args, len(train_pairs)))
     resume_path = checkpoints.find_resume_checkpoint(args) if args.resume else None
     resume = checkpoints.load_checkpoint(resume_path, args, run.world_size) if resume_path else None
-    checkpoints.make_output_dir(args, resume_path, run.rank, run.world_size)
+    started_over = checkpoints.make_output_dir(args, resume_path, run.rank, run.world_size)
     run.metrics_path = os.path.join(args.output_dir, "metrics.jsonl")
     log(f"model: {data.model_note(args, run.autocast)}, "
         f"{sum(p.numel() for p in policy.parameters()) / 1e6:.2f}M parameters, on {run.device}"
         f"{f' x {run.world_size} processes' if run.world_size > 1 else ''}; "
         f"{len(train_pairs)} training pairs, {len(heldout_pairs)} held-out")
-    for warning in warnings:
+    for warning in [started_over, *warnings] if started_over else warnings:
         log(warning, {"phase": "warning", "message": warning})
 
     # Reference. Algorithm 1 starts from pi_theta = pi_ref, a frozen copy of the starting policy
@@ -493,7 +495,9 @@ def main(argv=None, hooks=None):
     # Save.
     folder = os.path.join(args.output_dir, "policy")
     checkpoints.save_policy(policy, tokenizer, folder, run.rank, args.fsdp)
-    log(f"saved the policy and tokenizer to {folder} and the metrics to {run.metrics_path}")
+    curves = plots.run_curves(args.output_dir) if run.rank == 0 else None  # with matplotlib only
+    log(f"saved the policy and tokenizer to {folder} and the metrics to {run.metrics_path}"
+        + (f" (curves: {curves})" if curves else ""))
     return {"before": before, "after": after, "history": history, "output_dir": args.output_dir}
 
 

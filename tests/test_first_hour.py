@@ -73,6 +73,7 @@ def test_a_run_that_failed_leaves_its_folder_reusable(tmp_path):
     again = train_py(*TINY, "--output-dir", str(folder))
     assert again.returncode == 0, again.stderr
     assert "held-out after" in again.stdout and (folder / "policy" / "config.json").is_file()
+    assert f"started over in {folder}: it held only the metrics.jsonl of a run that stopped" in again.stdout
     phases = [json.loads(line)["phase"] for line in (folder / "metrics.jsonl").read_text().splitlines()]
     assert phases.count("train") == 2  # the failed run's records are gone
     # a finished run is not started over

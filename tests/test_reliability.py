@@ -124,6 +124,7 @@ def test_resume_after_a_crash_gives_the_uninterrupted_losses(uninterrupted, tmp_
     assert resumed["before"] == expected["before"] and resumed["after"] == expected["after"]
     assert train_records(folder) == train_records(uninterrupted["output_dir"])
     phases = [json.loads(line)["phase"] for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    phases = [phase for phase in phases if phase != "warning"]  # each start warns of the short run
     assert phases == ["eval"] + ["train"] * 4 + ["resume"] + ["train"] * 2 + ["eval"]  # appended, not rewritten
     policy = torch.load(folder / "checkpoints" / "step-000006.pt", weights_only=True)["policy"]
     for name, value in torch.load(uninterrupted["output_dir"] / "checkpoints" / "step-000006.pt",
@@ -406,8 +407,9 @@ def bad_resume(case, folder, tmp_path):
     if case == "into-another-run":
         (tmp_path / "other").mkdir()
         (tmp_path / "other" / "metrics.jsonl").write_text("{}\n")
+        (tmp_path / "other" / "curves.png").write_bytes(b"")  # a run that got to its end (no policy kept)
         return ["--resume", str(last)], tmp_path / "other", f"--output-dir {tmp_path / 'other'} already holds an " \
-                                                           "earlier run (metrics.jsonl); it has no checkpoints"
+                                                           "earlier run (curves.png, metrics.jsonl); it has no checkpoints"
     raise AssertionError(case)
 
 
@@ -442,7 +444,7 @@ def test_used_output_dir_says_how_to_resume(uninterrupted):
     folder = uninterrupted["output_dir"]
     with pytest.raises(SystemExit) as stop:
         run(TINY, folder)
-    assert stop.value.code == (f"error: --output-dir {folder} already holds an earlier run (checkpoints, "
+    assert stop.value.code == (f"error: --output-dir {folder} already holds an earlier run (checkpoints, curves.png, "
                                f"metrics.jsonl, policy); to continue that run from its checkpoint of step 6, add "
                                f"--resume latest; to start a new one, choose another --output-dir")
 

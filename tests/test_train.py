@@ -6,6 +6,7 @@ minute (torch is held to one thread, see conftest.py).
 
 import contextlib
 import copy
+import io
 import json
 import math
 import os
@@ -83,12 +84,15 @@ def builtin_run(tmp_path_factory, one_thread):
         return model
 
     original = train.build_model
-    with pytest.MonkeyPatch.context() as patch, warnings.catch_warnings(record=True) as caught:
+    printed = io.StringIO()
+    with pytest.MonkeyPatch.context() as patch, warnings.catch_warnings(record=True) as caught, \
+            contextlib.redirect_stdout(printed):
         warnings.simplefilter("always")
         patch.setattr(train, "build_model", build_model)
         result = run(BUILTIN, output_dir)
     assert len(built) == 1
-    return {"result": result, "output_dir": output_dir, "policy": built[0], "warnings": caught}
+    return {"result": result, "output_dir": output_dir, "policy": built[0], "warnings": caught,
+            "log": printed.getvalue()}
 
 
 @pytest.fixture(scope="module")
@@ -564,6 +568,33 @@ def test_default_run_needs_only_torch_transformers_and_tokenizers(tmp_path, monk
     assert {"judge/policy", "win_rate", "distinct_2", "token_entropy"} <= set(result["after"])
     assert "self_bleu" not in result["after"]  # sacrebleu's metric is experiments.py's
     assert (tmp_path / "run" / "policy" / "config.json").exists()
+    assert not (tmp_path / "run" / "curves.png").exists()  # matplotlib's picture is left out
+
+
+def test_a_run_draws_its_curves_and_runs_can_be_drawn_side_by_side(builtin_run, tmp_path, capsys):
+    import plots
+
+    run_dir = builtin_run["output_dir"]
+    assert (run_dir / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    steps = [r["step"] for r in plots.history(run_dir)]
+    assert steps == [h["step"] for h in builtin_run["result"]["history"]]
+    dpo = run(["--sft-steps", "5", "--steps", "2", "--batch-size", "8", "--loss", "dpo", "--log-every", "1"],
+              tmp_path / "dpo")
+    assert dpo["history"]
+    capsys.readouterr()
+    plots.main([str(run_dir), str(tmp_path / "dpo"), "-o", str(tmp_path / "both.png")])
+    assert capsys.readouterr().out.strip() == f"wrote {tmp_path / 'both.png'}"
+    assert (tmp_path / "both.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(SystemExit, match=r"cannot read .*metrics.jsonl .*is it a train.py run folder"):
+        plots.main([str(tmp_path / "nothing")])
+
+
+def test_the_progress_line_gives_the_time_left(builtin_run):
+    lines = [line for line in builtin_run["log"].splitlines() if line.startswith("step ")]
+    assert len(lines) == len(builtin_run["result"]["history"])
+    for line in lines:
+        assert re.search(r"\| [\d.]+ s/step, \d+:\d\d left$", line), line
+    assert lines[-1].endswith(", 0:00 left")
 
 
 def test_every_run_logs_the_likelihoods_and_where_the_triplet_acts(builtin_run, tmp_path):
