@@ -10,36 +10,30 @@ A run has five phases, in the order main() shows them:
   reference    the built-in tiny model is first fine-tuned on chosen and rejected responses alike
                (SFT, so that it prefers neither); a frozen copy becomes pi_ref (Algorithm 1)
   loop         TI-DPO (Eq. 14) or DPO (Eq. 3) steps; one step is tidpo_step
-  evaluation   the same held-out numbers before and after the loop (evaluate.py)
+  evaluation   the same held-out numbers before and after the loop (training/evaluate.py)
   save         the policy and tokenizer with save_pretrained, the metrics as JSON lines
 
 With --save-every N it also writes checkpoints, and --resume latest continues a stopped run.
+The machinery it runs on (samplers, sharding, checkpoints, memory kernels) is in training/.
 """
 
 import argparse
 import copy
-import json
+import dataclasses
 import math
 import os
 import sys
 import time
-from contextlib import nullcontext
+from typing import Callable
 
 import torch
-from torch.profiler import record_function  # labels a step's parts for bench.py --bench-profile
+from torch.profiler import record_function  # labels a step's parts for the benchmark's profile
 
-import checkpoints
 import data
-import distributed
-import evaluate
-import memory
-import plots
-import sampling
-import static_sampler
 import tidpo
-from sampling import sample
+from training import checkpoints, distributed, evaluate, memory, plots, sampling, setup
 
-# ------------------------------------------------------------------ set-up: flags, data, model
+# ------------------------------------------------------------------ set-up: the flags
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
@@ -51,11 +45,11 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
 
 
 def build_parser(description=__doc__):
-    """train.py's flags (bench.py adds its own to these); docs/training.md says more of each."""
+    """train.py's flags (tools/bench.py adds its own); docs/training.md says more of each."""
     p = argparse.ArgumentParser(description=description, formatter_class=HelpFormatter)
     a = p.add_argument_group("model and data").add_argument
     a("--model", help="hub name or folder of a causal LM; default: a tiny Llama, built-in task")
-    a("--data", help="preference JSONL, or a dataset (hub name or folder[:split]); default: built-in")
+    a("--data", help="preference JSONL, or a dataset (hub name, folder[:split]); default: built-in")
     a("--eval-data", help="held-out JSONL or dataset (split test); default: the last 5%% of --data")
     a("--max-length", type=int, default=256, help="prompt + response tokens (prompt cut first)")
     a("--output-dir", help="a new folder for the run; default: runs/<loss>-<date-time>")
@@ -66,14 +60,11 @@ def build_parser(description=__doc__):
     a("--gamma", type=float, default=0.1, help="weight of the triplet loss (0: no triplet)")
     a("--lam", type=float, default=0.7, help="lambda of Eq. 8: the attribution's share")
     a("--margin", type=float, default=0.01, help="alpha of the triplet loss, Eq. 13")
-    a("--weight-scale", choices=["mean", "sum"], default="mean",
-      help="mean: weights average 1 over a response; sum: Eq. 8 as written (they sum to 1)")
     a("--kl-alpha", type=float, default=0.0,
       help="weight of the release's TDPO2 KL term (0.5 in the paper's reported configuration)")
 
     a = p.add_argument_group("anchor sampling (triplet) and evaluation samples").add_argument
     a("--max-new-tokens", type=int, default=64, help="longest sampled response")
-    a("--min-new-tokens", type=int, default=0, help="shortest sampled response")
     a("--temperature", type=float, default=0.8, help="sampling temperature (0: greedy)")
     a("--top-k", type=int, default=50, help="sample among the k likeliest tokens (0: all)")
     a("--top-p", type=float, default=0.95, help="nucleus sampling's probability mass")
@@ -81,13 +72,10 @@ def build_parser(description=__doc__):
       help="auto: graph (a CUDA graph) on CUDA where the model allows it, else dynamic")
 
     a = p.add_argument_group("optimization").add_argument
-    a("--steps", type=int, help="optimizer steps (default: --epochs over the data)")
-    a("--epochs", type=float, default=1.0, help="passes over the training pairs, without --steps")
+    a("--steps", type=int, help="AdamW steps (default: one pass over the training pairs)")
     a("--batch-size", type=int, default=16, help="pairs per micro-batch, all processes together")
     a("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
     a("--lr", type=float, help="default: 5e-4 for the built-in tiny model, 1e-6 with --model")
-    a("--optimizer", choices=["adamw", "rmsprop"], default="adamw",
-      help="the authors' release used rmsprop, lr 5e-6, 150 warmup steps")
     a("--warmup-steps", type=int, default=10, help="linear warmup, then constant")
     a("--max-grad-norm", type=float, default=1.0, help="gradient clipping (0: off)")
     a("--gradient-checkpointing", action="store_true", help="less memory, one forward more")
@@ -107,69 +95,10 @@ def build_parser(description=__doc__):
     return p
 
 
-# the flags that have a lowest value, and that value
-AT_LEAST = {"steps": 1, "batch_size": 1, "grad_accum": 1, "gamma": 0, "margin": 0, "kl_alpha": 0,
-            "max_new_tokens": 1, "warmup_steps": 0, "max_grad_norm": 0, "sft_steps": 0,
-            "log_every": 1, "save_every": 0, "keep_last": 1}
-
-
 def parse_args(argv=None, parser=None):
-    """The flags, checked: a bad value stops here with a usage error, not as a crash later."""
+    """The flags, checked (training/setup.py): a bad value stops here with a usage error."""
     p = parser or build_parser()
-    args = p.parse_args(argv)
-    if args.lr is None:
-        args.lr = 1e-6 if args.model else 5e-4
-    for name, lowest in AT_LEAST.items():
-        value = getattr(args, name)
-        if value is not None and not value >= lowest:
-            p.error(f"--{name.replace('_', '-')} must be at least {lowest}, got {value}")
-    world_size = int(os.environ.get("WORLD_SIZE", 1))  # set by torchrun
-    for wrong, message in [
-        (not args.epochs > 0, f"--epochs must be positive, got {args.epochs}"),
-        (not args.lr > 0, f"--lr must be positive, got {args.lr}"),
-        (not args.beta > 0, f"--beta must be positive, got {args.beta}"),
-        (not 0 <= args.lam <= 1, f"--lam must be between 0 and 1, got {args.lam}"),
-        (not 0 < args.top_p <= 1, f"--top-p must be in (0, 1], got {args.top_p}"),
-        (not args.temperature >= 0,
-         f"--temperature must be at least 0 (0: greedy), got {args.temperature}"),
-        (args.max_length < 2, "--max-length must be at least 2 (a prompt and a response token), "
-                              f"got {args.max_length}"),
-        (not 0 <= args.min_new_tokens <= args.max_new_tokens,
-         f"--min-new-tokens must be between 0 and --max-new-tokens, got {args.min_new_tokens}"),
-        (args.batch_size < world_size, f"--batch-size {args.batch_size} is smaller than the "
-         f"{world_size} processes: each process needs at least one pair of every micro-batch"),
-        (args.fsdp and args.sampler in ("static", "graph"), f"--sampler {args.sampler} cannot run "
-         "a sharded model (--fsdp): its shadow copy needs whole weights; use --sampler dynamic"),
-    ]:
-        if wrong:
-            p.error(message)
-    return args
-
-
-def build_model(args, device, tokenizer, rank=0):
-    """The policy: --model by hub name or folder, or a tiny Llama built from a config. A sharded
-    run (--fsdp) loads --model on rank 0's CPU only, the other processes on the meta device."""
-    from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
-
-    if args.model and args.fsdp:
-        if rank != 0:  # the architecture without its weights, which rank 0 sends later
-            with torch.device("meta"):
-                config = data.from_pretrained(AutoConfig, args.model)
-                return AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
-        device = torch.device("cpu")
-    if args.model:
-        # float32 weights whatever the checkpoint's dtype: in bfloat16, lr 1e-6 updates round away
-        policy = data.from_pretrained(AutoModelForCausalLM, args.model, dtype=torch.float32)
-    else:
-        config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=192,
-                             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
-                             max_position_embeddings=512, tie_word_embeddings=True,
-                             pad_token_id=tokenizer.pad_token_id,
-                             bos_token_id=tokenizer.bos_token_id,
-                             eos_token_id=tokenizer.eos_token_id)
-        policy = LlamaForCausalLM(config)
-    # Dropout stays off for good: the attribution and log-probs must be reproducible forwards.
-    return policy.to(device).eval()
+    return setup.check_args(p, p.parse_args(argv))
 
 
 # ------------------------------------------------------------------ the reference
@@ -213,46 +142,43 @@ def hybrid_token_weights(policy, input_ids, attention_mask, response_mask, batch
     embeddings), then the hybrid weights of Eq. 8."""
     logits, importance = tidpo.gradient_attribution(policy, input_ids, attention_mask,
                                                     response_mask)
-    weights = tidpo.hybrid_weights(importance, response_mask, lam=args.lam, scale=args.weight_scale)
-    return logits, weights
+    return logits, tidpo.hybrid_weights(importance, response_mask, lam=args.lam)
+
+
+def anchor_logratios(module, ref, batch, tokenizer, args, device):
+    """Eq. 13's anchors: a response sampled from the current policy for each prompt (no
+    gradient), then its per-token log-ratios with gradient. Returns ([B, L_a] logratios, mask)."""
+    prompt = batch["prompt_input_ids"].to(device), batch["prompt_attention_mask"].to(device)
+    with record_function("sample anchors"), distributed.gathered(module):
+        ids, attention_mask, response_mask = sampling.sample(module, *prompt, tokenizer,
+                                                             **sampling.options(args))
+    with record_function("anchor forwards"):
+        logits = tidpo.forward_logits(module, ids, attention_mask)
+        logps = memory.token_logps(logits, ids, response_mask)
+        ref_logps = reference_logps(ref, ids, attention_mask, response_mask)[1]
+    return logps - ref_logps, response_mask
 
 
 def tidpo_step(policy, ref, batch, tokenizer, args, device, autocast, hooks=None):
-    """Loss and metrics of one micro-batch.
+    """Loss and metrics of one micro-batch: anchors, reference forward, policy forward with its
+    attribution, loss.
 
-    Chosen and rejected go through each model in one forward. The policy's forward also gives the
-    attribution (one backward to the embeddings, no second forward). Anchors, when the triplet is
-    on, are sampled first and get a forward of their own: they need log-probs, not attribution.
-
+    Chosen and rejected go through each model in one forward (rows [:n] and [n:]). The policy's
+    forward also gives the attribution (one backward to the embeddings, no second forward).
     `policy` may be a DDP wrapper: the forward of chosen and rejected goes through it, sampling
-    and the anchors' forward use the module inside (distributed.py says why that is right).
-
-    `hooks` lets experiments.py swap in a variant beyond the paper: "weights", a function with
-    hybrid_token_weights' arguments and result; "triplet", one with tidpo.triplet_loss's.
+    and the anchors' forward use the module inside (training/distributed.py says why).
     """
-    hooks = hooks or {}
-    module = distributed.unwrap(policy)
+    hooks = hooks or Hooks()
     n = len(batch["chosen_input_ids"])
     tidpo_on = args.loss == "tidpo"
-    anchor_logratios = anchor_mask = None
+    anchor, anchor_mask, kl = None, None, {}
     # One autocast region for all of the step's forwards: autocast casts each float32 weight to
     # bfloat16 once per region, and every forward of the region shares that copy.
     with autocast:
         if tidpo_on and args.gamma != 0:
-            # Eq. 13's anchor: a response sampled from the current policy for the same prompt,
-            # without gradient; its per-token log-ratios are then computed with gradient.
-            prompt_ids = batch["prompt_input_ids"].to(device)
-            prompt_mask = batch["prompt_attention_mask"].to(device)
-            with record_function("sample anchors"), distributed.gathered(module):
-                anchor = sample(module, prompt_ids, prompt_mask, tokenizer,
-                                **sampling.options(args))
-            with record_function("anchor forwards"):
-                anchor_logits = tidpo.forward_logits(module, *anchor[:2])
-                anchor_logps = memory.token_logps(anchor_logits, anchor[0], anchor[2])
-                anchor_logratios = anchor_logps - reference_logps(ref, *anchor)[1]  # [B, L_a]
-            anchor_mask = anchor[2]
-
-        stacked = data.stack_pair(batch, tokenizer.pad_token_id)  # chosen rows [:n], rejected [n:]
+            anchor, anchor_mask = anchor_logratios(distributed.unwrap(policy), ref, batch,
+                                                   tokenizer, args, device)
+        stacked = data.stack_pair(batch, tokenizer.pad_token_id)
         input_ids, attention_mask, response_mask = (t.to(device) for t in stacked)
         with record_function("reference forward"):
             ref_logits, ref_logps = reference_logps(ref, input_ids, attention_mask, response_mask)
@@ -261,47 +187,51 @@ def tidpo_step(policy, ref, batch, tokenizer, args, device, autocast, hooks=None
             ref_logits = None  # [2B, L, V]: freed before the policy's forward needs the memory
         with record_function("policy forward (+ attribution)"):
             if tidpo_on:
-                token_weights = hooks.get("weights", hybrid_token_weights)
-                logits, weights = token_weights(policy, input_ids, attention_mask, response_mask,
+                logits, weights = hooks.weights(policy, input_ids, attention_mask, response_mask,
                                                 batch, args)
             else:  # DPO: every response token weighs 1
                 logits = tidpo.forward_logits(policy, input_ids, attention_mask)
                 weights = response_mask.float()
             logps = memory.token_logps(logits, input_ids, response_mask)
-        kl = {}
         if kl_on:
             kl_both = memory.sequence_kl(logits, ref_logits, response_mask)
             kl = {"kl_chosen": kl_both[:n], "kl_rejected": kl_both[n:]}
 
-    triplet = hooks.get("triplet", tidpo.triplet_loss)
     loss, metrics = tidpo.tidpo_loss(
         logps[:n], logps[n:], ref_logps[:n], ref_logps[n:], weights[:n], weights[n:],
-        beta=args.beta, anchor_logratios=anchor_logratios, anchor_mask=anchor_mask,
+        beta=args.beta, anchor_logratios=anchor, anchor_mask=anchor_mask,
         chosen_mask=response_mask[:n], rejected_mask=response_mask[n:],
         gamma=args.gamma if tidpo_on else 0.0, margin=args.margin,
-        kl_alpha=args.kl_alpha if tidpo_on else 0.0, triplet=triplet, **kl)
-    if anchor_logratios is not None and "flipped" in batch:  # built-in task: where the hinge acts
-        metrics.update(evaluate.triplet_active_by_label(
-            logps - ref_logps, response_mask, anchor_logratios, anchor_mask,
-            batch["flipped"].to(device), args.margin, triplet))
+        kl_alpha=args.kl_alpha if tidpo_on else 0.0, triplet=hooks.triplet, **kl)
+    metrics.update(hooks.step_metrics(batch, logps - ref_logps, response_mask, anchor, anchor_mask,
+                                      args.margin, hooks.triplet))
     return loss, metrics
 
 
 # ------------------------------------------------------------------ the loop
 
 
-def make_optimizer(policy, args):
-    """The optimizer and its schedule: linear warmup over --warmup-steps, then constant."""
-    if args.optimizer == "adamw":
-        optimizer = torch.optim.AdamW(policy.parameters(), lr=args.lr, weight_decay=0.0)
-    else:
-        optimizer = torch.optim.RMSprop(policy.parameters(), lr=args.lr)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup(s, args))
-    return optimizer, scheduler
+def make_optimizer(params, args):
+    """AdamW without weight decay (tools/experiments.py can swap in the release's RMSprop)."""
+    return torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
+
+
+@dataclasses.dataclass
+class Hooks:
+    """Where the research tools (tools/experiments.py) swap a part of a run for a variant beyond
+    the paper. Each default is the paper's method, and each replacement takes the arguments and
+    gives the result of the function it replaces."""
+    weights: Callable = hybrid_token_weights     # Eq. 5-6 and 8: (logits, [2B, L] weights)
+    triplet: Callable = tidpo.triplet_loss       # Eq. 13
+    sft: Callable = sft                          # the built-in model's reference
+    optimizer: Callable = make_optimizer
+    step_metrics: Callable = evaluate.step_metrics  # extra metrics of a step (built-in task)
+    diagnostics: dict = None  # evaluate's attribution variants beyond the paper, {name: function}
+    task: dict = dataclasses.field(default_factory=dict)  # the built-in task's settings
 
 
 def count_steps(args, n_pairs):
-    return args.steps or max(1, math.ceil(args.epochs * n_pairs / (args.batch_size * args.grad_accum)))
+    return args.steps or max(1, math.ceil(n_pairs / (args.batch_size * args.grad_accum)))
 
 
 def warmup(step, args):
@@ -317,10 +247,11 @@ def train_loop(policy, ref, train_pairs, tokenizer, args, run, resume, before):
     end_checkpointing = (memory.checkpoint_activations(policy) if args.gradient_checkpointing
                          else policy.eval)
     train_policy = distributed.wrap(policy, device, world_size)
-    optimizer, scheduler = make_optimizer(policy, args)
+    optimizer = run.hooks.optimizer(policy.parameters(), args)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup(s, args))
     steps = count_steps(args, len(train_pairs))
-    pad_id = tokenizer.pad_token_id
-    epochs = data.Epochs(train_pairs, args.batch_size, pad_id, args.seed, min_pairs=world_size)
+    epochs = data.Epochs(train_pairs, args.batch_size, tokenizer.pad_token_id, args.seed,
+                         min_pairs=world_size)
     sums, count, history, first_step = {}, 0, [], 1
     torch.manual_seed(args.seed + rank)  # each process samples its anchors from its own stream
     checkpoint = None  # the newest checkpoint this run wrote or resumed from
@@ -335,7 +266,7 @@ def train_loop(policy, ref, train_pairs, tokenizer, args, run, resume, before):
     if device.type == "cuda" and not args.fp32 and not args.fsdp:
         # The reference's Linear weights in bfloat16, the dtype autocast casts them to at every
         # forward anyway: the same numbers, without the casts. After the save (float32 on disk).
-        static_sampler.linear_weights_in(ref, torch.bfloat16)
+        memory.linear_weights_in(ref, torch.bfloat16)
 
     t0 = time.perf_counter()
     for step in range(first_step, steps + 1):
@@ -370,12 +301,13 @@ def train_loop(policy, ref, train_pairs, tokenizer, args, run, resume, before):
         if step % args.log_every == 0 or step == steps:
             logged = evaluate.with_shares({name: value / count for name, value in sums.items()})
             seconds = (time.perf_counter() - t0) / count
+            left = round(seconds * (steps - step))
             # The training batch's accuracy and margin are those of the WEIGHTED rewards (Eq. 11);
             # the held-out accuracy and margin use the plain, unweighted DPO reward.
-            left = round(seconds * (steps - step))
             log(f"step {step}/{steps} | loss {logged['loss']:.4f} | weighted acc "
                 f"{logged['rewards/accuracies']:.2f} | weighted margin "
-                f"{logged['rewards/margins']:.4f} | {seconds:.2f} s/step, {left // 60}:{left % 60:02d} left",
+                f"{logged['rewards/margins']:.4f} | {seconds:.2f} s/step, "
+                f"{left // 60}:{left % 60:02d} left",
                 {"phase": "train", "step": step, "seconds_per_step": seconds, **logged})
             history.append({"step": step, **logged})
             sums, count, t0 = {}, 0, time.perf_counter()
@@ -391,46 +323,12 @@ def train_loop(policy, ref, train_pairs, tokenizer, args, run, resume, before):
 # ------------------------------------------------------------------ the run: main() and its phases
 
 
-def pick_device(args):
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit(f"error: --device {args.device}: PyTorch sees no CUDA device here (torch "
-                         f"{torch.__version__}); leave --device out, or use --device cpu")
-    return device
-
-
-def autocast_for(device, args):
-    """bfloat16 autocast on CUDA (unless --fp32); plain float32 on the CPU."""
-    use_bf16 = device.type == "cuda" and not args.fp32
-    return torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 else nullcontext()
-
-
-class Run:
-    """What the phases share: the device and its autocast, this process's rank among world_size,
-    experiments.py's hooks, and the log (printed by rank 0, and kept in metrics.jsonl once the
-    output folder exists)."""
-
-    def __init__(self, args, hooks):
-        torch.manual_seed(args.seed)
-        self.rank, self.world_size, self.device = distributed.setup(pick_device(args), args.fsdp)
-        self.autocast = autocast_for(self.device, args)
-        self.hooks, self.metrics_path = hooks or {}, None
-
-    def log(self, line, record=None):
-        if self.rank != 0:  # every process computes the same numbers; one of them reports
-            return
-        print(line, flush=True)
-        if record is not None and self.metrics_path:
-            with open(self.metrics_path, "a") as metrics_file:
-                metrics_file.write(json.dumps(record) + "\n")
-
-
 def held_out(policy, ref, pairs, tokenizer, args, run, when):
     """evaluate.evaluate on the held-out pairs, logged; after the loop on the built-in task, with
     samples that its judge scores."""
     judge = when == "after" and args.data is None
     result = evaluate.evaluate(policy, ref, pairs, tokenizer, args, run.device, run.autocast,
-                               with_samples=judge, diagnostics=run.hooks.get("diagnostics", False))
+                               with_samples=judge, diagnostics=run.hooks.diagnostics)
     line = f"held-out {when}: accuracy {result['accuracy']:.3f}, margin {result['margin']:.4f}"
     if judge:
         line += (f"; judge score of samples: policy {result['judge/policy']:+.3f}, reference "
@@ -440,29 +338,27 @@ def held_out(policy, ref, pairs, tokenizer, args, run, when):
 
 
 def main(argv=None, hooks=None):
-    """One run. `hooks` are for experiments.py's variants beyond the paper: "weights" and
-    "triplet" (see tidpo_step), "task" (data.builtin_task's settings) and "diagnostics"
-    (evaluate's research metrics)."""
+    """One run; `hooks` (a Hooks) for the research tools' variants beyond the paper."""
     args = parse_args(sys.argv[1:] if argv is None else list(argv))
-    run = Run(args, hooks)
+    run = setup.Run(args, hooks or Hooks())
     log = run.log
 
     # Set-up. Everything that can fail on the user's input comes before the output folder is made.
-    tokenizer = data.load_tokenizer(args, run.hooks.get("task"))
-    train_pairs, heldout_pairs = data.load_pairs(args, tokenizer, run.hooks.get("task"))
+    tokenizer = setup.load_tokenizer(args, run.hooks.task)
+    train_pairs, heldout_pairs = setup.load_pairs(args, tokenizer, run.hooks.task)
     if len(train_pairs) < run.world_size:
         raise SystemExit(f"error: too few training pairs ({len(train_pairs)}) for "
                          f"{run.world_size} processes: each process needs at least one")
-    policy = build_model(args, run.device, tokenizer, run.rank)
+    policy = setup.build_model(args, run.device, tokenizer, run.rank)
     # refuses a sampler that cannot run this model, and lengths it cannot hold
     sampling.choose_method(policy, args.sampler, run.device.type == "cuda")
-    warnings = data.check_fit(args, policy.config, train_pairs, heldout_pairs,
-                              count_steps(args, len(train_pairs)))
+    warnings = setup.check_fit(args, policy.config, train_pairs, heldout_pairs,
+                               count_steps(args, len(train_pairs)))
     resume_path = checkpoints.find_resume_checkpoint(args) if args.resume else None
     resume = checkpoints.load_checkpoint(resume_path, args, run.world_size) if resume_path else None
     started_over = checkpoints.make_output_dir(args, resume_path, run.rank, run.world_size)
     run.metrics_path = os.path.join(args.output_dir, "metrics.jsonl")
-    log(f"model: {data.model_note(args, run.autocast)}, "
+    log(f"model: {setup.model_note(args, run.autocast)}, "
         f"{sum(p.numel() for p in policy.parameters()) / 1e6:.2f}M parameters, on {run.device}"
         f"{f' x {run.world_size} processes' if run.world_size > 1 else ''}; "
         f"{len(train_pairs)} training pairs, {len(heldout_pairs)} held-out")
@@ -472,7 +368,7 @@ def main(argv=None, hooks=None):
     # Reference. Algorithm 1 starts from pi_theta = pi_ref, a frozen copy of the starting policy
     # (the tiny model's after its SFT; on --resume, that of the run that wrote the checkpoint).
     if args.model is None and not resume:
-        sft(policy, train_pairs, tokenizer, args, run.device, run.autocast, log)
+        run.hooks.sft(policy, train_pairs, tokenizer, args, run.device, run.autocast, log)
     if args.fsdp:  # both sharded, from rank 0's weights
         policy, ref = distributed.fsdp(policy, run.device, isinstance(run.autocast, torch.autocast))
     else:

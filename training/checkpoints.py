@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 
 # A checkpoint continues the run that wrote it: these flags may differ on --resume, the rest may not.
-MAY_CHANGE_ON_RESUME = ("steps", "epochs", "lr", "fp32", "device", "log_every", "save_every", "keep_last",
+MAY_CHANGE_ON_RESUME = ("steps", "lr", "fp32", "device", "log_every", "save_every", "keep_last",
                         "output_dir", "resume", "gradient_checkpointing")
 CHECKPOINT_FORMAT = "tidpo train.py checkpoint, version 1"
 CHECKPOINT_NAME = re.compile(r"step-(\d+)(\.pt)?")  # a file, or a sharded run's folder
@@ -62,7 +62,7 @@ def save_sharded(state, folder):
 def model_state(model, sharded):
     from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
-    import distributed
+    from training import distributed
 
     return get_model_state_dict(distributed.reshard(model)) if sharded else model.state_dict()
 
@@ -303,7 +303,7 @@ def save_policy(policy, tokenizer, folder, rank, sharded=False):
     if sharded:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-        import distributed
+        from training import distributed
 
         options = StateDictOptions(full_state_dict=True, cpu_offload=True)
         # whole on rank 0, empty elsewhere

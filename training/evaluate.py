@@ -1,6 +1,6 @@
 """The held-out evaluation, the same for every method, and its metrics.
 
-    evaluate(policy, ref, pairs, ...)   a dict of held-out numbers, used by train.py and experiments.py
+    evaluate(policy, ref, pairs, ...)   a dict of held-out numbers, used by train.py and tools/experiments.py
 
 The metrics are pure functions of lists and tensors, so that each can be checked on a hand-made case:
     distinct_n, token_entropy, self_bleu   diversity of sampled responses (the paper's Table B9)
@@ -16,11 +16,9 @@ import math
 import torch
 
 import data
-import distributed
-import memory
 import tidpo
-import sampling
-from sampling import sample
+from training import distributed, memory, sampling
+from training.builtin_task import judge
 
 
 def distinct_n(sequences, n):
@@ -129,6 +127,15 @@ def triplet_active_by_label(logratios, response_mask, anchor_logratios, anchor_m
             "flipped_pairs": flipped.float().mean()}
 
 
+def step_metrics(batch, logratios, response_mask, anchor_logratios, anchor_mask, margin, triplet):
+    """train.py's default step metrics: on the built-in task, whose batches say which pairs' labels
+    were flipped, triplet_active_by_label; nothing elsewhere, or without the triplet's anchors."""
+    if anchor_logratios is None or "flipped" not in batch:
+        return {}
+    return triplet_active_by_label(logratios, response_mask, anchor_logratios, anchor_mask,
+                                   batch["flipped"].to(logratios.device), margin, triplet)
+
+
 def with_shares(means):
     """`means` plus triplet/active_on_flipped and triplet/active_on_clean where the window held
     flipped and clean pairs: the share of each kind of pair whose triplet hinge is active."""
@@ -143,26 +150,26 @@ def with_shares(means):
 
 
 @torch.no_grad()
-def evaluate(policy, ref, pairs, tokenizer, args, device, autocast, with_samples, diagnostics=False):
+def evaluate(policy, ref, pairs, tokenizer, args, device, autocast, with_samples, diagnostics=None):
     """The same held-out evaluation for every method.
 
     - accuracy, margin: the preference by the plain DPO implicit reward (weights 1, so every
       method is scored alike; ties count half).
     - critical_accuracy, critical_margin (pairs with known critical tokens: the built-in task): the
       same on the critical tokens alone (critical_margin above).
-    - with diagnostics (experiments.py), weights/{kind}/{side}/{share,top_k} (built-in task): critical_share and topk_hit_rate of these
-      weightings of the pair's tokens, from the policy's attribution: attribution alone (lambda 1)
-      by Eq. 5-6 ("attribution"), by the variants "no_final" and "grad_x_input" (see
-      experiments.ATTRIBUTIONS); hybrid (--lam) with each of the three ("hybrid", "hybrid_no_final",
-      "hybrid_grad_x_input"); prior alone (lambda 0); uniform.
+    - with diagnostics, a dict {name: importance function} of attributions beyond the paper
+      (tools/experiments.py passes its variants; each takes tidpo.target_gradient's gradient and
+      embeddings and the response mask), weights/{kind}/{side}/{share,top_k} (built-in task):
+      critical_share and topk_hit_rate of these weightings of the pair's tokens, from the
+      policy's attribution: Eq. 5-6 alone (lambda 1, "attribution") and each variant alone
+      ("{name}"); hybrid (--lam) with each ("hybrid", "hybrid_{name}"); prior alone (lambda 0);
+      uniform.
     - with_samples (the built-in task's judge: safe phrases count up, risky ones down): the mean
       judge score of responses sampled from the policy and from the reference for the held-out
       prompts, the policy's win rate against the reference's response to the same prompt, and
       the diversity of the policy's samples: distinct_2, distinct_4, token_entropy and, with
       diagnostics, self_bleu (sacrebleu, which a plain train.py run does not need).
     """
-    if diagnostics:  # the attribution variants beyond the paper live in experiments.py, which runs this
-        import experiments
     correct, margins, placement = 0.0, [], collections.defaultdict(list)
     critical_correct, critical_margins = 0.0, []
     for batch in data.batches(pairs, args.batch_size, tokenizer.pad_token_id):
@@ -176,10 +183,10 @@ def evaluate(policy, ref, pairs, tokenizer, args, device, autocast, with_samples
                     policy_logits, grad, embeddings = tidpo.target_gradient(policy, input_ids, attention_mask,
                                                                             response_mask)
                 policy_logits = policy_logits.detach()
-                # Eq. 6 and experiments.py's variants from the same gradient
-                importance = tidpo.importance_scores(grad, response_mask)
-                no_final = experiments.variant_importance(grad, embeddings, response_mask, "no-final")
-                grad_x_input = experiments.variant_importance(grad, embeddings, response_mask, "grad-x-input")
+                # Eq. 6 and the caller's variants from the same gradient
+                importances = {"": tidpo.importance_scores(grad, response_mask)}
+                importances.update({f"_{name}": variant(grad, embeddings, response_mask)
+                               for name, variant in diagnostics.items()})
             else:
                 policy_logits = tidpo.forward_logits(policy, input_ids, attention_mask)
             ref_logits = tidpo.forward_logits(ref, input_ids, attention_mask)
@@ -194,14 +201,12 @@ def evaluate(policy, ref, pairs, tokenizer, args, device, autocast, with_samples
             critical_correct += (on_critical > 0).sum().item() + 0.5 * (on_critical == 0).sum().item()
             critical_margins.append(on_critical.float())
         if critical and diagnostics:
-            weightings = {"attribution": tidpo.hybrid_weights(importance, response_mask, lam=1.0),
-                          "no_final": tidpo.hybrid_weights(no_final, response_mask, lam=1.0),
-                          "grad_x_input": tidpo.hybrid_weights(grad_x_input, response_mask, lam=1.0),
-                          "hybrid": tidpo.hybrid_weights(importance, response_mask, lam=args.lam),
-                          "hybrid_no_final": tidpo.hybrid_weights(no_final, response_mask, lam=args.lam),
-                          "hybrid_grad_x_input": tidpo.hybrid_weights(grad_x_input, response_mask, lam=args.lam),
-                          "prior": tidpo.hybrid_weights(importance, response_mask, lam=0.0),
-                          "uniform": response_mask.float()}
+            weightings = {}
+            for suffix, importance in importances.items():  # "" is Eq. 6; "_name" the caller's variants
+                weightings[suffix[1:] or "attribution"] = tidpo.hybrid_weights(importance, response_mask, lam=1.0)
+                weightings[f"hybrid{suffix}"] = tidpo.hybrid_weights(importance, response_mask, lam=args.lam)
+            weightings["prior"] = tidpo.hybrid_weights(importances[""], response_mask, lam=0.0)
+            weightings["uniform"] = response_mask.float()
             for kind, weights in weightings.items():
                 for side, part in (("chosen", slice(None, n)), ("rejected", slice(n, None))):
                     placement[f"weights/{kind}/{side}/share"].append(
@@ -219,12 +224,12 @@ def evaluate(policy, ref, pairs, tokenizer, args, device, autocast, with_samples
             scores[name] = []
             for batch in data.batches(pairs, args.batch_size, tokenizer.pad_token_id):
                 with autocast, distributed.gathered(model):
-                    ids, _, response_mask = sample(
+                    ids, _, response_mask = sampling.sample(
                         model, batch["prompt_input_ids"].to(device), batch["prompt_attention_mask"].to(device),
                         tokenizer, **sampling.options(args))
                 for row, keep in zip(ids, response_mask.bool()):
                     text = tokenizer.decode(row[keep], skip_special_tokens=True)
-                    scores[name].append(data.judge(text))
+                    scores[name].append(judge(text))
                     if name == "policy":
                         policy_tokens.append([t for t in row[keep].tolist() if t != tokenizer.eos_token_id])
                         policy_texts.append(text)

@@ -1,13 +1,13 @@
 """Memory: activation checkpointing, bounded-memory log-probs and KL, and a step's peak memory.
 
     checkpoint_activations   the policy recomputes each layer's activations in the backward
+    linear_weights_in        a model's Linear weights stored in bfloat16 (the reference, on CUDA)
     step_peak_bytes          what a step of DPO or full TI-DPO needs on a GPU, term by term
     token_logps, sequence_kl tidpo.py's two formulas over the vocabulary, in bounded memory: the
                              backward written out, a few rows at a time, no float32 copy of the logits
 
-    python memory.py         # docs/training.md's table: a step's GPU memory for Qwen2.5 0.5B, 1.5B, 7B
-
-bench.py prints step_peak_bytes's figure next to the peak it measures.
+`python -m tools.memory_table` prints docs/training.md's tables from step_peak_bytes, and
+tools/bench.py prints its figure next to the peak it measures.
 """
 
 import torch
@@ -60,6 +60,28 @@ def checkpoint_activations(model):
 #                              30h + 8i + 4kv (counted under the CPU's bfloat16 autocast)
 # With checkpointing a layer keeps only its float32 input (4h) and recomputes the rest in the
 # backward, one layer at a time.
+def linear_weights_in(model, dtype):
+    """Store a model's Linear weights and biases in `dtype`, as new frozen parameters (a tied
+    output layer gets a copy of its own; embeddings and norms stay as they are, and so does a
+    weight already in `dtype`). Returns [(the new parameter, the one it replaced)].
+
+    Exact under autocast to `dtype`: autocast casts a Linear's float32 weight to that dtype before
+    each matmul anyway, so the forward computes the same bits, without casting every weight again
+    at every forward. Casting the whole model instead would not be exact: the embeddings, norms
+    and residual stream, which autocast keeps in float32, would be rounded too.
+    """
+    replaced = []
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear):
+            for name in ("weight", "bias"):
+                source = getattr(module, name)
+                if source is not None and source.dtype != dtype:
+                    copied = torch.nn.Parameter(source.detach().to(dtype), requires_grad=False)
+                    setattr(module, name, copied)
+                    replaced.append((copied, source))
+    return replaced
+
+
 ACTIVATION_BYTES = {"float32": (32, 16, 8), "bfloat16": (30, 8, 4)}
 
 
@@ -132,55 +154,6 @@ def step_peak_bytes(config, pairs, length, anchor_length, full_tidpo, checkpoint
         terms["sampling"] = static + element * params + kv_cache + rows * vocab * 4
         terms["total"] = max(backward, terms["sampling"])
     return terms
-
-
-# Qwen2.5's shapes (their config.json files), for the table of docs/training.md
-QWEN25 = {
-    "0.5B": dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
-                 num_attention_heads=14, num_key_value_heads=2, tie_word_embeddings=True),
-    "1.5B": dict(vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
-                 num_attention_heads=12, num_key_value_heads=2, tie_word_embeddings=True),
-    "7B": dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
-               num_attention_heads=28, num_key_value_heads=4, tie_word_embeddings=False),
-}
-
-
-# The paper's models and Qwen2.5-7B (their config.json files), for the sharded table
-PAPER_MODELS = {
-    "Llama-3.2-3B": dict(vocab_size=128256, hidden_size=3072, intermediate_size=8192, num_hidden_layers=28,
-                         num_attention_heads=24, num_key_value_heads=8, tie_word_embeddings=True),
-    "Llama-3.1-8B": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                         num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=False),
-    "Qwen2.5-7B": QWEN25["7B"],
-}
-
-
-def main(pairs=8, prompt=256, response=256, new_tokens=64, sharded_pairs=4, gpus=(2, 4, 8)):
-    """Print docs/training.md's tables: GiB per step and GPU, bfloat16 autocast, AdamW; one GPU,
-    then sharded (--fsdp) over 2, 4 and 8."""
-    from transformers import LlamaConfig, Qwen2Config
-
-    print(f"One GPU: {pairs} pairs, prompt {prompt} + response {response} tokens, anchors {prompt} + "
-          f"{new_tokens}; GiB")
-    print("| model | loss | weights, gradients, AdamW, reference | without checkpointing | with checkpointing |")
-    print("|---|---|---:|---:|---:|")
-    for name, shape in QWEN25.items():
-        for loss, full in (("DPO", False), ("TI-DPO", True)):
-            off, on = (step_peak_bytes(Qwen2Config(**shape), pairs, prompt + response, prompt + new_tokens, full,
-                                       checkpointing) for checkpointing in (False, True))
-            static = off["weights"] + off["gradients"] + off["adamw"] + off["reference"]
-            print(f"| {name} | {loss} | {static / 2**30:.1f} | {off['total'] / 2**30:.1f} | {on['total'] / 2**30:.1f} |")
-    print(f"\nSharded (--fsdp): {sharded_pairs} pairs per GPU, the same lengths; GiB per GPU")
-    print("| model | loss | checkpointing | " + " | ".join(f"{n} GPUs" for n in gpus) + " |")
-    print("|---|---|---|" + "---:|" * len(gpus))
-    for name, shape in PAPER_MODELS.items():
-        config = LlamaConfig(**shape)
-        for loss, full in (("DPO", False), ("TI-DPO", True)):
-            for checkpointing in (False, True):
-                cells = [step_peak_bytes(config, sharded_pairs, prompt + response, prompt + new_tokens, full,
-                                         checkpointing, shards=n)["total"] / 2**30 for n in gpus]
-                print(f"| {name} | {loss} | {'on' if checkpointing else 'off'} | "
-                      + " | ".join(f"{cell:.1f}" for cell in cells) + " |")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -294,6 +267,3 @@ def sequence_kl(policy_logits, ref_logits, response_mask):
     kl = _SequentialKL.apply(policy_logits.flatten(0, 1), ref_logits.flatten(0, 1)).view(policy_logits.shape[:2])
     return (kl[:, :-1] * response_mask[:, 1:].to(kl.dtype)).sum(dim=-1)
 
-
-if __name__ == "__main__":
-    main()

@@ -1,6 +1,6 @@
 """Pictures of train.py runs: each run's curves, and two or more runs side by side.
 
-    python plots.py runs/dpo-20261202-1200 runs/tidpo-20261202-1210 -o dpo_vs_tidpo.png
+    python -m training.plots runs/dpo-20261202-1200 runs/tidpo-20261202-1210 -o dpo_vs_tidpo.png
 
 Each run folder's metrics.jsonl holds the logged means of every window of steps; train.py draws a
 run's own curves.png at its end when matplotlib is installed (nothing else here needs it). The

@@ -1,39 +1,21 @@
-"""Sampling responses from a causal LM: the anchors of the triplet loss (Eq. 13) and the
-evaluation's samples.
+"""Which sampler runs, and the one call every caller makes: sample().
 
-Written out rather than calling generate(), because it runs at every TI-DPO training step and its
-rules must be the same in every sampler: temperature, then top-k, then top-p (on the k kept tokens
-only, which avoids a sort over the whole vocabulary), at least min_new_tokens, and a response ends
-at any of the model's end ids. This file is the plain way ("dynamic": the KV cache grows by a token
-per step), the CPU's default. static_sampler.py holds the fast way for CUDA (a fixed-size cache and
-a decode step captured in a CUDA graph), chosen with method="static" or "graph" (--sampler), and by
-"auto" on CUDA.
+Two samplers draw the same responses in distribution: plain_sampler.py's plain way ("dynamic": the
+KV cache grows by a token per step), the CPU's default, and static_sampler.py's fast way for CUDA
+(a fixed-size cache and a decode step captured in a CUDA graph), chosen with method "static" or
+"graph" (--sampler), and by "auto" on CUDA where the model allows it.
 """
-
-import contextlib
-import inspect
-from typing import NamedTuple
 
 import torch
 
-from tidpo import position_ids
+from training import static_sampler
+from training.plain_sampler import Settings, dynamic_sample, end_ids, eval_mode
 
 METHODS = ("auto", "dynamic", "static", "graph")
 
 
 class SamplerError(ValueError):
     """A sampling method that cannot run this model; the message says why and what to use instead."""
-
-
-class Settings(NamedTuple):
-    """One call's sampling rules (hashable: a static bucket is kept per settings)."""
-    max_new_tokens: int
-    min_new_tokens: int
-    temperature: float
-    top_k: int
-    top_p: float
-    end_ids: tuple  # a response ends at the first of these
-    pad_id: int
 
 
 @torch.no_grad()
@@ -50,48 +32,21 @@ def sample(model, prompt_ids, prompt_mask, tokenizer, *, max_new_tokens=64, min_
     longest response. If a static way fails at its first use for a model, it warns once and that
     model is sampled the dynamic way from then on.
     """
+    settings = Settings(max_new_tokens, min_new_tokens, temperature, top_k, top_p, end_ids(model, tokenizer),
+                        tokenizer.pad_token_id)
     with eval_mode(model):
-        return _sample(model, prompt_ids, prompt_mask, tokenizer, Settings(
-            max_new_tokens, min_new_tokens, temperature, top_k, top_p, end_ids(model, tokenizer),
-            tokenizer.pad_token_id), method)
-
-
-@contextlib.contextmanager
-def eval_mode(model):
-    """`model` in eval mode inside the block, then back in the mode it had. A policy trained with
-    activation checkpointing is in training mode, where transformers 5.17 (not 5.24) drops a
-    checkpointed layer's KV cache, even without gradients."""
-    training = model.training
-    model.eval()
-    try:
-        yield model
-    finally:
-        model.train(training)
-
-
-def _sample(model, prompt_ids, prompt_mask, tokenizer, settings, method):
-    method = choose_method(model, method, prompt_ids.is_cuda)
-    if method != "dynamic":
-        import static_sampler  # the CUDA machinery, imported only when it is asked for
-
-        result = static_sampler.sample(model, prompt_ids, prompt_mask, settings, graph=method == "graph")
-        if result is not None:  # None: it failed at its first use on this model, and warned
-            return result
-    return dynamic_sample(model, prompt_ids, prompt_mask, settings)
+        method = choose_method(model, method, prompt_ids.is_cuda)
+        if method != "dynamic":
+            result = static_sampler.sample(model, prompt_ids, prompt_mask, settings, graph=method == "graph")
+            if result is not None:  # None: it failed at its first use on this model, and warned
+                return result
+        return dynamic_sample(model, prompt_ids, prompt_mask, settings)
 
 
 def options(args):
     """sample()'s keyword arguments from train.py's flags."""
-    return dict(max_new_tokens=args.max_new_tokens, min_new_tokens=args.min_new_tokens,
-                temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, method=args.sampler)
-
-
-def end_ids(model, tokenizer):
-    """Every id that ends a response: the tokenizer's eos and each eos id of the model's generation
-    config (Llama 3 lists <|eot_id|> and <|end_of_text|>, Qwen2.5 <|im_end|> and <|endoftext|>)."""
-    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    configured = list(configured) if isinstance(configured, (list, tuple)) else [configured]
-    return tuple(sorted({i for i in [tokenizer.eos_token_id, *configured] if i is not None}))
+    return dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                top_p=args.top_p, method=args.sampler)
 
 
 def choose_method(model, method, cuda):
@@ -99,8 +54,6 @@ def choose_method(model, method, cuda):
     model it cannot run."""
     if method not in METHODS:
         raise SamplerError(f"unknown sampling method {method!r}: one of {', '.join(METHODS)}")
-    import static_sampler
-
     refusal = static_sampler.refusal(model)
     if method == "auto":
         return "graph" if cuda and refusal is None else "dynamic"
@@ -110,55 +63,3 @@ def choose_method(model, method, cuda):
     if method == "graph" and not cuda:
         raise SamplerError("the graph sampler needs a CUDA device (CUDA graphs); on the CPU use static or dynamic")
     return method
-
-
-def candidates(logits, settings):
-    """The tokens that temperature, top-k and top-p leave, [B, k] ids (likeliest first), and their
-    probabilities [B, k], 0 where top-p drops a token (not renormalised: the draws do not need it)."""
-    k = logits.shape[-1] if settings.top_k <= 0 else min(settings.top_k, logits.shape[-1])
-    top_logits, top_ids = (logits / settings.temperature).topk(k, dim=-1)  # sorted, largest first
-    probs = top_logits.softmax(-1)
-    # top-p: keep the smallest prefix whose probability reaches top_p (the first token always)
-    return probs * ((probs.cumsum(-1) - probs) < settings.top_p), top_ids
-
-
-def cache_argument(model):
-    """The name of model.forward's KV-cache argument: `cache` from transformers 5.2x on,
-    `past_key_values` before (still accepted later, with a deprecation warning)."""
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-
-
-def dynamic_sample(model, prompt_ids, prompt_mask, settings):
-    from transformers import DynamicCache
-
-    ends = torch.tensor(settings.end_ids, dtype=torch.long, device=prompt_ids.device)
-    cache = {cache_argument(model): DynamicCache(config=model.config)}
-    positions = position_ids(prompt_mask)[:, -1:]
-    attention_mask = prompt_mask
-    out = model(input_ids=prompt_ids, attention_mask=attention_mask, position_ids=position_ids(prompt_mask),
-                use_cache=True, **cache)
-    finished = torch.zeros(prompt_ids.shape[0], 1, dtype=torch.bool, device=prompt_ids.device)
-    tokens, response = [], []
-    for step in range(settings.max_new_tokens):
-        logits = out.logits[:, -1].float()
-        if step < settings.min_new_tokens:
-            logits[:, ends] = float("-inf")
-        if settings.temperature <= 0:  # greedy
-            token = logits.argmax(-1, keepdim=True)
-        else:
-            probs, top_ids = candidates(logits, settings)
-            token = top_ids.gather(-1, torch.multinomial(probs, 1))
-        token = torch.where(finished, torch.full_like(token, settings.pad_id), token)
-        tokens.append(token)
-        response.append(~finished)
-        finished = finished | (token[..., None] == ends).any(-1)
-        if step % 8 == 7 and bool(finished.all()):  # an occasional check: each one waits for the device
-            break
-        attention_mask = torch.cat([attention_mask, (~finished).long()], 1)
-        positions = positions + 1
-        out = model(input_ids=token, attention_mask=attention_mask, position_ids=positions, use_cache=True, **cache)
-    response = torch.cat(response, 1).long()
-    return (torch.cat([prompt_ids, torch.cat(tokens, 1)], 1), torch.cat([prompt_mask, response], 1),
-            torch.cat([torch.zeros_like(prompt_mask), response], 1))
-
-

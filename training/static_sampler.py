@@ -1,6 +1,8 @@
-"""The fast way of sampling.sample: a static KV cache and, on CUDA, a decode step captured in
-a CUDA graph. Same rules and results in distribution as sampling.py's plain way (tests/test_sampling.py
-compares the two); chosen by --sampler static|graph, and by "auto" on CUDA.
+"""The fast sampler: a static KV cache and, on CUDA, a decode step captured in a CUDA graph.
+
+Built on plain_sampler.py's rules (candidates, the end ids), with the same results in distribution
+as its plain way (tests/test_sampling.py compares the two); sampling.py runs it for --sampler
+static|graph, and for "auto" on CUDA.
 
 A KV cache of fixed size, one fixed-shape decode step, and a wait for the device only every 8
 steps (to stop once every response has ended). On CUDA ("graph", the default there) that step is captured once in a
@@ -27,30 +29,9 @@ import weakref
 
 import torch
 
-from sampling import cache_argument, candidates
 from tidpo import position_ids
-
-
-def linear_weights_in(model, dtype):
-    """Store a model's Linear weights and biases in `dtype`, as new frozen parameters (a tied
-    output layer gets a copy of its own; embeddings and norms stay as they are, and so does a
-    weight already in `dtype`). Returns [(the new parameter, the one it replaced)].
-
-    Exact under autocast to `dtype`: autocast casts a Linear's float32 weight to that dtype before
-    each matmul anyway, so the forward computes the same bits, without casting every weight again
-    at every forward. Casting the whole model instead would not be exact: the embeddings, norms
-    and residual stream, which autocast keeps in float32, would be rounded too.
-    """
-    replaced = []
-    for module in model.modules():
-        if isinstance(module, torch.nn.Linear):
-            for name in ("weight", "bias"):
-                source = getattr(module, name)
-                if source is not None and source.dtype != dtype:
-                    copied = torch.nn.Parameter(source.detach().to(dtype), requires_grad=False)
-                    setattr(module, name, copied)
-                    replaced.append((copied, source))
-    return replaced
+from training.memory import linear_weights_in
+from training.plain_sampler import cache_argument, candidates
 
 
 def refusal(model):
