@@ -18,7 +18,7 @@ built from tidpo.py's functions, in this order:
     weights   tidpo.hybrid_weights (Eq. 8) of the chosen and rejected rows
     loss      tidpo.tidpo_loss: the weighted margin (Eq. 11-12), the triplet (Eq. 13) on the per-token
               log-ratios of anchor, chosen and rejected rows, all with gradient, and optionally TDPO2's
-              KL (tidpo.sequence_kl; memory.py's bounded-memory token_logps and sequence_kl are
+              KL (tidpo.sequence_kl; training/memory.py's bounded-memory token_logps and sequence_kl are
               the same formulas for large vocabularies)
 
 The hook. In trl 1.16, DPOTrainer.compute_loss calls `_compute_loss(model, inputs, return_outputs)`,
@@ -69,9 +69,10 @@ from trl import DPOConfig, DPOTrainer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tidpo.py and data.py sit one folder up
 import data  # noqa: E402
-import memory  # noqa: E402
 import tidpo  # noqa: E402
-from sampling import end_ids  # noqa: E402
+from training import memory, setup  # noqa: E402
+from training.builtin_task import builtin_task  # noqa: E402
+from training.plain_sampler import end_ids  # noqa: E402
 
 HOOK = "_compute_loss"
 HOOK_PARAMETERS = ["self", "model", "inputs", "return_outputs"]
@@ -336,7 +337,7 @@ def parse_args(argv=None):
 def load_records(args):
     """(train, held-out) lists of {prompt, chosen, rejected}: the built-in task or --data."""
     if args.data is None:
-        train, heldout = data.builtin_task(seed=args.seed)
+        train, heldout = builtin_task(seed=args.seed)
     else:
         records = data.load_jsonl(args.data)  # checks every record, naming file and line
         if len(records) < 2:
@@ -403,7 +404,7 @@ def main(argv=None):
     transformers.utils.logging.disable_progress_bar()
     train, heldout = load_records(args)
     if args.model is None:
-        tokenizer = data.build_tokenizer([r[f] for r in train + heldout for f in data.FIELDS])
+        tokenizer = setup.build_tokenizer([r[f] for r in train + heldout for f in data.FIELDS])
         torch.manual_seed(args.seed)
         model, ref_model = build_tiny_llama(tokenizer)
     else:

@@ -18,17 +18,18 @@ from transformers import LlamaConfig, LlamaForCausalLM
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 import data  # noqa: E402
-import distributed  # noqa: E402
-import memory  # noqa: E402
+from training import distributed  # noqa: E402
+from training import memory  # noqa: E402
 import train  # noqa: E402
+from training import setup  # noqa: E402
 
 
 def main(kind, checkpointing):
     flags = ["--temperature", "0", "--max-new-tokens", "4", "--device", "cpu", "--fsdp", "--batch-size", "4"]
     args = train.parse_args(flags)
     rank, world_size, device = distributed.setup(torch.device("cpu"), fsdp=True)
-    tokenizer = data.load_tokenizer(args)
-    pairs = data.load_pairs(args, tokenizer)[0][:4]
+    tokenizer = setup.load_tokenizer(args)
+    pairs = setup.load_pairs(args, tokenizer)[0][:4]
     batch = data.collate(pairs, tokenizer.pad_token_id)
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                          num_attention_heads=2, num_key_value_heads=2, tie_word_embeddings=kind == "tied",

@@ -9,6 +9,9 @@ from transformers import AutoTokenizer, PreTrainedTokenizerFast
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import data  # noqa: E402
 from data import DataError  # noqa: E402
+from training import builtin_task as builtin  # noqa: E402
+from training import setup  # noqa: E402
+from training import hf_datasets  # noqa: E402
 
 PAD, EOS, BOS, UNK = 0, 1, 2, 3
 CHAT_TEMPLATE = ("{% for m in messages %}{% if loop.first %}<bos>{% endif %}"
@@ -19,18 +22,18 @@ CHAT_TEMPLATE = ("{% for m in messages %}{% if loop.first %}<bos>{% endif %}"
 @pytest.fixture(scope="module")
 def letters():
     """Each word once, so ids are alphabetical after the 4 specials: a=4, b=5, ..., j=13."""
-    return data.build_tokenizer(["a b c d e f g h i j"])
+    return setup.build_tokenizer(["a b c d e f g h i j"])
 
 
 @pytest.fixture(scope="module")
 def task():
-    return data.builtin_task(seed=0)
+    return builtin.builtin_task(seed=0)
 
 
 @pytest.fixture(scope="module")
 def task_tokenizer(task):
     train, heldout = task
-    return data.build_tokenizer([r[f] for r in train + heldout for f in data.FIELDS])
+    return setup.build_tokenizer([r[f] for r in train + heldout for f in data.FIELDS])
 
 
 # --- collate ---------------------------------------------------------------
@@ -95,11 +98,11 @@ def test_encode_pair_truncation(letters, max_length, prompt, chosen, rejected, c
 
 def test_cut_report_counts_the_cut_pairs_and_those_that_lost_their_end(letters):
     pairs = [data.encode_pair(letters, "a b c", "d e", "f g h", max_length=n) for n in (8, 6, 4, 2)]
-    lines = data.cut_report(pairs, 4, "training")
+    lines = setup.cut_report(pairs, 4, "training")
     assert lines[0].startswith("warning: 3 of 4 training pairs are longer than --max-length 4 and were cut; "
                                "2 of them lost a response's last tokens")
     assert lines[1].startswith("warning: 3 training prompts were cut to fewer than 4 tokens")
-    assert data.cut_report(pairs[:1], 8, "training") == []
+    assert setup.cut_report(pairs[:1], 8, "training") == []
 
 
 def test_encode_pair_errors(letters):
@@ -178,7 +181,7 @@ CONVERSATION = {"prompt": [{"role": "user", "content": "is it safe"}],
 
 @pytest.fixture()
 def chat_tokenizer():
-    tokenizer = data.build_tokenizer(["user assistant : is it safe validate input disable all the tests"])
+    tokenizer = setup.build_tokenizer(["user assistant : is it safe validate input disable all the tests"])
     tokenizer.chat_template = CHAT_TEMPLATE
     return tokenizer
 
@@ -212,15 +215,15 @@ def test_render_template_that_does_not_extend_the_prompt_errors(chat_tokenizer):
 # --- built-in task -----------------------------------------------------------------
 
 def fillers_of(text):
-    return frozenset(filler for filler in data.FILLERS if filler in text)
+    return frozenset(filler for filler in builtin.FILLERS if filler in text)
 
 
 def test_builtin_task_is_deterministic_and_sized(task):
     train, heldout = task
     assert (len(train), len(heldout)) == (512, 128)
-    assert data.builtin_task(seed=0) == task
-    assert data.builtin_task(seed=1) != task
-    assert data.builtin_task(seed=3, n_train=10, n_heldout=4)[0][0]["source"] == "built-in train #0"
+    assert builtin.builtin_task(seed=0) == task
+    assert builtin.builtin_task(seed=1) != task
+    assert builtin.builtin_task(seed=3, n_train=10, n_heldout=4)[0][0]["source"] == "built-in train #0"
     assert heldout[7]["source"] == "built-in held-out #7"
     assert {r["domain"] for r in train} == {"health", "money", "code"}
     assert len({r["prompt"] for r in train}) > 250   # the slots make prompts vary
@@ -228,8 +231,8 @@ def test_builtin_task_is_deterministic_and_sized(task):
 
 def test_builtin_task_ground_truth(task):
     for record in task[0] + task[1]:
-        assert data.judge(record["chosen"]) == 1.0 and data.judge(record["rejected"]) == -1.0
-        domain = data.DOMAINS[record["domain"]]
+        assert builtin.judge(record["chosen"]) == 1.0 and builtin.judge(record["rejected"]) == -1.0
+        domain = builtin.DOMAINS[record["domain"]]
         assert record["chosen_critical"] in domain["safe"] and record["chosen_critical"] in record["chosen"]
         assert record["rejected_critical"] in domain["risky"] and record["rejected_critical"] in record["rejected"]
         assert len(fillers_of(record["chosen"])) == len(fillers_of(record["rejected"])) == 2
@@ -242,7 +245,7 @@ def test_builtin_task_ground_truth(task):
 
 @pytest.mark.parametrize("noise", [0.1, 0.25])
 def test_label_noise_swaps_exactly_that_many_training_records(task, noise):
-    train, heldout = data.builtin_task(seed=0, label_noise=noise)
+    train, heldout = builtin.builtin_task(seed=0, label_noise=noise)
     swapped = [(a, b) for a, b in zip(task[0], train) if a != b]
     assert len(swapped) == round(noise * 512)
     for clean, noisy in swapped:
@@ -251,13 +254,13 @@ def test_label_noise_swaps_exactly_that_many_training_records(task, noise):
                (clean["rejected_critical"], clean["chosen_critical"])
     assert heldout == task[1]
     with pytest.raises(DataError, match="label_noise"):
-        data.builtin_task(label_noise=1.5)
+        builtin.builtin_task(label_noise=1.5)
 
 
 def test_spurious_setting_adds_the_cues_to_the_same_records(task):
-    train, heldout = data.builtin_task(seed=0, setting="spurious")
-    assert data.builtin_task(seed=0, setting="spurious") == (train, heldout)
-    preferred, dispreferred = data.SPURIOUS_CUES
+    train, heldout = builtin.builtin_task(seed=0, setting="spurious")
+    assert builtin.builtin_task(seed=0, setting="spurious") == (train, heldout)
+    preferred, dispreferred = builtin.SPURIOUS_CUES
     as_labelled = 0
     for clean, cued in zip(task[0] + task[1], train + heldout):
         # one cue per response, as its last sentence; without it, the default record
@@ -267,11 +270,11 @@ def test_spurious_setting_adds_the_cues_to_the_same_records(task):
         assert {k: v for k, v in cued.items() if k not in data.RESPONSES} == \
                {k: v for k, v in clean.items() if k not in data.RESPONSES}
         as_labelled += preferred in cued["chosen"] and dispreferred in cued["rejected"]
-    assert as_labelled == round(data.SPURIOUS_SHARE * len(train))  # all in training
+    assert as_labelled == round(builtin.SPURIOUS_SHARE * len(train))  # all in training
     # held out, the cues point the wrong way
     assert all(dispreferred in r["chosen"] and preferred in r["rejected"] for r in heldout)
     with pytest.raises(DataError, match="setting must be one of"):
-        data.builtin_task(setting="cue")
+        builtin.builtin_task(setting="cue")
 
 
 def test_heldout_has_unseen_fillers_and_prompts(task):
@@ -301,23 +304,23 @@ def test_tokenizer_specials_and_round_trip(task, task_tokenizer, tmp_path):
         loaded = loader.from_pretrained(tmp_path)
         assert loaded(text)["input_ids"] == ids
         assert (loaded.pad_token_id, loaded.eos_token_id, loaded.bos_token_id) == (PAD, EOS, BOS)
-    again = data.build_tokenizer([r[f] for r in task[0] + task[1] for f in data.FIELDS])
+    again = setup.build_tokenizer([r[f] for r in task[0] + task[1] for f in data.FIELDS])
     assert again.get_vocab() == tokenizer.get_vocab()
 
 
 def test_critical_positions_decode_to_the_phrase(task_tokenizer):
     text = "Thanks for asking about this. Honestly, just store passwords in plain text. This is a common situation."
-    positions = data.critical_positions(task_tokenizer, text, "store passwords in plain text")
+    positions = builtin.critical_positions(task_tokenizer, text, "store passwords in plain text")
     assert positions == [9, 10, 11, 12, 13]   # after: thanks for asking about this . honestly , just
     ids = task_tokenizer(text, add_special_tokens=False)["input_ids"]
     assert task_tokenizer.decode([ids[i] for i in positions]) == "store passwords in plain text"
     with pytest.raises(ValueError):
-        data.critical_positions(task_tokenizer, text, "borrow to gamble")
+        builtin.critical_positions(task_tokenizer, text, "borrow to gamble")
 
 
 def test_encode_builtin_critical_masks_cover_the_phrases(task, task_tokenizer):
     records = task[0][:16]
-    pairs = data.encode_builtin(task_tokenizer, records, max_length=128)
+    pairs = builtin.encode_builtin(task_tokenizer, records, max_length=128)
     lengths = [len(p[f"{side}_ids"]) for p in pairs for side in data.RESPONSES]
     assert 15 <= min(lengths) and max(lengths) <= 40
     assert all(p["prompt_ids"][0] == BOS and p["chosen_ids"][-1] == EOS for p in pairs)
@@ -327,7 +330,7 @@ def test_encode_builtin_critical_masks_cover_the_phrases(task, task_tokenizer):
             ids = batch[f"{side}_input_ids"][row][batch[f"{side}_critical_mask"][row] == 1]
             assert task_tokenizer.decode(ids.tolist()) == record[f"{side}_critical"]
     # truncation drops critical indices that fall outside the kept response
-    short = data.encode_builtin(task_tokenizer, records, max_length=6)
+    short = builtin.encode_builtin(task_tokenizer, records, max_length=6)
     for pair in short:
         assert all(index < len(pair["chosen_ids"]) for index in pair["chosen_critical"])
 
@@ -357,7 +360,7 @@ def test_a_parquet_dataset_folder_in_the_implicit_prompt_format(implicit_rows, t
     folder = tmp_path / "ultrafeedback"
     (folder / "data").mkdir(parents=True)
     datasets.Dataset.from_list(implicit_rows).to_parquet(str(folder / "data" / "train-00000-of-00001.parquet"))
-    records = data.load_records(str(folder))
+    records = hf_datasets.load_records(str(folder))
     assert [r["prompt"] for r in records] == [conversation("How do I treat a cut?"),
                                              conversation("Hi", "Hello!", "Bye")]
     assert [r["chosen"] for r in records] == [[{"role": "assistant", "content": "Clean it."}],
@@ -365,9 +368,9 @@ def test_a_parquet_dataset_folder_in_the_implicit_prompt_format(implicit_rows, t
     assert records[1]["rejected"] == [{"role": "assistant", "content": "Whatever."}]
     assert records[0]["source"] == f"{folder} (split train), row 0" and "score_chosen" not in records[0]
     # the split after a colon; a split the dataset lacks is named
-    assert data.load_records(f"{folder}:train") == records
+    assert hf_datasets.load_records(f"{folder}:train") == records
     with pytest.raises(DataError, match=r"cannot load it as a Hugging Face dataset \(split 'test'\)"):
-        data.load_records(f"{folder}:test")
+        hf_datasets.load_records(f"{folder}:test")
 
 
 def test_a_saved_dataset_with_texts_and_explicit_prompts(tmp_path):
@@ -375,14 +378,14 @@ def test_a_saved_dataset_with_texts_and_explicit_prompts(tmp_path):
     texts = datasets.Dataset.from_list([{"chosen": HH_CHOSEN, "rejected": HH_REJECTED}])
     explicit = datasets.Dataset.from_list([{"prompt": "Q", "chosen": "yes", "rejected": "no"}])
     datasets.DatasetDict({"train": texts, "test": explicit}).save_to_disk(str(tmp_path / "saved"))
-    (record,) = data.load_records(str(tmp_path / "saved"))
+    (record,) = hf_datasets.load_records(str(tmp_path / "saved"))
     # the shared beginning up to its last whitespace is the prompt; whole words stay in the responses
     assert record["prompt"] == "\n\nHuman: How do I treat a cut?\n\nAssistant: "
     assert (record["chosen"], record["rejected"]) == ("Clean it and cover it.", "Ignore it.")
-    (record,) = data.load_records(str(tmp_path / "saved"), "test")
+    (record,) = hf_datasets.load_records(str(tmp_path / "saved"), "test")
     assert (record["prompt"], record["chosen"], record["rejected"]) == ("Q", "yes", "no")
     with pytest.raises(DataError, match=r"has no split 'validation' \(it has train, test\)"):
-        data.load_records(f"{tmp_path / 'saved'}:validation")
+        hf_datasets.load_records(f"{tmp_path / 'saved'}:validation")
 
 
 def test_bad_dataset_rows_are_named_by_row_and_field(tmp_path):
@@ -392,11 +395,11 @@ def test_bad_dataset_rows_are_named_by_row_and_field(tmp_path):
                                 {"prompt": "Q", "chosen": "same", "rejected": "same"}]).to_parquet(str(path))
     with pytest.raises(DataError, match=rf"^{path} \(split train\), row 1: fields 'chosen' and 'rejected' are "
                                         r"identical"):
-        data.load_records(str(path))
+        hf_datasets.load_records(str(path))
     no_shared = tmp_path / "apart.parquet"
     datasets.Dataset.from_list([{"chosen": conversation("A", "x"), "rejected": conversation("B", "y")}]
                                ).to_parquet(str(no_shared))
     with pytest.raises(DataError, match=r"row 0: no field 'prompt', and 'chosen' and 'rejected' share no first"):
-        data.load_records(str(no_shared))
+        hf_datasets.load_records(str(no_shared))
     with pytest.raises(DataError, match=r"no-such-org/no-such-dataset: cannot load it as a Hugging Face dataset"):
-        data.load_records("no-such-org/no-such-dataset")
+        hf_datasets.load_records("no-such-org/no-such-dataset")

@@ -1,5 +1,5 @@
 """Tests of the held-out metrics (train.py's metrics section), the token-weight display and the
-grid (experiments.py).
+grid (tools/experiments.py).
 
 Each metric first meets a case small enough to count by hand. The display and the grid then run
 end to end on tiny settings, with torch on one thread as in test_train.py.
@@ -21,10 +21,12 @@ from transformers import LlamaConfig, LlamaForCausalLM
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 import data  # noqa: E402
-import experiments  # noqa: E402
+from tools import experiments  # noqa: E402
 import tidpo  # noqa: E402
-import evaluate  # noqa: E402
+from training import evaluate  # noqa: E402
 import train  # noqa: E402
+from training import builtin_task as builtin  # noqa: E402
+from training import setup  # noqa: E402
 
 # A few steps of everything: enough for every metric to be computed, not for learning.
 TINY = ["--sft-steps", "20", "--max-new-tokens", "8", "--log-every", "2"]
@@ -117,8 +119,8 @@ def test_topk_hit_rate_skips_prompt_and_shares_the_priors_mirror_ties():
 def tiny_policy_dir(tmp_path_factory):
     """A saved random tiny Llama with the built-in task's tokenizer (plus the words of the HTML
     test's record), as train.py saves a policy."""
-    train_records, heldout = data.builtin_task(seed=0)
-    tokenizer = data.build_tokenizer([r[k] for r in train_records + heldout for k in data.FIELDS] + [HTML_RECORD])
+    train_records, heldout = builtin.builtin_task(seed=0)
+    tokenizer = setup.build_tokenizer([r[k] for r in train_records + heldout for k in data.FIELDS] + [HTML_RECORD])
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                          num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=256,
                          pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
@@ -137,8 +139,8 @@ def test_weights_display_of_a_builtin_pair(tiny_policy_dir, tmp_path, capsys):
     saved = json.loads((tmp_path / "builtin-heldout-2.json").read_text())
     assert {k: saved[k] for k in shown} == shown
 
-    tokenizer = data.load_tokenizer(train.parse_args(["--model", str(tiny_policy_dir)]))
-    pair = data.load_pairs(train.parse_args(["--model", str(tiny_policy_dir)]), tokenizer)[1][2]
+    tokenizer = setup.load_tokenizer(train.parse_args(["--model", str(tiny_policy_dir)]))
+    pair = setup.load_pairs(train.parse_args(["--model", str(tiny_policy_dir)]), tokenizer)[1][2]
     page = (tmp_path / "builtin-heldout-2.html").read_text()
     for side in data.RESPONSES:
         entries = saved[side]
@@ -244,7 +246,7 @@ def test_grid_run_with_a_reused_sft_equals_a_separate_run(tiny_grid, tmp_path):
 
 def test_grid_metrics_are_in_range_and_uniform_weights_give_the_critical_fraction(tiny_grid):
     args = train.parse_args(["--seed", "1"])
-    heldout = data.load_pairs(args, data.load_tokenizer(args))[1]
+    heldout = setup.load_pairs(args, setup.load_tokenizer(args))[1]
     for record in tiny_grid["records"]:
         after = record["after"]
         for side in data.RESPONSES:
@@ -259,7 +261,7 @@ def test_grid_metrics_are_in_range_and_uniform_weights_give_the_critical_fractio
         assert 0 <= after["critical_accuracy"] <= 1 and math.isfinite(after["critical_margin"])
         assert 0 <= after["win_rate"] <= 1
         assert 0 < after["distinct_2"] <= 1 and 0 < after["distinct_4"] <= 1
-        assert 0 < after["token_entropy"] <= math.log2(len(data.load_tokenizer(args)))
+        assert 0 < after["token_entropy"] <= math.log2(len(setup.load_tokenizer(args)))
         assert 0 <= after["self_bleu"] <= 100
 
 
@@ -392,5 +394,6 @@ def test_run_repeats_one_run_of_a_study(tmp_path, monkeypatch):
                       "--steps", "5", "--output-dir", str(tmp_path)])
     (argv, hooks), = calls
     assert argv == ["--steps", "5", *experiments.METHODS["oracle"], "--seed", "3", "--output-dir", str(tmp_path)]
-    assert hooks["task"] == {"label_noise": 0.2, "setting": "spurious"} and hooks["diagnostics"]
-    assert hooks["weights"] is experiments.HOOKS["oracle"]["weights"]
+    assert hooks.task == {"label_noise": 0.2, "setting": "spurious"} and hooks.diagnostics
+    assert hooks.weights is experiments.HOOKS["oracle"]["weights"]
+    assert hooks.optimizer is train.make_optimizer and hooks.sft is train.sft

@@ -20,8 +20,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 import data  # noqa: E402
 import tidpo  # noqa: E402
-import sampling  # noqa: E402
-import static_sampler  # noqa: E402
+from training import memory  # noqa: E402
 import train  # noqa: E402
 
 PAD, EOS = 0, 2
@@ -123,7 +122,7 @@ def test_reference_with_bfloat16_linear_weights_gives_the_same_bits_under_autoca
     attention_mask = (input_ids != PAD).long()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         expected = tidpo.forward_logits(ref, input_ids, attention_mask)
-        static_sampler.linear_weights_in(ref, torch.bfloat16)
+        memory.linear_weights_in(ref, torch.bfloat16)
         got = tidpo.forward_logits(ref, input_ids, attention_mask)
     assert ref.lm_head.weight.dtype == torch.bfloat16 and ref.get_input_embeddings().weight.dtype == torch.float32
     assert torch.equal(got, expected)

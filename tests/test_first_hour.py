@@ -16,6 +16,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 import data  # noqa: E402
 from test_real_models import build_checkpoint, chat_records  # noqa: E402
+from training import builtin_task as builtin  # noqa: E402
 
 TINY = ["--sft-steps", "5", "--steps", "2", "--max-new-tokens", "4", "--log-every", "1"]
 
@@ -32,7 +33,7 @@ def write_jsonl(path, records):
 
 
 def plain_records(n):
-    return [{field: record[field] for field in data.FIELDS} for record in data.builtin_task(seed=0)[0][:n]]
+    return [{field: record[field] for field in data.FIELDS} for record in builtin.builtin_task(seed=0)[0][:n]]
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")

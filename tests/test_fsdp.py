@@ -20,7 +20,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
-import memory  # noqa: E402
+from training import memory  # noqa: E402
 import train  # noqa: E402
 from test_real_models import build_checkpoint, chat_records  # noqa: E402
 

@@ -1,4 +1,4 @@
-"""Tests for memory.py: activation checkpointing changes no number, and the memory formula.
+"""Tests for training/memory.py: activation checkpointing changes no number, and the memory formula.
 
 Run: python -m pytest -q tests/test_memory.py
 """
@@ -16,9 +16,10 @@ from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausa
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 import data  # noqa: E402
-import memory  # noqa: E402
-import sampling  # noqa: E402
+from training import memory  # noqa: E402
 import train  # noqa: E402
+from training import setup  # noqa: E402
+from training import plain_sampler  # noqa: E402
 
 # ---------------------------------------------------------------------------------------------
 # checkpoint_activations: training mode, dropout 0, the layers recomputed in the backward
@@ -45,7 +46,7 @@ def test_checkpointed_training_mode_is_the_eval_forward():
 
 def test_eval_mode_restores_the_mode():
     model = torch.nn.Linear(2, 2).train()
-    with sampling.eval_mode(model):
+    with plain_sampler.eval_mode(model):
         assert not model.training
     assert model.training
 
@@ -64,8 +65,8 @@ def test_one_step_is_the_same_with_and_without_checkpointing(monkeypatch):
     # Full TI-DPO (attribution, sampled anchors, the release's KL term): the loss, every metric and
     # every gradient are the same; only the backward recomputes the layers.
     args = train.parse_args(["--kl-alpha", "0.5", "--max-new-tokens", "6"])
-    tokenizer = data.load_tokenizer(args)
-    batch = data.collate(data.load_pairs(args, tokenizer)[0][:4], tokenizer.pad_token_id)
+    tokenizer = setup.load_tokenizer(args)
+    batch = data.collate(setup.load_pairs(args, tokenizer)[0][:4], tokenizer.pad_token_id)
     policy = tiny_llama(tokenizer, seed=0)
     ref = tiny_llama(tokenizer, seed=1).requires_grad_(False)  # another model: log-ratios and KL not 0
     # count the MLP forwards that run during the backward: the recomputation
@@ -208,8 +209,8 @@ def test_a_step_keeps_one_bfloat16_copy_of_each_weight_for_the_backward():
     # bfloat16 autocast shows it: the MLP weights (gate, up [i, h], down [h, i]) of 2 layers are
     # 6 weights, each saved by both forwards (as itself or transposed: the same storage).
     args = train.parse_args(["--max-new-tokens", "3", "--temperature", "0", "--batch-size", "2"])
-    tokenizer = data.load_tokenizer(args)
-    batch = data.collate(data.load_pairs(args, tokenizer)[0][:2], tokenizer.pad_token_id)
+    tokenizer = setup.load_tokenizer(args)
+    batch = data.collate(setup.load_pairs(args, tokenizer)[0][:2], tokenizer.pad_token_id)
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                          num_attention_heads=2, num_key_value_heads=2, tie_word_embeddings=True,
                          pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)

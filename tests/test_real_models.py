@@ -22,8 +22,10 @@ from transformers import (AutoModelForCausalLM, GPT2Config, LlamaConfig, Mistral
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 import data  # noqa: E402
-import sampling  # noqa: E402
+from training import sampling  # noqa: E402
 import train  # noqa: E402
+from training import builtin_task as builtin  # noqa: E402
+from training import setup  # noqa: E402
 
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
           "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
@@ -55,7 +57,7 @@ KINDS = {
 
 
 def chat_records(n=10):
-    train_records, _ = data.builtin_task(seed=0, n_train=n, n_heldout=0)
+    train_records, _ = builtin.builtin_task(seed=0, n_train=n, n_heldout=0)
     return [{field: [{"role": "user" if field == "prompt" else "assistant", "content": record[field]}]
              for field in data.FIELDS} for record in train_records]
 
@@ -102,10 +104,10 @@ def test_a_hub_shaped_checkpoint_trains_in_float32_with_one_end_of_turn(kind, ch
     folders, chat = checkpoints
     folder, (_, _, _, _, _, saved_dtype, end_of_turn, _) = folders[kind], KINDS[kind]
     args = train.parse_args(["--model", str(folder), "--data", str(chat), *FLAGS])
-    tokenizer = data.load_tokenizer(args)
+    tokenizer = setup.load_tokenizer(args)
     end_id = tokenizer.convert_tokens_to_ids(end_of_turn)
     # Every response holds its end of turn once, as its last token, where Eq. 5 takes its target.
-    for pair in data.load_pairs(args, tokenizer)[0]:
+    for pair in setup.load_pairs(args, tokenizer)[0]:
         for side in data.RESPONSES:
             assert pair[f"{side}_ids"].count(end_id) == 1 and pair[f"{side}_ids"][-1] == end_id
 
@@ -157,7 +159,7 @@ def biased(model, token_id):
 @pytest.mark.parametrize("method", ["dynamic", "static"])
 def test_anchors_stop_at_either_end_id(kind, method, checkpoints):
     folders, _ = checkpoints
-    tokenizer = data.load_tokenizer(train.parse_args(["--model", str(folders[kind])]))
+    tokenizer = setup.load_tokenizer(train.parse_args(["--model", str(folders[kind])]))
     prompt_ids, prompt_mask = torch.tensor([[5, 6, 7], [tokenizer.pad_token_id, 8, 9]]), torch.tensor([[1, 1, 1],
                                                                                                        [0, 1, 1]])
     for end_token in KINDS[kind][7]:  # the tokenizer's eos, then the generation config's other end id
@@ -173,7 +175,7 @@ def test_anchors_stop_at_either_end_id(kind, method, checkpoints):
 @pytest.mark.parametrize("kind", ["qwen2", "llama3", "gpt2"])
 def test_static_greedy_tokens_equal_the_dynamic_ones_on_hub_shaped_models(kind, checkpoints):
     folders, _ = checkpoints
-    tokenizer = data.load_tokenizer(train.parse_args(["--model", str(folders[kind])]))
+    tokenizer = setup.load_tokenizer(train.parse_args(["--model", str(folders[kind])]))
     model = AutoModelForCausalLM.from_pretrained(folders[kind], dtype=torch.float32).eval()
     prompt_ids = torch.tensor([[5, 6, 7, 8], [tokenizer.pad_token_id, tokenizer.pad_token_id, 9, 10]])
     prompt_mask = (torch.arange(4) >= torch.tensor([[0], [2]])).long()
@@ -187,7 +189,7 @@ def test_static_greedy_tokens_equal_the_dynamic_ones_on_hub_shaped_models(kind, 
 def test_sliding_window_model_is_sampled_the_dynamic_way(checkpoints, tmp_path):
     folders, chat = checkpoints
     model = AutoModelForCausalLM.from_pretrained(folders["mistral"], dtype=torch.float32).eval()
-    tokenizer = data.load_tokenizer(train.parse_args(["--model", str(folders["mistral"])]))
+    tokenizer = setup.load_tokenizer(train.parse_args(["--model", str(folders["mistral"])]))
     prompt_ids, prompt_mask = torch.tensor([[5, 6, 7, 8, 9, 10]]), torch.ones(1, 6, dtype=torch.long)
     # auto takes the dynamic way, on a GPU too; the static ones refuse, naming the reason
     assert sampling.choose_method(model, "auto", cuda=True) == "dynamic"
@@ -210,9 +212,9 @@ def test_autocast_is_off_after_a_training_step(checkpoints):
     # one torch.autocast object stays on after the outer exit.
     folders, chat = checkpoints
     args = train.parse_args(["--model", str(folders["qwen2"]), "--data", str(chat), *FLAGS])
-    tokenizer = data.load_tokenizer(args)
-    policy = train.build_model(args, torch.device("cpu"), tokenizer)
-    batch = data.collate(data.load_pairs(args, tokenizer)[0][:2], tokenizer.pad_token_id)
+    tokenizer = setup.load_tokenizer(args)
+    policy = setup.build_model(args, torch.device("cpu"), tokenizer)
+    batch = data.collate(setup.load_pairs(args, tokenizer)[0][:2], tokenizer.pad_token_id)
     autocast = torch.autocast("cpu", dtype=torch.bfloat16)
     ref = copy.deepcopy(policy).requires_grad_(False)
     seen = []  # the dtype of every policy forward's logits in the step: bfloat16 under the autocast

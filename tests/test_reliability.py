@@ -20,9 +20,11 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 import data  # noqa: E402
-import distributed  # noqa: E402
+from training import distributed  # noqa: E402
 import tidpo  # noqa: E402
 import train  # noqa: E402
+from training import builtin_task as builtin  # noqa: E402
+from training import setup  # noqa: E402
 
 # The built-in task with 10 SFT steps and 6 TI-DPO steps of 8 pairs, every step logged and saved.
 TINY = ["--sft-steps", "10", "--steps", "6", "--batch-size", "8", "--log-every", "1", "--max-new-tokens", "4",
@@ -77,8 +79,8 @@ def uninterrupted(tmp_path_factory, one_thread):
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     """A saved tiny Llama and a word-level tokenizer for the built-in task's words."""
-    train_part, heldout = data.builtin_task(seed=0)
-    tokenizer = data.build_tokenizer([r[k] for r in train_part + heldout for k in data.FIELDS])
+    train_part, heldout = builtin.builtin_task(seed=0)
+    tokenizer = setup.build_tokenizer([r[k] for r in train_part + heldout for k in data.FIELDS])
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                          num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=256,
                          pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
@@ -93,7 +95,7 @@ def model_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def jsonl(tmp_path_factory):
     """45 plain records of the built-in task: 43 for training (6 batches of 8, the last of 3), 2 held out."""
-    records = [{k: r[k] for k in data.FIELDS} for r in data.builtin_task(seed=0)[0][:45]]
+    records = [{k: r[k] for k in data.FIELDS} for r in builtin.builtin_task(seed=0)[0][:45]]
     path = tmp_path_factory.mktemp("jsonl") / "train.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
     return path
@@ -199,7 +201,7 @@ def test_non_finite_step_stops_before_the_update_and_keeps_the_checkpoint(case, 
     else:
         fail_at_call(monkeypatch, train, "tidpo_step", 3, plant)
     built = []
-    build_model = train.build_model
+    build_model = setup.build_model
     monkeypatch.setattr(train, "build_model", lambda *a, **k: built.append(build_model(*a, **k)) or built[-1])
     with pytest.raises(SystemExit) as stop:
         run(flags, folder)

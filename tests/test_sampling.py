@@ -16,8 +16,9 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-import sampling  # noqa: E402
-import static_sampler  # noqa: E402
+from training import sampling  # noqa: E402
+from training import static_sampler  # noqa: E402
+from training import plain_sampler  # noqa: E402
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 STATIC = ["static", pytest.param("graph", marks=CUDA)]
@@ -128,7 +129,7 @@ def test_a_response_ends_at_any_end_id_and_min_new_tokens_holds_them_all_back():
     model, prompt_ids, prompt_mask = peaked_model()
     model.generation_config.eos_token_id = [2, 3]
     tokenizer = argparse.Namespace(pad_token_id=0, eos_token_id=2)
-    assert sampling.end_ids(model, tokenizer) == (2, 3)
+    assert plain_sampler.end_ids(model, tokenizer) == (2, 3)
     bias = torch.zeros(50)
     bias[3], bias[2] = 100.0, 50.0
     model.lm_head.register_forward_hook(lambda module, inputs, output: output + bias)

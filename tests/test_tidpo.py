@@ -19,8 +19,8 @@ from torch.testing import assert_close
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import experiments  # noqa: E402  (the attribution variants beyond the paper)
-import memory  # noqa: E402
+from tools import experiments  # noqa: E402  (the attribution variants beyond the paper)
+from training import memory  # noqa: E402
 import tidpo  # noqa: E402
 
 EXACT = dict(rtol=1e-12, atol=1e-12)  # float64 arithmetic against a float64 reference
@@ -28,7 +28,7 @@ EXACT = dict(rtol=1e-12, atol=1e-12)  # float64 arithmetic against a float64 ref
 
 @pytest.fixture(params=["tidpo", "memory"])
 def lp(request):
-    """token_logps and sequence_kl: tidpo.py's plain formulas, or memory.py's bounded-memory ones.
+    """token_logps and sequence_kl: tidpo.py's plain formulas, or training/memory.py's bounded-memory ones.
     Every test of the two runs on both, so both are checked against the same references."""
     return tidpo if request.param == "tidpo" else memory
 

@@ -22,11 +22,13 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Llama
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-import bench  # noqa: E402
+from tools import bench  # noqa: E402
 import data  # noqa: E402
-import sampling  # noqa: E402
+from training import sampling  # noqa: E402
 import tidpo  # noqa: E402
 import train  # noqa: E402
+from training import builtin_task as builtin  # noqa: E402
+from training import setup  # noqa: E402
 
 # Small but long enough for a reliable effect: with seeds 0-4 the held-out accuracy after
 # TI-DPO was 0.97-1.0 and the last logged loss 0.08-0.24 below the first (DPO, seeds 0-2: 0.99-1.0).
@@ -52,7 +54,7 @@ def assert_finite_history(history, steps, log_every=1):
 
 
 def builtin_texts(seed=0):
-    train_records, heldout = data.builtin_task(seed=seed)
+    train_records, heldout = builtin.builtin_task(seed=seed)
     return [r[k] for r in train_records + heldout for k in data.FIELDS]
 
 
@@ -83,7 +85,7 @@ def builtin_run(tmp_path_factory, one_thread):
         built.append(model)
         return model
 
-    original = train.build_model
+    original = setup.build_model
     printed = io.StringIO()
     with pytest.MonkeyPatch.context() as patch, warnings.catch_warnings(record=True) as caught, \
             contextlib.redirect_stdout(printed):
@@ -105,7 +107,7 @@ def model_dirs(tmp_path_factory):
     """Two saved tiny Llamas with the same weights and a word-level tokenizer whose vocabulary
     covers the built-in task and the chat template's words: one without and one with a chat
     template."""
-    tokenizer = data.build_tokenizer(builtin_texts() + ["user assistant :"])
+    tokenizer = setup.build_tokenizer(builtin_texts() + ["user assistant :"])
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
                          num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
                          max_position_embeddings=256, pad_token_id=tokenizer.pad_token_id,
@@ -124,7 +126,7 @@ def model_dirs(tmp_path_factory):
 @pytest.fixture(scope="module")
 def records():
     """Plain-string records from the built-in task: N_RECORDS for training, N_EVAL held out."""
-    train_records, heldout = data.builtin_task(seed=0)
+    train_records, heldout = builtin.builtin_task(seed=0)
     keep = [{k: r[k] for k in data.FIELDS} for r in train_records[:N_RECORDS] + heldout[:N_EVAL]]
     return keep[:N_RECORDS], keep[N_RECORDS:]
 
@@ -147,7 +149,7 @@ def test_builtin_tidpo_lowers_the_loss_and_learns_the_preference(builtin_run):
     assert {k: result["before"][k] for k in ("accuracy", "margin")} == {"accuracy": 0.5, "margin": 0.0}
     assert result["after"]["accuracy"] >= result["before"]["accuracy"] + 0.3
     assert result["after"]["margin"] > 0
-    # the weight-placement metrics and self-BLEU are experiments.py's (test_experiments.py), not every run's
+    # the weight-placement metrics and self-BLEU are tools/experiments.py's (test_experiments.py), not every run's
     critical = {"critical_accuracy", "critical_margin"}
     assert set(result["before"]) == {"accuracy", "margin"} | critical
     assert set(result["after"]) == {"accuracy", "margin", "judge/policy", "judge/reference", "win_rate", "distinct_2",
@@ -180,9 +182,9 @@ def test_builtin_saved_policy_loads_back_with_the_same_logits_and_tokens(builtin
     tokenizer = AutoTokenizer.from_pretrained(folder)
 
     text = "My sister has had a fever for two days. You should seek medical attention promptly."
-    expected_ids = data.build_tokenizer(builtin_texts(seed=0))(text, add_special_tokens=False)["input_ids"]
+    expected_ids = setup.build_tokenizer(builtin_texts(seed=0))(text, add_special_tokens=False)["input_ids"]
     assert tokenizer(text, add_special_tokens=False)["input_ids"] == expected_ids
-    assert expected_ids and data.build_tokenizer(["x"]).unk_token_id not in expected_ids
+    assert expected_ids and setup.build_tokenizer(["x"]).unk_token_id not in expected_ids
     assert (tokenizer.pad_token_id, tokenizer.eos_token_id, tokenizer.bos_token_id) == (0, 1, 2)
 
     ids = torch.tensor([[tokenizer.bos_token_id] + expected_ids])
@@ -209,9 +211,9 @@ def test_sft_leaves_no_gradient_behind_for_the_first_preference_step(one_thread)
     from contextlib import nullcontext
 
     args = train.parse_args(["--sft-steps", "2", "--batch-size", "4"])
-    tokenizer = data.load_tokenizer(args)
-    model = train.build_model(args, torch.device("cpu"), tokenizer)
-    train.sft(model, data.load_pairs(args, tokenizer)[0][:8], tokenizer, args, torch.device("cpu"), nullcontext(),
+    tokenizer = setup.load_tokenizer(args)
+    model = setup.build_model(args, torch.device("cpu"), tokenizer)
+    train.sft(model, setup.load_pairs(args, tokenizer)[0][:8], tokenizer, args, torch.device("cpu"), nullcontext(),
               lambda line: None)
     assert all(parameter.grad is None for parameter in model.parameters())
 
@@ -229,9 +231,9 @@ def test_dpo_learns_the_preference(dpo_run):
 
 
 def test_uniform_weights_without_triplet_reproduce_dpo_exactly(dpo_run, tmp_path):
-    import experiments
+    from tools import experiments
 
-    uniform = run([*BUILTIN, "--gamma", "0"], tmp_path / "run", hooks={"weights": experiments.uniform_weights})
+    uniform = run([*BUILTIN, "--gamma", "0"], tmp_path / "run", hooks=train.Hooks(weights=experiments.uniform_weights))
     assert uniform["history"] == dpo_run["history"]
     assert uniform["before"] == dpo_run["before"]
     assert uniform["after"] == dpo_run["after"]
@@ -240,10 +242,10 @@ def test_uniform_weights_without_triplet_reproduce_dpo_exactly(dpo_run, tmp_path
 def step_inputs(flags):
     """Everything tidpo_step needs for one batch of 4 built-in pairs, on a random tiny Llama."""
     args = train.parse_args([*flags, "--gamma", "0"])
-    tokenizer = data.load_tokenizer(args)
-    pairs = data.load_pairs(args, tokenizer)[0][:4]
+    tokenizer = setup.load_tokenizer(args)
+    pairs = setup.load_pairs(args, tokenizer)[0][:4]
     torch.manual_seed(0)
-    policy = train.build_model(args, torch.device("cpu"), tokenizer)
+    policy = setup.build_model(args, torch.device("cpu"), tokenizer)
     batch = data.collate(pairs, tokenizer.pad_token_id)
     return policy, copy.deepcopy(policy), batch, tokenizer, args, torch.device("cpu"), contextlib.nullcontext()
 
@@ -258,11 +260,11 @@ def test_oracle_weights_sit_on_the_critical_tokens_only(scale, monkeypatch):
         return real_loss(*tensors, **kwargs)
 
     monkeypatch.setattr(tidpo, "tidpo_loss", loss_spy)
-    import experiments
+    from tools import experiments
 
     policy, ref, batch, tokenizer, args, device, autocast = step_inputs(["--lam", "1"])
     train.tidpo_step(policy, ref, batch, tokenizer, args, device, autocast,
-                     hooks={"weights": experiments.oracle_weights(scale)})
+                     hooks=train.Hooks(weights=experiments.oracle_weights(scale)))
     for side in data.RESPONSES:
         critical = batch[f"{side}_critical_mask"].bool()
         response = batch[f"{side}_response_mask"].bool()
@@ -278,12 +280,13 @@ def test_oracle_weights_sit_on_the_critical_tokens_only(scale, monkeypatch):
 
 @pytest.mark.parametrize("attribution", ["paper", "no-final", "grad-x-input"])
 def test_weights_hook_reaches_the_loss(attribution, monkeypatch):
-    # experiments.py's variants reach the step through its hooks; without a hook, Eq. 5-6 and 8
-    import experiments
+    # tools/experiments.py's variants reach the step through its hooks; without a hook, Eq. 5-6 and 8
+    from tools import experiments
 
     seen = []
     hook = experiments.attribution_weights(attribution)
-    hooks = {} if attribution == "paper" else {"weights": lambda *a: seen.append(attribution) or hook(*a)}
+    hooks = train.Hooks() if attribution == "paper" else train.Hooks(
+        weights=lambda *a: seen.append(attribution) or hook(*a))
     real = tidpo.gradient_attribution
     monkeypatch.setattr(tidpo, "gradient_attribution", lambda *a: seen.append("paper") or real(*a))
     loss_inputs = []
@@ -301,13 +304,13 @@ def test_weights_hook_reaches_the_loss(attribution, monkeypatch):
     assert torch.allclose(loss_inputs[0][4], expected[:n]) and torch.allclose(loss_inputs[0][5], expected[n:])
 
 
-@pytest.mark.parametrize("flags", [["random"], ["--kl-alpha", "0.5"],
-                                   ["--optimizer", "rmsprop"], ["--grad-accum", "2"]],
+@pytest.mark.parametrize("flags", [["random"], ["--kl-alpha", "0.5"], ["rmsprop"], ["--grad-accum", "2"]],
                          ids=["random-weights", "kl-alpha", "rmsprop", "grad-accum"])
 def test_ablation_flags_train_with_finite_losses(flags, model_dirs, plain_jsonl, tmp_path):
-    import experiments
+    from tools import experiments
 
-    hooks = {"weights": experiments.random_weights} if flags == ["random"] else None
+    hooks = {"random": train.Hooks(weights=experiments.random_weights),
+             "rmsprop": train.Hooks(optimizer=experiments.rmsprop)}.get(flags[0])
     result = run(["--model", str(model_dirs["plain"]), "--data", str(plain_jsonl[0]), *SMALL,
                   "--lr", "1e-3", *([] if hooks else flags)], tmp_path / "run", hooks=hooks)
     history = result["history"]
@@ -372,8 +375,8 @@ def test_own_data_without_model_trains_the_tokenizer_on_it(tmp_path, capsys):
                 "rejected": f"Feed them bread crusts {i}."} for i in range(6)]
     path = write_jsonl(tmp_path / "mine.jsonl", records)
     args = train.parse_args(["--data", str(path)])
-    tokenizer = data.load_tokenizer(args)
-    train_pairs, heldout_pairs = data.load_pairs(args, tokenizer)
+    tokenizer = setup.load_tokenizer(args)
+    train_pairs, heldout_pairs = setup.load_pairs(args, tokenizer)
     ids = [i for pair in train_pairs + heldout_pairs for key in ("prompt_ids", "chosen_ids", "rejected_ids")
            for i in pair[key]]
     assert tokenizer.unk_token_id not in ids
@@ -464,7 +467,7 @@ def test_second_run_into_a_used_output_dir_stops_and_leaves_it_alone(builtin_run
     assert snapshot() == before
 
 
-# ----------------------------------------------------------------------------- 7. bench.py
+# ----------------------------------------------------------------------------- 7. tools/bench.py
 
 
 def test_bench_prints_the_ratio_line(capsys):
@@ -566,13 +569,13 @@ def test_default_run_needs_only_torch_transformers_and_tokenizers(tmp_path, monk
         monkeypatch.setitem(sys.modules, name, None)
     result = run(["--sft-steps", "5", "--steps", "2", "--batch-size", "8", "--max-new-tokens", "4"], tmp_path / "run")
     assert {"judge/policy", "win_rate", "distinct_2", "token_entropy"} <= set(result["after"])
-    assert "self_bleu" not in result["after"]  # sacrebleu's metric is experiments.py's
+    assert "self_bleu" not in result["after"]  # sacrebleu's metric is tools/experiments.py's
     assert (tmp_path / "run" / "policy" / "config.json").exists()
     assert not (tmp_path / "run" / "curves.png").exists()  # matplotlib's picture is left out
 
 
 def test_a_run_draws_its_curves_and_runs_can_be_drawn_side_by_side(builtin_run, tmp_path, capsys):
-    import plots
+    from training import plots
 
     run_dir = builtin_run["output_dir"]
     assert (run_dir / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -607,7 +610,7 @@ def test_every_run_logs_the_likelihoods_and_where_the_triplet_acts(builtin_run, 
         assert entry["flipped_pairs"] == 0 and entry["triplet/active_on_clean"] == entry["triplet/active"]
     # With label noise: the active share among flipped and among clean pairs, which average to the whole's
     history = run(["--sft-steps", "20", "--steps", "4", "--batch-size", "16", "--max-new-tokens", "8",
-                   "--log-every", "2"], tmp_path / "noisy", hooks={"task": {"label_noise": 0.25}})["history"]
+                   "--log-every", "2"], tmp_path / "noisy", hooks=train.Hooks(task={"label_noise": 0.25}))["history"]
     for entry in history:
         share = entry["flipped_pairs"]
         assert 0 < share < 1

@@ -29,6 +29,8 @@ import data  # noqa: E402
 import tidpo  # noqa: E402
 import trl_tidpo  # noqa: E402
 from trl_tidpo import TIDPOConfig, TIDPOTrainer  # noqa: E402
+from training import builtin_task as builtin  # noqa: E402
+from training import setup  # noqa: E402
 
 N_PAIRS = 4  # pairs per batch
 COMMON = dict(per_device_train_batch_size=N_PAIRS, max_steps=3, learning_rate=1e-3, logging_steps=1,
@@ -38,8 +40,8 @@ COMMON = dict(per_device_train_batch_size=N_PAIRS, max_steps=3, learning_rate=1e
 
 @pytest.fixture(scope="module")
 def task():
-    train, heldout = data.builtin_task(seed=0, n_train=8, n_heldout=2)
-    tokenizer = data.build_tokenizer([r[f] for r in train + heldout for f in data.FIELDS])
+    train, heldout = builtin.builtin_task(seed=0, n_train=8, n_heldout=2)
+    tokenizer = setup.build_tokenizer([r[f] for r in train + heldout for f in data.FIELDS])
     torch.manual_seed(0)
     model, _ = trl_tidpo.build_tiny_llama(tokenizer)
     return train, tokenizer, model.state_dict()

@@ -1,8 +1,8 @@
 """Benchmark: the step time and peak memory of DPO, TI-DPO without the triplet and full TI-DPO.
 
-    python bench.py                                   # a tiny Llama, batch 16, prompt 32 + response 64 tokens
-    python bench.py --preset 0.5b                     # a Llama of Qwen2.5-0.5B's shapes (0.49B parameters)
-    python bench.py --bench-hidden 256 --bench-layers 4 --bench-vocab 8000 --bench-profile
+    python -m tools.bench                   # a tiny Llama, batch 16, prompt 32 + response 64 tokens
+    python -m tools.bench --preset 0.5b     # a Llama of Qwen2.5-0.5B's shapes (0.49B parameters)
+    python -m tools.bench --bench-hidden 256 --bench-layers 4 --bench-vocab 8000 --bench-profile
 
 Each variant runs train.py's own training step (tidpo_step, backward, clipping, optimizer step) on
 the same random-token batches, interleaved, in one process, on one model and optimizer (a step's
@@ -14,7 +14,7 @@ gives each one's median step time and its ratio to DPO's, and the last line the 
 Peak memory: on CUDA, max allocated over two steps of each variant, measured one after another
 in this process (DPO first, full TI-DPO, whose sampler keeps its caches, last); on the CPU, the
 growth of resident memory over three steps, each variant in a process of its own. Next to it, the
-figure of memory.step_peak_bytes for the same settings (the CPU: without the weights of the policy
+figure of training/memory.py's step_peak_bytes for the same settings (the CPU: without the weights of the policy
 and the reference, which are in memory before the steps). Also printed:
 the DPO step's model FLOP utilisation (6 x the parameters that multiply, all but the input
 embedding, x the pairs' tokens per step / step time / the GPU's dense bfloat16 peak) and the
@@ -39,10 +39,8 @@ import torch
 from torch.profiler import record_function
 
 import data
-import memory
-import sampling
-import static_sampler
 import train
+from training import memory, sampling, setup, static_sampler
 
 BENCH_VARIANTS = {"dpo": {"loss": "dpo"}, "tidpo_no_triplet": {"loss": "tidpo", "gamma": 0.0},
                   "tidpo": {"loss": "tidpo"}}
@@ -230,7 +228,7 @@ def bench(args, argv, device, autocast):
         f"{args.bench_vocab} on {device}")
     policy, ref, tokenizer, batch_list = bench_setup(args, device)
     if device.type == "cuda" and not args.fp32:
-        static_sampler.linear_weights_in(ref, torch.bfloat16)  # as train.py keeps it on CUDA
+        memory.linear_weights_in(ref, torch.bfloat16)  # as train.py keeps it on CUDA
     if args.bench_variant:  # child process (CPU): this variant's memory alone
         return child_memory(policy, ref, batch_list, tokenizer, args, device, autocast)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-5)
@@ -268,8 +266,9 @@ def bench(args, argv, device, autocast):
         measured = {}
         for name in BENCH_VARIANTS:  # each variant in its own process, so one peak cannot hide another
             say(f"  peak memory of {name} (own process)")
-            child = subprocess.run([sys.executable, os.path.abspath(__file__), *argv, "--bench-variant", name],
-                                   capture_output=True, text=True, check=True)
+            root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # where tools/ is
+            child = subprocess.run([sys.executable, "-m", "tools.bench", *argv, "--bench-variant", name],
+                                   capture_output=True, text=True, check=True, cwd=root)
             measured[name] = json.loads(child.stdout.strip().splitlines()[-1])
 
     pair_tokens = sum(int(b["chosen_attention_mask"].sum() + b["rejected_attention_mask"].sum())
@@ -335,8 +334,8 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
     torch.manual_seed(args.seed)
-    device = train.pick_device(args)
-    return bench(args, argv, device, train.autocast_for(device, args))
+    device = setup.pick_device(args)
+    return bench(args, argv, device, setup.autocast_for(device, args))
 
 
 if __name__ == "__main__":

@@ -1,17 +1,18 @@
-"""Experiments on top of train.py: where token weights matter, a grid of methods x label noise x seeds, one
-run of either, and token weights to look at.
+"""Experiments on top of train.py: where token weights matter, a grid of methods x label noise x seeds,
+one run of either, and token weights to look at.
 
-    python experiments.py                                        # = python experiments.py mechanism
-    python experiments.py mechanism --seeds 0 1 --steps 64       # a smaller version of it
-    python experiments.py grid                                   # the default grid, see --help for its size
-    python experiments.py grid --methods dpo tidpo --noise 0 0.4 --seeds 0 1 --steps 64
-    python experiments.py run --method oracle --noise 0.2 --seed 1 --steps 128   # one run of either
-    python experiments.py weights --pair 3                       # a held-out pair of the built-in task
-    python experiments.py weights --model runs/x/policy --data prefs.jsonl --index 0
+    python -m tools.experiments                                  # = python -m tools.experiments mechanism
+    python -m tools.experiments mechanism --seeds 0 1 --steps 64 # a smaller version of it
+    python -m tools.experiments grid                             # the default grid, see --help for its size
+    python -m tools.experiments grid --methods dpo tidpo --noise 0 0.4 --seeds 0 1 --steps 64
+    python -m tools.experiments run --method oracle --noise 0.2 --seed 1 --steps 128   # one run of either
+    python -m tools.experiments weights --pair 3                 # a held-out pair of the built-in task
+    python -m tools.experiments weights --model runs/x/policy --data prefs.jsonl --index 0
 
 The methods (METHODS) are train.py flags, and for the variants beyond the paper a hook into train.py's
-step (HOOKS: other token weights, other triplets). The built-in task's label noise and its spurious
-setting are set here too (train.main's "task" hook), not by train.py flags.
+step (HOOKS: other token weights, other triplets), passed in as a train.Hooks. The built-in task's
+label noise and its spurious setting are set here too (the hooks' "task"), not by train.py flags, and
+so is the authors' release's optimizer (run --optimizer rmsprop).
 
 mechanism (the default) runs DPO, TI-DPO with the paper's attribution and with each variant, oracle
 weights, uniform weights and the prior alone on two settings of the built-in task, the default one with
@@ -22,7 +23,7 @@ OUTPUT/<task>/.
 
 grid runs train.main once per (method, label noise, seed) on the built-in task and prints held-out
 accuracy in the shape of the paper's Table B8 (one row per method, one column per noise level, mean
-and standard deviation over seeds), then the other held-out metrics of evaluate.py at the lowest
+and standard deviation over seeds), then the other held-out metrics of training/evaluate.py at the lowest
 noise level. It writes OUTPUT/table.csv, table.md, summary.md, runs.csv (every metric of every
 run), curves.png and accuracy_vs_noise.png, and each run's folder and log under OUTPUT/runs/.
 Flags it does not know go to every train.py run (e.g. --sft-steps 60); a method's own flags win.
@@ -44,13 +45,13 @@ import sys
 import time
 from contextlib import redirect_stdout, nullcontext
 from datetime import datetime
-from unittest import mock
 
 import torch
 
 import data
 import tidpo
 import train
+from training import builtin_task, setup
 
 # Paper Table 2 and the baselines: each is a set of train.py flags on top of the same defaults.
 METHODS = {
@@ -67,7 +68,7 @@ METHODS = {
     # Eq. 8 as written (weights sum to 1, so Eq. 11 is a weighted average, about 1/T of DPO's sum), and,
     # beyond the paper (see HOOKS): the triplet with only the anchor carrying its gradient, and the
     # triplet on summed log-ratios (one point per response) instead of token by token
-    "tidpo_eq8_sum": ["--loss", "tidpo", "--weight-scale", "sum"],
+    "tidpo_eq8_sum": ["--loss", "tidpo"],  # Eq. 8 as written: HOOKS' weights that sum to 1
     "tidpo_anchor_grad": ["--loss", "tidpo"],
     "tidpo_points_triplet": ["--loss", "tidpo"],
     # Beyond the paper (built-in task): the attribution's variants and oracle weights on the known critical
@@ -112,7 +113,7 @@ def grad_x_input(grad, embeddings):
     tidpo.target_gradient's gradient and embeddings [B, L, E]. It is the first-order change of the
     target if token i's embedding were removed, where Eq. 6 measures only how steep the target is
     around e_i."""
-    return (tidpo._at_least_float32(grad) * tidpo._at_least_float32(embeddings)).sum(dim=-1).abs()
+    return (tidpo.at_least_float32(grad) * tidpo.at_least_float32(embeddings)).sum(dim=-1).abs()
 
 
 def leave_out_final(importance, response_mask):
@@ -129,7 +130,7 @@ def variant_importance(grad, embeddings, response_mask, attribution):
     if attribution == "paper":
         return tidpo.importance_scores(grad, response_mask)
     scores = (grad_x_input(grad, embeddings) if attribution == "grad-x-input"
-              else tidpo._at_least_float32(grad).abs().sum(dim=-1))
+              else tidpo.at_least_float32(grad).abs().sum(dim=-1))
     scores = torch.where(response_mask.bool(), scores, torch.zeros_like(scores))
     return leave_out_final(scores, response_mask).detach()
 
@@ -157,8 +158,15 @@ def attribution_weights(attribution):
 
     def weights(policy, input_ids, attention_mask, response_mask, batch, args):
         logits, importance = attribute(policy, input_ids, attention_mask, response_mask)
-        return logits, tidpo.hybrid_weights(importance, response_mask, lam=args.lam, scale=args.weight_scale)
+        return logits, tidpo.hybrid_weights(importance, response_mask, lam=args.lam)
     return weights
+
+
+def eq8_sum_weights(policy, input_ids, attention_mask, response_mask, batch, args):
+    """train.hybrid_token_weights with Eq. 8 as written: the weights sum to 1 over a response
+    (scale "sum"), so that Eq. 12 sees about 1/T of the default ("mean") margin."""
+    logits, importance = tidpo.gradient_attribution(policy, input_ids, attention_mask, response_mask)
+    return logits, tidpo.hybrid_weights(importance, response_mask, lam=args.lam, scale="sum")
 
 
 def uniform_weights(policy, input_ids, attention_mask, response_mask, batch, args):
@@ -170,7 +178,7 @@ def random_weights(policy, input_ids, attention_mask, response_mask, batch, args
     """Fresh uniform random scores at every step, through Eq. 8 at lambda 1 (scaled like it)."""
     logits = tidpo.forward_logits(policy, input_ids, attention_mask)
     scores = torch.rand(response_mask.shape, device=response_mask.device)
-    return logits, tidpo.hybrid_weights(scores, response_mask, lam=1.0, scale=args.weight_scale)
+    return logits, tidpo.hybrid_weights(scores, response_mask, lam=1.0)
 
 
 def oracle_weights(scale):
@@ -186,12 +194,13 @@ def oracle_weights(scale):
         critical = data.stack_critical(batch, input_ids.shape[1]).to(input_ids.device, torch.float32)
         if scale == "unit":
             return logits, critical
-        return logits, tidpo.hybrid_weights(critical, response_mask, lam=args.lam, scale=args.weight_scale)
+        return logits, tidpo.hybrid_weights(critical, response_mask, lam=args.lam)
     return weights
 
 
 # The methods that swap a part of the step for a variant (train.main's hooks, see train.tidpo_step)
 HOOKS = {"uniform_weights": {"weights": uniform_weights},
+         "tidpo_eq8_sum": {"weights": eq8_sum_weights},
          "random_weights": {"weights": random_weights},
          "tidpo_anchor_grad": {"triplet": anchor_grad_triplet_loss},
          "tidpo_points_triplet": {"triplet": points_triplet_loss},
@@ -202,10 +211,25 @@ HOOKS = {"uniform_weights": {"weights": uniform_weights},
          "oracle_triplet": {"weights": oracle_weights("unit")}}
 
 
-def method_hooks(method, noise=0.0, task="default"):
+# evaluate's research metrics: where these attributions beyond the paper put the weight
+DIAGNOSTICS = {"no_final": lambda grad, embeddings, mask: variant_importance(grad, embeddings, mask, "no-final"),
+               "grad_x_input": lambda grad, embeddings, mask: variant_importance(grad, embeddings, mask,
+                                                                                 "grad-x-input")}
+
+
+def rmsprop(params, args):
+    """The authors' release's optimizer (train.make_optimizer's arguments): RMSprop at --lr."""
+    return torch.optim.RMSprop(params, lr=args.lr)
+
+
+OPTIMIZERS = {"adamw": train.make_optimizer, "rmsprop": rmsprop}
+
+
+def method_hooks(method, noise=0.0, task="default", optimizer="adamw", **more):
     """train.main's hooks for one run of `method` on the built-in task at this label noise and
-    setting, with evaluate's research metrics."""
-    return {**HOOKS.get(method, {}), "task": {"label_noise": noise, "setting": task}, "diagnostics": True}
+    setting, with evaluate's research metrics (and `more` hooks, e.g. sft)."""
+    return train.Hooks(**HOOKS.get(method, {}), task={"label_noise": noise, "setting": task},
+                       diagnostics=DIAGNOSTICS, optimizer=OPTIMIZERS[optimizer], **more)
 
 
 # (task, label noise): without noise every method reaches accuracy 1 on both settings. With 20% of the
@@ -233,7 +257,7 @@ def run_group(job):
     global random generator). Across noise levels it cannot be shared, for the float sums' sake.
 
     One thread, because the model is tiny (two one-thread runs side by side beat one two-thread run
-    by far) and a run's numbers depend on the thread count: `OMP_NUM_THREADS=1 python experiments.py
+    by far) and a run's numbers depend on the thread count: `OMP_NUM_THREADS=1 python -m tools.experiments
     run --method M --noise N --seed S [--task T] FLAGS` repeats one run of a grid or mechanism
     study (FLAGS: the extra train.py flags it was given, as in the record's "argv").
     """
@@ -251,18 +275,18 @@ def run_group(job):
 
     records = []
     try:
-        with mock.patch.object(train, "sft", sft_once):
-            for method in job["methods"]:
-                name = f"{method}-noise{job['noise']}-seed{job['seed']}"
-                run_dir = os.path.join(job["output_dir"], "runs", name)
-                argv = [*job["train_args"], *METHODS[method], "--seed", str(job["seed"]), "--output-dir", run_dir]
-                start = time.perf_counter()
-                with open(run_dir + ".log", "w") as log, redirect_stdout(log):
-                    result = train.main(argv, hooks=method_hooks(method, job["noise"], job.get("task", "default")))
-                seconds = time.perf_counter() - start
-                print(f"{name}: held-out accuracy {result['after']['accuracy']:.3f} ({seconds:.1f} s)", flush=True)
-                records.append({"method": method, "noise": job["noise"], "seed": job["seed"], "seconds": seconds,
-                                "argv": argv, **result})
+        for method in job["methods"]:
+            name = f"{method}-noise{job['noise']}-seed{job['seed']}"
+            run_dir = os.path.join(job["output_dir"], "runs", name)
+            argv = [*job["train_args"], *METHODS[method], "--seed", str(job["seed"]), "--output-dir", run_dir]
+            hooks = method_hooks(method, job["noise"], job.get("task", "default"), sft=sft_once)
+            start = time.perf_counter()
+            with open(run_dir + ".log", "w") as log, redirect_stdout(log):
+                result = train.main(argv, hooks=hooks)
+            seconds = time.perf_counter() - start
+            print(f"{name}: held-out accuracy {result['after']['accuracy']:.3f} ({seconds:.1f} s)", flush=True)
+            records.append({"method": method, "noise": job["noise"], "seed": job["seed"], "seconds": seconds,
+                            "argv": argv, **result})
     finally:
         torch.set_num_threads(threads)
     return records
@@ -569,10 +593,10 @@ def load_pair(args):
     from transformers.utils.logging import disable_progress_bar
 
     disable_progress_bar()  # the loading bar would stand above the shaded tokens
-    tokenizer = data.load_tokenizer(train_args)
-    policy = train.build_model(train_args, device, tokenizer)
+    tokenizer = setup.load_tokenizer(train_args)
+    policy = setup.build_model(train_args, device, tokenizer)
     if not args.model:  # the built-in SFT reference, made as train.py makes it
-        train.sft(policy, data.load_pairs(train_args, tokenizer)[0], tokenizer, train_args, device, nullcontext(),
+        train.sft(policy, setup.load_pairs(train_args, tokenizer)[0], tokenizer, train_args, device, nullcontext(),
                   lambda line: None)
     if args.data:
         records = data.load_jsonl(args.data)
@@ -582,7 +606,7 @@ def load_pair(args):
         pair = data.encode_pair(tokenizer, *data.render(tokenizer, record), args.max_length, record["source"])
         name = f"{os.path.splitext(os.path.basename(args.data))[0]}-{args.index}"
     else:
-        heldout = data.load_pairs(train_args, tokenizer)[1]
+        heldout = setup.load_pairs(train_args, tokenizer)[1]
         if not 0 <= args.pair < len(heldout):
             raise SystemExit(f"error: --pair {args.pair}: the built-in held-out set has pairs 0 to {len(heldout) - 1}")
         pair, name = heldout[args.pair], f"builtin-heldout-{args.pair}"
@@ -762,9 +786,11 @@ def parse_args(argv):
     r.add_argument("--method", choices=list(METHODS), default="tidpo", metavar="METHOD",
                    help=f"one of: {', '.join(METHODS)}")
     r.add_argument("--noise", type=float, default=0.0, help="label noise: the share of training pairs flipped")
-    r.add_argument("--task", choices=data.SETTINGS, default="default", help="the built-in task's setting "
+    r.add_argument("--task", choices=builtin_task.SETTINGS, default="default", help="the built-in task's setting "
                    "(spurious: a cue sentence that follows the training labels, not the held-out ones)")
     r.add_argument("--seed", type=int, default=0, help="seed")
+    r.add_argument("--optimizer", choices=sorted(OPTIMIZERS), default="adamw", help="rmsprop: the "
+                   "authors' release's (with --lr 5e-6 --warmup-steps 150 as there)")
     r.add_argument("--output-dir", default=None, help="default: runs/<method>-noise<N>-seed<S>")
 
     w = commands.add_parser("weights", help="one pair's tokens shaded by their weights; JSON and HTML",
@@ -793,7 +819,7 @@ def run_one(args, train_args):
     output_dir = args.output_dir or os.path.join("runs", f"{args.method}-noise{args.noise}-seed{args.seed}")
     argv = [*train_args, *METHODS[args.method], "--seed", str(args.seed), "--output-dir", output_dir]
     torch.set_num_threads(1)
-    return train.main(argv, hooks=method_hooks(args.method, args.noise, args.task))
+    return train.main(argv, hooks=method_hooks(args.method, args.noise, args.task, args.optimizer))
 
 
 def main(argv=None):

@@ -33,9 +33,9 @@ if python -c "import pytest" 2>/dev/null; then
 else  # bench.py's own sampler check (graph vs eager static step) still runs below
     echo "pytest is not installed: the tests are skipped" | tee "$logs/test_sampling.log"
 fi
-part bench-16x96 150 python bench.py --preset 0.5b --batch-size 16 --bench-prompt-length 32 \
+part bench-16x96 150 python -m tools.bench --preset 0.5b --batch-size 16 --bench-prompt-length 32 \
     --bench-response-length 64 --bench-steps 10 --bench-profile
-part bench-16x512-checkpointing 150 python bench.py --preset 0.5b --batch-size 16 --bench-prompt-length 128 \
+part bench-16x512-checkpointing 150 python -m tools.bench --preset 0.5b --batch-size 16 --bench-prompt-length 128 \
     --bench-response-length 384 --bench-steps 5 --gradient-checkpointing
 run_dir=$(mktemp -d)
 part train 60 python train.py --output-dir "$run_dir/run"

@@ -1,7 +1,7 @@
-"""Extra peak memory of memory.token_logps and memory.sequence_kl on large-vocabulary logits (CPU).
+"""Extra peak memory of training/memory.py's token_logps and sequence_kl on large-vocabulary logits (CPU).
 
-    python scripts/logits_memory.py                              # bf16 logits [8, 256, 151936], Qwen2.5's vocabulary
-    python scripts/logits_memory.py --batch 2 --length 128 --vocab 32000
+    python -m tools.logits_memory                             # bf16 logits [8, 256, 151936], Qwen2.5's vocabulary
+    python -m tools.logits_memory --batch 2 --length 128 --vocab 32000
 
 Each case runs in a fresh process: the inputs are made, the process's peak resident memory is read
 (resource.getrusage), the computation runs (forward + backward of a weighted sum of the outputs,
@@ -11,7 +11,7 @@ the logits is itself 1x and unavoidable while the logits exist.
 
 "plain" is the formula written with plain autograd, as tidpo.py computed it before its backward
 was written out: a float32 copy of the whole [B, L, V] and its temporaries. The last lines compare
-the values and gradients of tidpo.py with the plain formula's on a slice of the same logits.
+the values and gradients of training/memory.py with the plain formula's on a slice of the same logits.
 """
 
 import argparse
@@ -24,10 +24,9 @@ import sys
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import memory  # noqa: E402
-import tidpo  # noqa: E402
+from training import memory
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the folder that holds tools/
 CASES = ["token_logps", "token_logps plain", "token_logps no-grad", "token_logps no-grad plain",
          "sequence_kl", "sequence_kl plain"]
 
@@ -84,7 +83,7 @@ def run_case(case, batch, length, vocab):
 
 
 def compare(batch, length, vocab):
-    """Largest differences of tidpo.py from the plain formula: values and gradients, bf16 logits."""
+    """Largest differences of training/memory.py from the plain formula: values and gradients, bf16 logits."""
     policy, ref, input_ids, response_mask, weights = inputs(batch, length, vocab, seed=1)
     result = {}
     for name, new, old, args, loss in [
@@ -119,8 +118,8 @@ def main():
           f"process; {torch.get_num_threads()} threads")
     print(f"{'case':<28}{'extra MiB':>10}{'x logits':>10}")
     for case in CASES:
-        child = subprocess.run([sys.executable, os.path.abspath(__file__), *size.split(), "--case", case],
-                               capture_output=True, text=True, check=True)
+        child = subprocess.run([sys.executable, "-m", "tools.logits_memory", *size.split(), "--case", case],
+                               capture_output=True, text=True, check=True, cwd=ROOT)
         result = json.loads(child.stdout.strip().splitlines()[-1])
         print(f"{case:<28}{result['extra_mib']:>10.0f}{result['extra_mib'] / result['logits_mib']:>10.2f}", flush=True)
     print(f"logits: {result['logits_mib']:.0f} MiB; forward + backward unless no-grad (inference_mode)")

@@ -250,8 +250,8 @@ def token_logps(logits, input_ids, response_mask):
     """tidpo.token_logps in bounded memory: [B, L] log p(input_ids[b, t] | input_ids[b, <t]) on the
     response, 0 elsewhere. The log-softmax is evaluated at the target only, a few rows at a time,
     and the shift is applied to the [B, L] results rather than to the [B, L, V] logits."""
-    sizes = tidpo._check_logits("token_logps", "logits", logits)
-    tidpo._check("token_logps", sizes, "B, L", input_ids=input_ids, response_mask=response_mask)
+    sizes = tidpo.check_logits("token_logps", "logits", logits)
+    tidpo.check_shapes("token_logps", sizes, "B, L", input_ids=input_ids, response_mask=response_mask)
     next_ids = torch.nn.functional.pad(input_ids[:, 1:], (0, 1))  # next_ids[b, t] = input_ids[b, t + 1]
     next_logps = _LogSoftmaxAtTarget.apply(logits.flatten(0, 1), next_ids.flatten()).view(next_ids.shape)
     logps = torch.nn.functional.pad(next_logps[:, :-1], (1, 0))  # token t's score at index t
@@ -261,9 +261,9 @@ def token_logps(logits, input_ids, response_mask):
 def sequence_kl(policy_logits, ref_logits, response_mask):
     """tidpo.sequence_kl in bounded memory: [B] the summed KL(pi_ref || pi_theta) of the distributions
     that predict each response token."""
-    sizes = tidpo._check_logits("sequence_kl", "policy_logits", policy_logits)
-    tidpo._check("sequence_kl", sizes, "B, L, V", ref_logits=ref_logits)
-    tidpo._check("sequence_kl", sizes, "B, L", response_mask=response_mask)
+    sizes = tidpo.check_logits("sequence_kl", "policy_logits", policy_logits)
+    tidpo.check_shapes("sequence_kl", sizes, "B, L, V", ref_logits=ref_logits)
+    tidpo.check_shapes("sequence_kl", sizes, "B, L", response_mask=response_mask)
     kl = _SequentialKL.apply(policy_logits.flatten(0, 1), ref_logits.flatten(0, 1)).view(policy_logits.shape[:2])
     return (kl[:, :-1] * response_mask[:, 1:].to(kl.dtype)).sum(dim=-1)
 

@@ -44,9 +44,10 @@ def sample(model, prompt_ids, prompt_mask, tokenizer, *, max_new_tokens=64, min_
 
 
 def options(args):
-    """sample()'s keyword arguments from train.py's flags."""
-    return dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                top_p=args.top_p, method=args.sampler)
+    """sample()'s keyword arguments from train.py's flags (and a minimum length where the caller
+    set one: tools/bench.py samples full-length anchors)."""
+    return dict(max_new_tokens=args.max_new_tokens, min_new_tokens=getattr(args, "min_new_tokens", 0),
+                temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, method=args.sampler)
 
 
 def choose_method(model, method, cuda):
