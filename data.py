@@ -17,6 +17,7 @@ import json
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 FIELDS = ("prompt", "chosen", "rejected")
 RESPONSES = ("chosen", "rejected")
@@ -55,7 +56,8 @@ def load_jsonl(path) -> list[dict]:
         try:
             record = json.loads(text)
         except json.JSONDecodeError as error:
-            raise DataError(f"{where}: invalid JSON ({error.msg} at column {error.colno})") from None
+            message = f"invalid JSON ({error.msg} at column {error.colno})"
+            raise DataError(f"{where}: {message}") from None
         if not isinstance(record, dict):
             raise DataError(f"{where}: expected a JSON object, got a {_json_type(record)}")
         check_record(record, where)
@@ -80,7 +82,8 @@ def check_record(record, where):
         if conversational:
             _check_messages(value, where, field)
         elif not isinstance(value, str):
-            wanted = "a string or a list of messages" if field == "prompt" else "a string, like the prompt"
+            wanted = ("a string or a list of messages" if field == "prompt"
+                      else "a string, like the prompt")
             raise DataError(f"{where}: field '{field}' must be {wanted}, got a {_json_type(value)}")
     if conversational and not record["prompt"]:
         raise DataError(f"{where}: field 'prompt' has no messages")
@@ -88,7 +91,8 @@ def check_record(record, where):
         if not _text_of(record[field]).strip():
             raise DataError(f"{where}: field '{field}' is an empty response")
     if record["chosen"] == record["rejected"]:
-        raise DataError(f"{where}: fields 'chosen' and 'rejected' are identical, so there is no preference")
+        raise DataError(f"{where}: fields 'chosen' and 'rejected' are identical, so there is no "
+                        "preference")
 
 
 def _check_messages(value, where, field):
@@ -128,8 +132,8 @@ def render(tokenizer, record) -> tuple[str, str, str]:
     if isinstance(prompt, str):
         return prompt, record["chosen"], record["rejected"]
     if getattr(tokenizer, "chat_template", None) is None:
-        raise DataError(f"{source}: the record is conversational but the tokenizer has no chat template "
-                        "(set tokenizer.chat_template or use plain-text records)")
+        raise DataError(f"{source}: the record is conversational but the tokenizer has no chat "
+                        "template (set tokenizer.chat_template or use plain-text records)")
     prompt_text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
 
     def response_text(field):
@@ -138,8 +142,9 @@ def render(tokenizer, record) -> tuple[str, str, str]:
         # rendering (with its assistant header) is a prefix of the full one.
         full = tokenizer.apply_chat_template(prompt + record[field], tokenize=False)
         if not full.startswith(prompt_text):
-            raise DataError(f"{source}: field '{field}': the chat template renders prompt + response "
-                            "so that it does not start with the rendered prompt; cannot split them")
+            raise DataError(f"{source}: field '{field}': the chat template renders prompt + "
+                            "response so that it does not start with the rendered prompt; cannot "
+                            "split them")
         return full[len(prompt_text):].rstrip()
 
     return prompt_text, response_text("chosen"), response_text("rejected")
@@ -155,7 +160,8 @@ def encode_pair(tokenizer, prompt_text, chosen_text, rejected_text, max_length, 
     """
     where = source or "record"
     if max_length < 2:
-        raise DataError(f"max_length must be at least 2 (one prompt and one response token), got {max_length}")
+        raise DataError("max_length must be at least 2 (one prompt and one response token), "
+                        f"got {max_length}")
     if tokenizer.eos_token_id is None:
         raise DataError("the tokenizer has no eos token, which is needed to end each response")
     prompt_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
@@ -184,7 +190,8 @@ def encode_pair(tokenizer, prompt_text, chosen_text, rejected_text, max_length, 
             "chosen_ids": responses["chosen"][:room],
             "rejected_ids": responses["rejected"][:room],
             # tokens cut from the prompt, the chosen and the rejected response (cut_report)
-            "cut": [len(prompt_ids) - len(kept), *(max(0, len(responses[f]) - room) for f in RESPONSES)]}
+            "cut": [len(prompt_ids) - len(kept),
+                    *(max(0, len(responses[field]) - room) for field in RESPONSES)]}
 
 
 def end_of_turn_ids(tokenizer) -> set[int]:
@@ -192,7 +199,8 @@ def end_of_turn_ids(tokenizer) -> set[int]:
     (a chat template's end of turn: ChatML's <|im_end|>, Llama 3's <|eot_id|>), except those that
     never end a turn (bos, unk, and pad where it is not eos)."""
     special = {index for index, token in tokenizer.added_tokens_decoder.items() if token.special}
-    never = {tokenizer.bos_token_id, tokenizer.unk_token_id, tokenizer.pad_token_id} - {tokenizer.eos_token_id}
+    never = ({tokenizer.bos_token_id, tokenizer.unk_token_id, tokenizer.pad_token_id}
+             - {tokenizer.eos_token_id})
     return (special - never) | {tokenizer.eos_token_id}
 
 
@@ -250,19 +258,20 @@ def stack_pair(batch, pad_id) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]
     chosen responses and rows [B:] the rejected ones.
     """
     length = max(batch[f"{side}_input_ids"].shape[1] for side in RESPONSES)
-    return (_stack_sides(batch, "input_ids", length, pad_id), _stack_sides(batch, "attention_mask", length),
+    return (_stack_sides(batch, "input_ids", length, pad_id),
+            _stack_sides(batch, "attention_mask", length),
             _stack_sides(batch, "response_mask", length))
 
 
 def stack_critical(batch, length) -> torch.Tensor:
-    """[2B, length] the chosen then the rejected rows' critical masks, right-padded like stack_pair's rows."""
+    """[2B, length] the chosen, then the rejected rows' critical masks, padded like stack_pair's."""
     return _stack_sides(batch, "critical_mask", length)
 
 
 def _stack_sides(batch, name, length, fill=0):
-    # batch["chosen_<name>"] over batch["rejected_<name>"], each right-padded with `fill` to `length`
-    return torch.cat([torch.nn.functional.pad(batch[f"{side}_{name}"], (0, length - batch[f"{side}_{name}"].shape[1]),
-                                              value=fill) for side in RESPONSES])
+    # batch["chosen_<name>"] over batch["rejected_<name>"], each right-padded with `fill`
+    sides = [batch[f"{side}_{name}"] for side in RESPONSES]
+    return torch.cat([F.pad(x, (0, length - x.shape[1]), value=fill) for x in sides])
 
 
 def batches(pairs, batch_size, pad_id, generator=None, skip=0):
@@ -270,7 +279,8 @@ def batches(pairs, batch_size, pad_id, generator=None, skip=0):
 
     The first `skip` batches of that order are left out, so that a resumed run continues its epoch.
     """
-    order = torch.randperm(len(pairs), generator=generator).tolist() if generator else list(range(len(pairs)))
+    order = (torch.randperm(len(pairs), generator=generator).tolist() if generator
+             else list(range(len(pairs))))
     for start in range(skip * batch_size, len(order), batch_size):
         yield collate([pairs[i] for i in order[start:start + batch_size]], pad_id)
 
@@ -285,7 +295,8 @@ class Epochs:
     """
 
     def __init__(self, pairs, batch_size, pad_id, seed, min_pairs=1):
-        self.pairs, self.batch_size, self.pad_id, self.min_pairs = pairs, batch_size, pad_id, min_pairs
+        self.pairs, self.batch_size, self.pad_id = pairs, batch_size, pad_id
+        self.min_pairs = min_pairs
         self.generator = torch.Generator().manual_seed(seed)
         self.epoch_start, self.taken, self.stream = None, 0, iter(())
 
@@ -304,4 +315,5 @@ class Epochs:
     def restore(self, state):
         self.epoch_start, self.taken = state["epoch_start"], state["taken"]
         self.generator.set_state(self.epoch_start)
-        self.stream = batches(self.pairs, self.batch_size, self.pad_id, self.generator, skip=self.taken)
+        self.stream = batches(self.pairs, self.batch_size, self.pad_id, self.generator,
+                              skip=self.taken)

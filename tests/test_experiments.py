@@ -320,8 +320,8 @@ def test_mechanism_is_the_default_command_and_tables_both_settings(tmp_path, mon
                 "0.750 ± 0.000 | 0.625 ± 0.000 |") in section
         # the dynamics: start and end of the summed log-probs; the triplet's columns only for TI-DPO
         # (active: 0.5 then 0.25; on flipped pairs 0.25 then 0.5, mean 0.375)
-        assert "| dpo | -10.00 ± 0.00 | -20.00 ± 0.00 | -20.00 ± 0.00 | -40.00 ± 0.00 |  |  |  |  |  |  |  |  |  |\n" \
-            in section
+        assert ("| dpo | -10.00 ± 0.00 | -20.00 ± 0.00 | -20.00 ± 0.00 | -40.00 ± 0.00 "
+                "|  |  |  |  |  |  |  |  |  |\n") in section
         assert ("| tidpo | -10.00 ± 0.00 | -20.00 ± 0.00 | -20.00 ± 0.00 | -40.00 ± 0.00 | 1.00 ± 0.00 | "
                 "0.50 ± 0.00 | -0.50 ± 0.00 | 3.00 ± 0.00 | 4.00 ± 0.00 | 0.500 ± 0.000 | 0.250 ± 0.000 | "
                 "0.375 ± 0.000 | 0.125 ± 0.000 |") in section

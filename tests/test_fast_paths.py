@@ -94,9 +94,9 @@ def plain_loss(policy, ref, pairs, anchor, args):
 def test_step_matches_the_plain_computation(gamma, monkeypatch):
     policy, ref, pairs, batch, anchor = setup()
     args = argparse.Namespace(loss="tidpo", weights="hybrid", beta=0.1, gamma=gamma, lam=0.7, margin=0.01,
-                              weight_scale="mean", kl_alpha=0.0, attribution="paper", max_new_tokens=64,
+                              kl_alpha=0.0, max_new_tokens=64,
                               min_new_tokens=0, temperature=0.8, top_k=50, top_p=0.95, sampler="auto")
-    monkeypatch.setattr(train, "sample", lambda *a, **k: anchor)
+    monkeypatch.setattr(train.sampling, "sample", lambda *a, **k: anchor)
     tokenizer = argparse.Namespace(pad_token_id=PAD, eos_token_id=EOS)
 
     loss, _ = train.tidpo_step(policy, ref, batch, tokenizer, args, torch.device("cpu"), nullcontext())

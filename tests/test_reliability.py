@@ -11,6 +11,7 @@ import os
 import re
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -195,14 +196,17 @@ def test_non_finite_step_stops_before_the_update_and_keeps_the_checkpoint(case, 
         return NanGradient.apply(loss), metrics
 
     if case == "triplet":
-        # on the built-in task each step calls it twice (the loss, then the flipped/clean diagnostics):
-        # call 5 is step 3's loss
-        fail_at_call(monkeypatch, tidpo, "triplet_loss", 5, plant)
+        # the run's triplet (train.Hooks' default, tidpo.triplet_loss), wrapped. On the built-in task
+        # each step calls it twice (the loss, then the flipped/clean diagnostics): call 5 is step 3's loss
+        holder = types.SimpleNamespace(triplet=tidpo.triplet_loss)
+        fail_at_call(monkeypatch, holder, "triplet", 5, plant)
+        hooks = train.Hooks
+        monkeypatch.setattr(train, "Hooks", lambda **given: hooks(**{"triplet": holder.triplet, **given}))
     else:
         fail_at_call(monkeypatch, train, "tidpo_step", 3, plant)
     built = []
     build_model = setup.build_model
-    monkeypatch.setattr(train, "build_model", lambda *a, **k: built.append(build_model(*a, **k)) or built[-1])
+    monkeypatch.setattr(setup, "build_model", lambda *a, **k: built.append(build_model(*a, **k)) or built[-1])
     with pytest.raises(SystemExit) as stop:
         run(flags, folder)
     message = stop.value.code
@@ -285,7 +289,6 @@ def test_two_processes_match_one_process_on_the_same_global_batch(tmp_path):
 BAD_FLAGS = {
     "steps-0": (["--steps", "0"], "--steps must be at least 1, got 0"),
     "steps-negative": (["--steps", "-5"], "--steps must be at least 1, got -5"),
-    "epochs-0": (["--epochs", "0"], "--epochs must be positive"),
     "batch-size-0": (["--batch-size", "0"], "--batch-size must be at least 1"),
     "batch-below-ranks": (["--batch-size", "2"], "--batch-size 2 is smaller than the 4 processes"),
     "grad-accum-0": (["--grad-accum", "0"], "--grad-accum must be at least 1"),
@@ -299,7 +302,6 @@ BAD_FLAGS = {
     "kl-alpha-negative": (["--kl-alpha", "-0.5"], "--kl-alpha must be at least 0"),
     "max-length-1": (["--max-length", "1"], "--max-length must be at least 2"),
     "max-new-tokens-0": (["--max-new-tokens", "0"], "--max-new-tokens must be at least 1"),
-    "min-above-max-new-tokens": (["--min-new-tokens", "9", "--max-new-tokens", "8"], "--min-new-tokens must be"),
     "temperature-negative": (["--temperature", "-1"], "--temperature must be at least 0"),
     "top-p-0": (["--top-p", "0"], "--top-p must be in (0, 1]"),
     "warmup-negative": (["--warmup-steps", "-1"], "--warmup-steps must be at least 0"),
@@ -327,8 +329,8 @@ def test_bad_flags_are_refused_with_a_usage_message(case, monkeypatch, capsys):
 
 def test_good_flags_at_the_edges_are_accepted():
     args = train.parse_args(["--lam", "0", "--gamma", "0", "--temperature", "0", "--top-p", "1", "--max-grad-norm",
-                             "0", "--sft-steps", "0", "--min-new-tokens", "64", "--steps", "1"])
-    assert (args.lam, args.gamma, args.top_p, args.min_new_tokens) == (0.0, 0.0, 1.0, 64)
+                             "0", "--sft-steps", "0", "--max-new-tokens", "1", "--steps", "1"])
+    assert (args.lam, args.gamma, args.top_p, args.max_new_tokens) == (0.0, 0.0, 1.0, 1)
     assert train.parse_args(["--lam", "1"]).lam == 1.0
 
 
@@ -370,7 +372,8 @@ def bad_resume(case, folder, tmp_path):
     checkpoints = folder / "checkpoints"
     last = checkpoints / "step-000006.pt"
     if case == "missing":
-        return ["--resume", str(tmp_path / "gone.pt")], tmp_path / "new", f"--resume {tmp_path / 'gone.pt'}: no such file"
+        gone = tmp_path / "gone.pt"
+        return ["--resume", str(gone)], tmp_path / "new", f"--resume {gone}: no such file"
     if case == "folder":
         return ["--resume", str(checkpoints)], tmp_path / "new", f"--resume {checkpoints}: is a folder"
     if case == "not-a-torch-file":
@@ -387,7 +390,8 @@ def bad_resume(case, folder, tmp_path):
             f"--resume {tmp_path / 'weights.pt'}: not a checkpoint written by train.py"
     if case == "other-flags":
         return ["--resume", "latest", "--beta", "0.2", "--loss", "dpo"], folder, \
-            f"--resume {last}: that run had --loss tidpo (now dpo), --beta 0.1 (now 0.2); resume with the run's own flags"
+            (f"--resume {last}: that run had --loss tidpo (now dpo), --beta 0.1 (now 0.2); resume with the run's "
+             "own flags")
     if case == "other-model":  # a loadable model (the run's own saved policy), but not the run's --model
         return ["--resume", str(last), "--model", str(folder / "policy")], tmp_path / "new", \
             f"--resume {last}: that run had --model None (now {folder / 'policy'})"
@@ -410,8 +414,9 @@ def bad_resume(case, folder, tmp_path):
         (tmp_path / "other").mkdir()
         (tmp_path / "other" / "metrics.jsonl").write_text("{}\n")
         (tmp_path / "other" / "curves.png").write_bytes(b"")  # a run that got to its end (no policy kept)
-        return ["--resume", str(last)], tmp_path / "other", f"--output-dir {tmp_path / 'other'} already holds an " \
-                                                           "earlier run (curves.png, metrics.jsonl); it has no checkpoints"
+        return ["--resume", str(last)], tmp_path / "other", (
+            f"--output-dir {tmp_path / 'other'} already holds an earlier run (curves.png, metrics.jsonl); it has "
+            "no checkpoints")
     raise AssertionError(case)
 
 

@@ -1042,7 +1042,8 @@ def test_sequence_kl_gradients_vs_closed_forms(lp, small_chunks):
     expected_policy, expected_ref = torch.zeros_like(policy_logits), torch.zeros_like(ref_logits)
     for b in range(batch):
         for t in response_positions(response_mask[b]):
-            log_p, log_q = policy_logits[b, t - 1].detach().log_softmax(-1), ref_logits[b, t - 1].detach().log_softmax(-1)
+            log_p = policy_logits[b, t - 1].detach().log_softmax(-1)
+            log_q = ref_logits[b, t - 1].detach().log_softmax(-1)
             kl = (log_q.exp() * (log_q - log_p)).sum()
             expected_policy[b, t - 1] = loss_weights[b] * (log_p.exp() - log_q.exp())
             expected_ref[b, t - 1] = loss_weights[b] * log_q.exp() * (log_q - log_p - kl)
@@ -1071,11 +1072,14 @@ def test_sequence_kl_bfloat16_equals_the_plain_float32_formula(lp, small_chunks)
 
 def test_sequence_kl_rejects_mismatched_shapes(lp):
     logits = torch.zeros(2, 5, 7)
-    with pytest.raises(ValueError, match=r"sequence_kl: policy_logits must be a \[B, L, V\] tensor of floats, got shape \[10, 7\]"):
+    with pytest.raises(ValueError, match=r"sequence_kl: policy_logits must be a \[B, L, V\] tensor of floats, "
+                                         r"got shape \[10, 7\]"):
         lp.sequence_kl(logits.view(10, 7), logits.view(10, 7), torch.ones(2, 5))
-    with pytest.raises(ValueError, match=r"sequence_kl: ref_logits must have shape \[B, L, V\] = \[2, 5, 7\], got \[2, 5, 8\]"):
+    with pytest.raises(ValueError, match=r"sequence_kl: ref_logits must have shape \[B, L, V\] = \[2, 5, 7\], "
+                                         r"got \[2, 5, 8\]"):
         lp.sequence_kl(logits, torch.zeros(2, 5, 8), torch.ones(2, 5))
-    with pytest.raises(ValueError, match=r"sequence_kl: response_mask must have shape \[B, L\] = \[2, 5\], got \[2, 4\]"):
+    with pytest.raises(ValueError, match=r"sequence_kl: response_mask must have shape \[B, L\] = \[2, 5\], "
+                                         r"got \[2, 4\]"):
         lp.sequence_kl(logits, logits, torch.ones(2, 4))
 
 

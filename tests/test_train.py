@@ -90,7 +90,7 @@ def builtin_run(tmp_path_factory, one_thread):
     with pytest.MonkeyPatch.context() as patch, warnings.catch_warnings(record=True) as caught, \
             contextlib.redirect_stdout(printed):
         warnings.simplefilter("always")
-        patch.setattr(train, "build_model", build_model)
+        patch.setattr(setup, "build_model", build_model)
         result = run(BUILTIN, output_dir)
     assert len(built) == 1
     return {"result": result, "output_dir": output_dir, "policy": built[0], "warnings": caught,

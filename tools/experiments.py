@@ -86,8 +86,8 @@ GRID_METHODS = ["dpo", "tidpo", "tidpo_reported", "tidpo_no_triplet", "uniform_w
                 "prior_only", "tidpo_eq8_sum", "tidpo_anchor_grad", "tidpo_points_triplet"]
 # DPO and the full TI-DPO (Eq. 14, triplet included; and the paper's reported configuration) with the
 # paper's weights, uniform weights and oracle weights; then Eq. 12 alone (no triplet) with each weighting.
-MECHANISM_METHODS = ["dpo", "tidpo", "tidpo_reported", "uniform_weights", "oracle_triplet", "tidpo_no_triplet", "tidpo_no_final",
-                     "tidpo_grad_x_input", "prior_only_no_triplet", "oracle", "oracle_eq8"]
+MECHANISM_METHODS = ["dpo", "tidpo", "tidpo_reported", "uniform_weights", "oracle_triplet", "tidpo_no_triplet",
+                     "tidpo_no_final", "tidpo_grad_x_input", "prior_only_no_triplet", "oracle", "oracle_eq8"]
 
 
 def points_triplet_loss(anchor_logratios, anchor_mask, chosen_logratios, chosen_mask, rejected_logratios,
@@ -350,8 +350,9 @@ def history_values(records, metric, when, **where):
     return values
 
 
-DYNAMICS = [("logps/chosen", "start"), ("logps/chosen", "end"), ("logps/rejected", "start"), ("logps/rejected", "end"),
-            ("triplet/logratio_anchor", "end"), ("triplet/logratio_chosen", "end"), ("triplet/logratio_rejected", "end"),
+DYNAMICS = [("logps/chosen", "start"), ("logps/chosen", "end"), ("logps/rejected", "start"),
+            ("logps/rejected", "end"), ("triplet/logratio_anchor", "end"), ("triplet/logratio_chosen", "end"),
+            ("triplet/logratio_rejected", "end"),
             ("triplet/distance_chosen", "end"), ("triplet/distance_rejected", "end"), ("triplet/active", "start"),
             ("triplet/active", "end"), ("triplet/active_on_flipped", "mean"), ("triplet/active_on_clean", "mean")]
 
@@ -359,8 +360,9 @@ DYNAMICS = [("logps/chosen", "start"), ("logps/chosen", "end"), ("logps/rejected
 def dynamics_table(records, methods, **where):
     """Markdown: what training does to the likelihoods and where Eq. 13's hinge acts. The policy's summed
     log-probabilities of the chosen and rejected responses (training batches, first and last logged window),
-    the summed log-ratios of anchor, chosen and rejected responses at the end, the triplet's distances D(y, y_w) and D(y, y_l) at the end, the share of pairs with an active hinge,
-    and that share among the label-flipped pairs and among the clean ones (mean over training)."""
+    the summed log-ratios of anchor, chosen and rejected responses at the end, the triplet's distances
+    D(y, y_w) and D(y, y_l) at the end, the share of pairs with an active hinge, and that share among the
+    label-flipped pairs and among the clean ones (mean over training)."""
     header = ["method", "logp chosen, start", "end", "logp rejected, start", "end", "log-ratio anchor, end",
               "chosen, end", "rejected, end", "D(y, y_w), end",
               "D(y, y_l), end", "hinge active, start", "end", "active on flipped", "active on clean"]

@@ -43,7 +43,8 @@ def main(pairs=8, prompt=256, response=256, new_tokens=64, sharded_pairs=4, gpus
             off, on = (step_peak_bytes(Qwen2Config(**shape), pairs, prompt + response, prompt + new_tokens, full,
                                        checkpointing) for checkpointing in (False, True))
             static = off["weights"] + off["gradients"] + off["adamw"] + off["reference"]
-            print(f"| {name} | {loss} | {static / 2**30:.1f} | {off['total'] / 2**30:.1f} | {on['total'] / 2**30:.1f} |")
+            print(f"| {name} | {loss} | {static / 2**30:.1f} | {off['total'] / 2**30:.1f} | "
+                  f"{on['total'] / 2**30:.1f} |")
     print(f"\nSharded (--fsdp): {sharded_pairs} pairs per GPU, the same lengths; GiB per GPU")
     print("| model | loss | checkpointing | " + " | ".join(f"{n} GPUs" for n in gpus) + " |")
     print("|---|---|---|" + "---:|" * len(gpus))

@@ -94,8 +94,9 @@ class StaticSampler:
 
     Per bucket (batch rounded up to a power of two, prompt length up to a multiple of 64, and the
     sampling settings; the MAX_BUCKETS most recently used) it keeps a StaticCache, the decode
-    loop's state as fixed tensors and, on CUDA, the captured decode step. Extra rows repeat the last prompt and are dropped; extra prompt
-    columns are left padding, which the padding-independent positions make invisible.
+    loop's state as fixed tensors and, on CUDA, the captured decode step. Extra rows repeat the last
+    prompt and are dropped; extra prompt columns are left padding, which the padding-independent
+    positions make invisible.
 
     Under bfloat16 autocast the steps run a shadow of the model whose Linear weights are bfloat16
     copies, refreshed once per call, while every other parameter is the model's own: autocast
