@@ -8,6 +8,7 @@ little away from its reference; everything
 after them is computed by tidpo.py's own functions. The README prints this script's output.
 """
 
+import argparse
 import sys
 from pathlib import Path
 
@@ -96,4 +97,5 @@ def main():
 
 
 if __name__ == "__main__":
+    argparse.ArgumentParser(description=__doc__).parse_args()  # no flags; --help says what it is
     main()

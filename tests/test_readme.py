@@ -1,6 +1,7 @@
 """The README and docs are true: their commands, worked example and code run as printed, and
 every file they link to exists."""
 
+import importlib.util
 import math
 import os
 import re
@@ -146,3 +147,22 @@ def test_pyproject_installs_tidpo_alone_as_a_module(tmp_path):
                            env={**os.environ, "PYTHONPATH": str(tmp_path / "site")})
     assert check.returncode == 0, check.stderr
     assert check.stdout.strip() == "1.0"
+
+
+def test_every_command_the_readme_and_docs_show_exists_and_runs_help():
+    # `python FILE.py ...` and `python -m MODULE ...` as the pages print them; pip, pytest, venv and
+    # torchrun's module are other programs. All at once, each in its own process.
+    shown = set()
+    for page in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        for module, path in re.findall(r"python (?:-m ([\w.]+)|([\w/]+\.py))", page.read_text()):
+            if module not in ("pip", "pytest", "venv", "torch.distributed.run") and not module.endswith("NAME"):
+                shown.add(("-m", module) if module else (path,))
+    assert ("train.py",) in shown and ("-m", "tools.bench") in shown and ("-m", "tools.experiments") in shown
+    if importlib.util.find_spec("trl") is None:  # the TRL recipe's --help needs TRL (.ci/run installs it)
+        shown.discard(("examples/trl_tidpo.py",))
+    running = {command: subprocess.Popen([sys.executable, *command, "--help"], cwd=ROOT, text=True,
+                                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+               for command in sorted(shown)}
+    for command, process in running.items():
+        out, err = process.communicate(timeout=300)
+        assert process.returncode == 0 and "usage" in out.lower(), f"python {' '.join(command)} --help: {err}"
