@@ -77,7 +77,6 @@ def build_parser(description=__doc__):
     a("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
     a("--lr", type=float, help="default: 5e-4 for the built-in tiny model, 1e-6 with --model")
     a("--warmup-steps", type=int, default=10, help="linear warmup, then constant")
-    a("--max-grad-norm", type=float, default=1.0, help="gradient clipping (0: off)")
     a("--gradient-checkpointing", action="store_true", help="less memory, one forward more")
     a("--sft-steps", type=int, default=300, help="built-in model only: SFT steps before TI-DPO")
     a("--seed", type=int, default=0, help="seeds the model, data order, sampling, built-in task")
@@ -87,8 +86,8 @@ def build_parser(description=__doc__):
     a("--fsdp", action="store_true", help="under torchrun: shard policy and reference (FSDP2)")
 
     a = p.add_argument_group("checkpoints").add_argument
-    a("--save-every", type=int, default=0, help="a checkpoint every N steps and at the end")
-    a("--keep-last", type=int, default=2, help="checkpoints kept; older ones are deleted")
+    a("--save-every", type=int, default=0, help="a checkpoint every N steps and at the end (the "
+      "newest two are kept)")
     a("--resume", metavar="PATH|latest", help="continue a run from a checkpoint, or the newest in "
       "--output-dir; the flags must be the run's, except " +
       ", ".join("--" + name.replace("_", "-") for name in checkpoints.MAY_CHANGE_ON_RESUME))
@@ -211,6 +210,9 @@ def tidpo_step(policy, ref, batch, tokenizer, args, device, autocast, hooks=None
 # ------------------------------------------------------------------ the loop
 
 
+MAX_GRAD_NORM = 1.0  # gradient clipping by the global norm, as TRL and the DPO reference code
+
+
 def make_optimizer(params, args):
     """AdamW without weight decay (tools/experiments.py can swap in the release's RMSprop)."""
     return torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
@@ -284,7 +286,7 @@ def train_loop(policy, ref, train_pairs, tokenizer, args, run, resume, before):
             for name, value in {"loss": loss.detach(), **metrics}.items():
                 step_sums[name] = step_sums.get(name, 0) + value * (share / args.grad_accum)
         names = [*step_sums, "grad_norm"]
-        grad_norm = distributed.clip_grad_norm(policy, args.max_grad_norm)
+        grad_norm = distributed.clip_grad_norm(policy, MAX_GRAD_NORM)
         # the processes' shares add up to the whole batch's means
         means = distributed.all_reduce_sum(torch.stack(list(step_sums.values())), world_size)
         # The step's one wait for the device: its numbers, checked before the update is applied.

@@ -127,7 +127,7 @@ def test_sharded_run_matches_one_process_on_a_hub_shaped_checkpoint(kind, hub, t
 def test_a_sharded_run_resumes_exactly(tmp_path):
     # sampled anchors (temperature 0.8): each process's random stream is in the checkpoint too
     flags = ["--sft-steps", "10", "--batch-size", "8", "--log-every", "1", "--max-new-tokens", "4", "--seed", "0",
-             "--device", "cpu", "--save-every", "2", "--keep-last", "1", "--fsdp"]
+             "--device", "cpu", "--save-every", "2", "--fsdp"]
     torchrun("train.py", *flags, "--steps", "4", "--output-dir", str(tmp_path / "whole"))
     torchrun("train.py", *flags, "--steps", "2", "--output-dir", str(tmp_path / "stopped"))
     checkpoints = tmp_path / "stopped" / "checkpoints"
@@ -141,7 +141,7 @@ def test_a_sharded_run_resumes_exactly(tmp_path):
     assert set(whole) == set(stopped)
     for key, entry in whole.items():
         assert stopped[key] == entry, key  # the steps after the checkpoint and the evaluation after it
-    assert sorted(p.name for p in checkpoints.iterdir()) == ["reference", "step-000004"]  # --keep-last 1
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["reference", "step-000002", "step-000004"]  # newest two
     # a sharded checkpoint continues a sharded run only
     with pytest.raises(SystemExit, match=r"that run had --fsdp True \(now False\)"):
         train.main([*[f for f in flags if f != "--fsdp"], "--steps", "5", "--output-dir",

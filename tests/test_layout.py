@@ -84,7 +84,7 @@ def test_the_lesson_keeps_its_budgets():
     for name in ("tidpo.py", "train.py", "data.py"):
         assert all(len(line) <= 100 for line in lines[name]), name
     flags = subprocess.run([sys.executable, str(ROOT / "train.py"), "--help"], capture_output=True, text=True, cwd=ROOT)
-    assert flags.returncode == 0 and len(re.findall(r"^  --", flags.stdout, flags=re.M)) <= 32
+    assert flags.returncode == 0 and len(re.findall(r"^  --", flags.stdout, flags=re.M)) <= 34
 
 
 def test_one_line_width_for_the_repository():

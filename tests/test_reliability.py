@@ -112,7 +112,7 @@ def test_resume_after_a_crash_gives_the_uninterrupted_losses(uninterrupted, tmp_
         run(TINY, folder)
     monkeypatch.undo()
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    # --save-every 1 --keep-last 2: steps 3 and 4 are left, written whole (no temporary files)
+    # --save-every 1, the newest two kept: steps 3 and 4 are left, written whole (no temporary files)
     assert sorted(os.listdir(folder / "checkpoints")) == ["reference.pt", "step-000003.pt", "step-000004.pt"]
     assert sorted(train_records(folder)) == [1, 2, 3, 4]
 
@@ -185,7 +185,7 @@ class NanGradient(torch.autograd.Function):
 @pytest.mark.parametrize("case", ["triplet", "gradient"])
 def test_non_finite_step_stops_before_the_update_and_keeps_the_checkpoint(case, tmp_path, monkeypatch):
     folder = tmp_path / "run"
-    flags = [*TINY, "--save-every", "2", "--keep-last", "1"]
+    flags = [*TINY, "--save-every", "2"]
     kept = {}
 
     def plant(result):
@@ -305,11 +305,9 @@ BAD_FLAGS = {
     "temperature-negative": (["--temperature", "-1"], "--temperature must be at least 0"),
     "top-p-0": (["--top-p", "0"], "--top-p must be in (0, 1]"),
     "warmup-negative": (["--warmup-steps", "-1"], "--warmup-steps must be at least 0"),
-    "max-grad-norm-negative": (["--max-grad-norm", "-1"], "--max-grad-norm must be at least 0"),
     "sft-steps-negative": (["--sft-steps", "-1"], "--sft-steps must be at least 0"),
     "log-every-0": (["--log-every", "0"], "--log-every must be at least 1"),
     "save-every-negative": (["--save-every", "-1"], "--save-every must be at least 0"),
-    "keep-last-0": (["--keep-last", "0"], "--keep-last must be at least 1"),
     "not-a-number": (["--steps", "ten"], "argument --steps: invalid int value: 'ten'"),
     "unknown-choice": (["--loss", "ppo"], "argument --loss: invalid choice: 'ppo'"),
 }
@@ -328,8 +326,8 @@ def test_bad_flags_are_refused_with_a_usage_message(case, monkeypatch, capsys):
 
 
 def test_good_flags_at_the_edges_are_accepted():
-    args = train.parse_args(["--lam", "0", "--gamma", "0", "--temperature", "0", "--top-p", "1", "--max-grad-norm",
-                             "0", "--sft-steps", "0", "--max-new-tokens", "1", "--steps", "1"])
+    args = train.parse_args(["--lam", "0", "--gamma", "0", "--temperature", "0", "--top-p", "1",
+                             "--sft-steps", "0", "--max-new-tokens", "1", "--steps", "1"])
     assert (args.lam, args.gamma, args.top_p, args.max_new_tokens) == (0.0, 0.0, 1.0, 1)
     assert train.parse_args(["--lam", "1"]).lam == 1.0
 

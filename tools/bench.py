@@ -103,7 +103,7 @@ def bench_step(policy, ref, optimizer, batch, tokenizer, args, device, autocast)
     with record_function("backward"):
         loss.backward()
     with record_function("clip + optimizer step"):
-        torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm)
+        torch.nn.utils.clip_grad_norm_(policy.parameters(), train.MAX_GRAD_NORM)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     synchronize(device)

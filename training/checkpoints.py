@@ -19,8 +19,9 @@ import torch
 import torch.distributed as dist
 
 # A checkpoint continues the run that wrote it: these flags may differ on --resume, the rest may not.
-MAY_CHANGE_ON_RESUME = ("steps", "lr", "fp32", "device", "log_every", "save_every", "keep_last",
-                        "output_dir", "resume", "gradient_checkpointing")
+MAY_CHANGE_ON_RESUME = ("steps", "lr", "fp32", "device", "log_every", "save_every", "output_dir",
+                        "resume", "gradient_checkpointing")
+KEEP_LAST = 2  # checkpoints kept: the newest, and one before it in case a later step went wrong
 CHECKPOINT_FORMAT = "tidpo train.py checkpoint, version 1"
 CHECKPOINT_NAME = re.compile(r"step-(\d+)(\.pt)?")  # a file, or a sharded run's folder
 
@@ -83,7 +84,7 @@ def save_reference(ref, run_dir, rank, sharded=False):
 
 def save_checkpoint(args, step, policy, optimizer, scheduler, device, rank, world_size, **loop):
     """Write checkpoints/step-N.pt (on rank 0: the state is every process's; sharded, the folder
-    step-N/) and delete all but the newest --keep-last; returns its path (None on the other
+    step-N/) and delete all but the newest KEEP_LAST; returns its path (None on the other
     ranks). `loop`: the data position, the log window, the history and the held-out numbers before
     training."""
     sharded = args.fsdp
@@ -105,7 +106,7 @@ def save_checkpoint(args, step, policy, optimizer, scheduler, device, rank, worl
         save_atomically({**state, "policy": policy.state_dict(), "optimizer": optimizer.state_dict()}, path)
     if rank != 0:
         return None
-    for _, old in saved_checkpoints(args.output_dir)[:-args.keep_last]:
+    for _, old in saved_checkpoints(args.output_dir)[:-KEEP_LAST]:
         shutil.rmtree(old) if os.path.isdir(old) else os.remove(old)
     return path
 

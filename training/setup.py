@@ -22,8 +22,8 @@ from training.hf_datasets import load_records
 
 # the flags that have a lowest value, and that value
 AT_LEAST = {"steps": 1, "batch_size": 1, "grad_accum": 1, "gamma": 0, "margin": 0, "kl_alpha": 0,
-            "max_new_tokens": 1, "warmup_steps": 0, "max_grad_norm": 0, "sft_steps": 0,
-            "log_every": 1, "save_every": 0, "keep_last": 1}
+            "max_new_tokens": 1, "warmup_steps": 0, "sft_steps": 0,
+            "log_every": 1, "save_every": 0}
 
 
 def check_args(p, args):
