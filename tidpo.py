@@ -385,12 +385,13 @@ def _check_loss_inputs(args, with_triplet):
 def triplet_metrics(anchor, chosen, rejected, triplet_term):
     """tidpo_loss's triplet diagnostics, from (log-ratios, mask) of the three responses and the
     [B] triplet term: triplet/distance_chosen and _rejected (D(y, y_w), D(y, y_l)), triplet/active
-    (the share of pairs whose hinge is active), and where the anchor sits, each response's summed
-    unweighted log-ratio (triplet/logratio_anchor, _chosen, _rejected); batch means."""
+    (the share of pairs with an anchor whose hinge is active), and where the anchor sits, each
+    response's summed unweighted log-ratio (triplet/logratio_anchor, _chosen, _rejected)."""
     with torch.no_grad():
         metrics = {"triplet/distance_chosen": triplet_distance(*anchor, *chosen).mean(),
                    "triplet/distance_rejected": triplet_distance(*anchor, *rejected).mean(),
-                   "triplet/active": (triplet_term > 0).float().mean()}
+                   # an empty anchor (no tokens) leaves only the margin: no hinge acts on it
+                   "triplet/active": ((triplet_term > 0) & anchor[1].bool().any(-1)).float().mean()}
         for name, (logratios, mask) in zip(("anchor", "chosen", "rejected"),
                                            (anchor, chosen, rejected)):
             summed = torch.where(mask.bool(), at_least_float32(logratios), 0.0).sum(dim=-1)

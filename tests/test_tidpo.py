@@ -745,6 +745,20 @@ def test_tidpo_loss_full_objective_vs_reference():
         assert metrics[f"triplet/logratio_{name}"].item() == pytest.approx(summed, abs=1e-12), name
 
 
+def test_an_empty_anchor_is_not_counted_as_an_active_hinge():
+    # Two pairs, all log-ratios 0: D(y, y_w) = D(y, y_l) = 0, so each hinge is max(0, 0 - 0 + 0.01) = 0.01.
+    # Pair 0's anchor has two tokens (a hinge at the margin); pair 1's has none: its term is the margin alone,
+    # which no token's distance can move, and triplet/active leaves it out (1 of 2 pairs, not 2 of 2).
+    zeros, ones = torch.zeros(2, 3, dtype=torch.float64), torch.ones(2, 3, dtype=torch.float64)
+    anchor_mask = torch.tensor([[1.0, 1.0, 0.0], [0.0, 0.0, 0.0]], dtype=torch.float64)
+    loss, metrics = tidpo.tidpo_loss(zeros, zeros, zeros, zeros, ones, ones, beta=0.1, anchor_logratios=zeros,
+                                     anchor_mask=anchor_mask, chosen_mask=ones, rejected_mask=ones, gamma=0.1,
+                                     margin=0.01)
+    assert metrics["loss/triplet"].item() == pytest.approx(0.01, abs=1e-15)
+    assert loss.item() == pytest.approx(math.log(2) + 0.1 * 0.01, abs=1e-12)
+    assert metrics["triplet/active"].item() == 0.5
+
+
 def test_tidpo_loss_metrics():
     p = make_pairs(12, batch=8)
     beta = 0.5

@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from tools import bench  # noqa: E402
 import data  # noqa: E402
-from training import sampling  # noqa: E402
+from training import evaluate, sampling  # noqa: E402
 import tidpo  # noqa: E402
 import train  # noqa: E402
 from training import builtin_task as builtin  # noqa: E402
@@ -219,6 +219,33 @@ def test_sft_leaves_no_gradient_behind_for_the_first_preference_step(one_thread)
 
 
 # ----------------------------------------------------------------------------- 2. and 8. DPO, ablations
+
+
+def test_every_method_meets_the_same_evaluation_draws(builtin_run, dpo_run):
+    # Common random numbers: the held-out samples of a seed are drawn from streams fixed by (seed, draw,
+    # batch), so TI-DPO's and DPO's runs of one seed judge the same reference samples, to the last digit.
+    assert builtin_run["result"]["after"]["judge/reference"] == dpo_run["after"]["judge/reference"]
+    assert builtin_run["result"]["after"]["judge/policy"] != dpo_run["after"]["judge/policy"]
+
+
+def test_the_judged_samples_are_common_draws_and_leave_the_training_stream_alone(builtin_run):
+    # The trained policy judged against an exact copy of itself: the same draws give the same samples,
+    # so both scores are equal and every prompt ties (win rate 0.5); with independent draws they differ.
+    policy = builtin_run["policy"]
+    args = train.parse_args(BUILTIN)
+    tokenizer = setup.load_tokenizer(args, {})
+    heldout = setup.load_pairs(args, tokenizer, {})[1][:24]
+    state = torch.get_rng_state()
+    result = evaluate.evaluate(policy, copy.deepcopy(policy), heldout, tokenizer, args, torch.device("cpu"),
+                               contextlib.nullcontext(), with_samples=True)
+    assert torch.equal(torch.get_rng_state(), state)  # the evaluation forks the random stream
+    assert result["judge/policy"] == result["judge/reference"] and result["win_rate"] == 0.5
+    draws, _ = evaluate.judged_samples(policy, heldout, tokenizer, args, torch.device("cpu"),
+                                       contextlib.nullcontext())
+    assert len(draws) == evaluate.JUDGE_SAMPLES and all(len(d) == len(heldout) for d in draws)
+    assert len({tuple(d) for d in draws}) > 1  # the draws differ from each other...
+    means = [sum(scores) / len(scores) for scores in zip(*draws)]
+    assert result["judge/policy"] == pytest.approx(sum(means) / len(means), abs=1e-12)  # ...and are averaged
 
 
 def test_dpo_learns_the_preference(dpo_run):

@@ -122,6 +122,7 @@ def triplet_active_by_label(logratios, response_mask, anchor_logratios, anchor_m
         active = triplet(anchor_logratios, anchor_mask, logratios[:n], response_mask[:n],
                          logratios[n:], response_mask[n:], margin) > 0
     flipped = flipped.bool()
+    active = active & anchor_mask.bool().any(-1)  # an empty anchor: the margin alone, no hinge acts
     return {"triplet/active_flipped_pairs": (active & flipped).float().mean(),
             "triplet/active_clean_pairs": (active & ~flipped).float().mean(),
             "flipped_pairs": flipped.float().mean()}
@@ -149,6 +150,38 @@ def with_shares(means):
     return shares
 
 
+# Judged samples per held-out prompt. One draw is noisy: over 16 draws for the 128 held-out prompts of
+# the default run, the mean judge score had a standard deviation of 0.045 for the trained policy and
+# 0.073 for the reference, of the size of differences between methods; 4 draws halve it.
+JUDGE_SAMPLES = 4
+
+
+def judged_samples(model, pairs, tokenizer, args, device, autocast):
+    """The judge's scores of JUDGE_SAMPLES responses sampled from `model` for each held-out prompt,
+    as one list per draw (prompts in order), and the first draw's (text, tokens) per prompt.
+
+    Common random numbers: draw d of batch b is sampled from the random stream seeded by (--seed, d,
+    b), whatever the model, so the policies of all methods and the reference of one seed meet the
+    same draws (the reference's scores are then the same for every method of a seed), and the
+    training's own random stream is left as it was."""
+    draws, first = [], []
+    for draw in range(JUDGE_SAMPLES):
+        draws.append([])
+        for index, batch in enumerate(data.batches(pairs, args.batch_size, tokenizer.pad_token_id)):
+            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                torch.manual_seed(args.seed * 1_000_003 + draw * 10_007 + index)
+                with autocast, distributed.gathered(model):
+                    ids, _, response_mask = sampling.sample(
+                        model, batch["prompt_input_ids"].to(device), batch["prompt_attention_mask"].to(device),
+                        tokenizer, **sampling.options(args))
+            for row, keep in zip(ids, response_mask.bool()):
+                text = tokenizer.decode(row[keep], skip_special_tokens=True)
+                draws[-1].append(judge(text))
+                if draw == 0:
+                    first.append((text, [t for t in row[keep].tolist() if t != tokenizer.eos_token_id]))
+    return draws, first
+
+
 @torch.no_grad()
 def evaluate(policy, ref, pairs, tokenizer, args, device, autocast, with_samples, diagnostics=None):
     """The same held-out evaluation for every method.
@@ -165,10 +198,11 @@ def evaluate(policy, ref, pairs, tokenizer, args, device, autocast, with_samples
       ("{name}"); hybrid (--lam) with each ("hybrid", "hybrid_{name}"); prior alone (lambda 0);
       uniform.
     - with_samples (the built-in task's judge: safe phrases count up, risky ones down): the mean
-      judge score of responses sampled from the policy and from the reference for the held-out
-      prompts, the policy's win rate against the reference's response to the same prompt, and
-      the diversity of the policy's samples: distinct_2, distinct_4, token_entropy and, with
-      diagnostics, self_bleu (sacrebleu, which a plain train.py run does not need).
+      judge score of JUDGE_SAMPLES responses per held-out prompt sampled from the policy and from
+      the reference (judged_samples: the same random draws for every method), the policy's win
+      rate against the reference, prompt by prompt on their mean scores, and the diversity of the
+      policy's first draw: distinct_2, distinct_4, token_entropy and, with diagnostics, self_bleu
+      (sacrebleu, which a plain train.py run does not need).
     """
     correct, margins, placement = 0.0, [], collections.defaultdict(list)
     critical_correct, critical_margins = 0.0, []
@@ -219,25 +253,17 @@ def evaluate(policy, ref, pairs, tokenizer, args, device, autocast, with_samples
         result["critical_margin"] = torch.cat(critical_margins).mean().item()
     result.update({name: torch.cat(values).nanmean().item() for name, values in placement.items()})
     if with_samples:
-        scores, policy_tokens, policy_texts = {}, [], []
-        for name, model in (("policy", policy), ("reference", ref)):
-            scores[name] = []
-            for batch in data.batches(pairs, args.batch_size, tokenizer.pad_token_id):
-                with autocast, distributed.gathered(model):
-                    ids, _, response_mask = sampling.sample(
-                        model, batch["prompt_input_ids"].to(device), batch["prompt_attention_mask"].to(device),
-                        tokenizer, **sampling.options(args))
-                for row, keep in zip(ids, response_mask.bool()):
-                    text = tokenizer.decode(row[keep], skip_special_tokens=True)
-                    scores[name].append(judge(text))
-                    if name == "policy":
-                        policy_tokens.append([t for t in row[keep].tolist() if t != tokenizer.eos_token_id])
-                        policy_texts.append(text)
-            result[f"judge/{name}"] = sum(scores[name]) / len(scores[name])
-        result["win_rate"] = win_rate(scores["policy"], scores["reference"])
+        scores = {name: judged_samples(model, pairs, tokenizer, args, device, autocast)
+                  for name, model in (("policy", policy), ("reference", ref))}
+        means = {name: [sum(s) / len(s) for s in zip(*draws)] for name, (draws, _) in scores.items()}
+        for name in scores:
+            result[f"judge/{name}"] = sum(means[name]) / len(means[name])
+        result["win_rate"] = win_rate(means["policy"], means["reference"])
+        policy_texts = scores["policy"][1]  # the first draw's: diversity as one sample per prompt shows it
+        policy_tokens = [tokens for _, tokens in policy_texts]
         result["distinct_2"] = distinct_n(policy_tokens, 2)
         result["distinct_4"] = distinct_n(policy_tokens, 4)
         result["token_entropy"] = token_entropy(policy_tokens)
         if diagnostics:
-            result["self_bleu"] = self_bleu(policy_texts)
+            result["self_bleu"] = self_bleu([text for text, _ in policy_texts])
     return result
