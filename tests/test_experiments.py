@@ -326,6 +326,8 @@ def test_mechanism_is_the_default_command_and_tables_both_settings(tmp_path, mon
                 "0.50 ± 0.00 | -0.50 ± 0.00 | 3.00 ± 0.00 | 4.00 ± 0.00 | 0.500 ± 0.000 | 0.250 ± 0.000 | "
                 "0.375 ± 0.000 | 0.125 ± 0.000 |") in section
         assert f"| tidpo | {base + 0.012:.3f} ± 0.001 |" in section
+        # paired with DPO by seed: accuracy +0.01 on both seeds (no spread), critical accuracy and judge equal
+        assert "| tidpo | +0.010 [+0.010, +0.010] | +0.000 [+0.000, +0.000] | +0.000 [+0.000, +0.000] |" in section
         for kind in experiments.PLACEMENT_KINDS:
             assert f"\n| {kind} | 0.125 ± 0.000 | 0.125 ± 0.000 | 0.125 ± 0.000 | 0.125 ± 0.000 |" in section
     rows = read_csv(output_dir / "runs.csv")
@@ -393,7 +395,23 @@ def test_run_repeats_one_run_of_a_study(tmp_path, monkeypatch):
     experiments.main(["run", "--method", "oracle", "--noise", "0.2", "--task", "spurious", "--seed", "3",
                       "--steps", "5", "--output-dir", str(tmp_path)])
     (argv, hooks), = calls
-    assert argv == ["--steps", "5", *experiments.METHODS["oracle"], "--seed", "3", "--output-dir", str(tmp_path)]
+    assert argv == [*experiments.METHODS["oracle"], "--seed", "3", "--steps", "5", "--output-dir", str(tmp_path)]
     assert hooks.task == {"label_noise": 0.2, "setting": "spurious"} and hooks.diagnostics
     assert hooks.weights is experiments.HOOKS["oracle"]["weights"]
     assert hooks.optimizer is train.make_optimizer and hooks.sft is train.sft
+    experiments.main(["run", "--output-dir", str(tmp_path)])  # a grid cell by default: its 128 steps
+    assert calls[-1][0][calls[-1][0].index("--steps") + 1] == str(experiments.STEPS) == "128"
+
+
+def test_paired_difference_by_hand():
+    # TI-DPO minus DPO, seed by seed: 0.1, 0.2, 0.3 (seed 9 ran only TI-DPO: left out). Mean 0.2, sample sd
+    # 0.1, 95% interval 0.2 -+ t(0.975, 2) * 0.1 / sqrt(3) = 0.2 -+ 4.303 * 0.057735 = [-0.0484, 0.4484]
+    records = [{"method": m, "seed": s, "noise": 0.1, "after": {"accuracy": a}}
+               for m, s, a in [("dpo", 0, 0.5), ("dpo", 1, 0.6), ("dpo", 2, 0.4), ("tidpo", 0, 0.6),
+                               ("tidpo", 1, 0.8), ("tidpo", 2, 0.7), ("tidpo", 9, 0.9)]]
+    mean, low, high, n = experiments.paired_difference(records, "accuracy", "tidpo", noise=0.1)
+    assert n == 3 and mean == pytest.approx(0.2, abs=1e-12)
+    assert (low, high) == (pytest.approx(0.2 - 4.303 * 0.1 / 3 ** 0.5, abs=1e-12),
+                           pytest.approx(0.2 + 4.303 * 0.1 / 3 ** 0.5, abs=1e-12))
+    assert experiments.paired_cell(records, "accuracy", "tidpo", noise=0.1) == "+0.200 [-0.048, +0.448]"
+    assert experiments.paired_difference(records, "accuracy", "tidpo", noise=0.2) is None  # no seeds at 20%

@@ -240,7 +240,7 @@ MECHANISM_SEEDS = [0, 1, 2, 3, 4]
 # Table B8's noise levels but 0%, where every method reaches held-out accuracy 1 on the built-in task (an
 # earlier grid of 96 runs measured it); `--noise 0 0.1 0.2 0.4` runs it too
 NOISE = [0.1, 0.2, 0.4]
-SEEDS = [0, 1, 2]
+SEEDS = [0, 1, 2, 3, 4]  # paired with DPO by seed: a 95% interval needs a few (t = 2.78 at 5)
 STEPS = 128  # 4 epochs of the 512 built-in training pairs at batch 16
 
 
@@ -329,6 +329,41 @@ def values_of(records, metric, **where):
     return [r["after"][metric] for r in records if all(r[k] == v for k, v in where.items())]
 
 
+# Student's t at 97.5% for 1-30 degrees of freedom: the two-sided 95% interval of a mean
+T_975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
+         2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048,
+         2.045, 2.042]
+
+
+def paired_difference(records, metric, method, baseline="dpo", **where):
+    """(mean, low, high, n): `method`'s metric minus `baseline`'s, seed by seed (the same task, reference
+    and evaluation draws), with the 95% paired-t interval over the n seeds both ran; None below 2 seeds."""
+    mine, theirs = ({r["seed"]: r["after"][metric] for r in records
+                     if r["method"] == m and all(r[k] == v for k, v in where.items())} for m in (method, baseline))
+    differences = [mine[seed] - theirs[seed] for seed in sorted(mine.keys() & theirs.keys())]
+    if len(differences) < 2:
+        return None
+    n, mean = len(differences), statistics.mean(differences)
+    half = (T_975[n - 2] if n - 1 <= len(T_975) else 1.96) * statistics.stdev(differences) / n ** 0.5
+    return mean, mean - half, mean + half, n
+
+
+def paired_cell(records, metric, method, **where):
+    difference = paired_difference(records, metric, method, **where)
+    if difference is None:
+        return ""
+    mean, low, high, _ = difference
+    return f"{mean:+.3f} [{low:+.3f}, {high:+.3f}]"
+
+
+def paired_table(records, methods, columns):
+    """Markdown: each method's paired difference from DPO, "mean [95% interval]", one column per
+    (title, metric, where) of `columns`; DPO itself is the baseline and has no row."""
+    rows = [[m] + [paired_cell(records, metric, m, **where) for _, metric, where in columns]
+            for m in methods if m != "dpo"]
+    return markdown(["method", *(title for title, _, _ in columns)], rows)
+
+
 def markdown(header, rows):
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows]) + "\n"
@@ -394,7 +429,13 @@ def write_tables(records, methods, noise_levels, output_dir):
     dynamics_title = (f"Training dynamics at noise {noise_label(noise_levels[len(noise_levels) // 2])} ({seeds}): "
                       "summed log-probabilities, the triplet's distances and where its hinge is active")
     dynamics = dynamics_table(records, methods, noise=noise_levels[len(noise_levels) // 2])
-    table = f"{table}\n{judge_title}\n\n{judge}\n{dynamics_title}\n\n{dynamics}"
+    paired_title = (f"Paired differences from DPO, seed by seed: mean [95% paired-t interval] over {n_seeds} seeds; "
+                    "an interval that covers 0 is not distinguishable from DPO")
+    paired = paired_table(records, methods, [(f"{label}, {noise_label(n)}", metric, {"noise": n})
+                                             for label, metric in (("accuracy", "accuracy"), ("judge", "judge/policy"))
+                                             for n in noise_levels])
+    table = (f"{table}\n{judge_title}\n\n{judge}\n{paired_title}\n\n{paired}\n{dynamics_title}\n\n"
+             f"{dynamics}")
     with open(os.path.join(output_dir, "table.md"), "w") as f:
         f.write(f"{title}\n\n{table}")
     with open(os.path.join(output_dir, "table.csv"), "w", newline="") as f:
@@ -521,6 +562,10 @@ def mechanism_tables(records, methods, settings, lam=0.7):
                                       for metric in ("accuracy", "critical_accuracy", "margin", "critical_margin",
                                                      "judge/policy", "win_rate")]
                                for m in methods]))
+        if "dpo" in methods:
+            parts.append("\nPaired differences from DPO, seed by seed: mean [95% paired-t interval]\n")
+            parts.append(paired_table(runs, methods, [(title, metric, {}) for title, metric in (
+                ("accuracy", "accuracy"), ("critical accuracy", "critical_accuracy"), ("judge", "judge/policy"))]))
         parts.append("\nTraining dynamics: summed log-probabilities of the training batches' responses, the "
                      "triplet's distances and where its hinge is active\n")
         parts.append(dynamics_table(runs, methods))
@@ -791,6 +836,7 @@ def parse_args(argv):
     r.add_argument("--task", choices=builtin_task.SETTINGS, default="default", help="the built-in task's setting "
                    "(spurious: a cue sentence that follows the training labels, not the held-out ones)")
     r.add_argument("--seed", type=int, default=0, help="seed")
+    r.add_argument("--steps", type=int, default=STEPS, help="TI-DPO/DPO steps (the grid's)")
     r.add_argument("--optimizer", choices=sorted(OPTIMIZERS), default="adamw", help="rmsprop: the "
                    "authors' release's (with --lr 5e-6 --warmup-steps 150 as there)")
     r.add_argument("--output-dir", default=None, help="default: runs/<method>-noise<N>-seed<S>")
@@ -819,7 +865,8 @@ def parse_args(argv):
 def run_one(args, train_args):
     """One run of a grid or the mechanism study, as run_group runs it (one thread)."""
     output_dir = args.output_dir or os.path.join("runs", f"{args.method}-noise{args.noise}-seed{args.seed}")
-    argv = [*train_args, *METHODS[args.method], "--seed", str(args.seed), "--output-dir", output_dir]
+    argv = [*train_args, *METHODS[args.method], "--seed", str(args.seed), "--steps", str(args.steps),
+            "--output-dir", output_dir]
     torch.set_num_threads(1)
     return train.main(argv, hooks=method_hooks(args.method, args.noise, args.task, args.optimizer))
 
