@@ -829,7 +829,7 @@ def parse_args(argv):
 
     r = commands.add_parser("run", help="one run of a method on the built-in task, as the grid and the mechanism "
                             "study run it", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-                            epilog="Any other flag is passed to train.py (e.g. --steps 128).")
+                            epilog="Any other flag is passed to train.py (e.g. --sft-steps 60).")
     r.add_argument("--method", choices=list(METHODS), default="tidpo", metavar="METHOD",
                    help=f"one of: {', '.join(METHODS)}")
     r.add_argument("--noise", type=float, default=0.0, help="label noise: the share of training pairs flipped")
