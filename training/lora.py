@@ -32,18 +32,19 @@ def is_lora(model):
     return peft is not None and isinstance(model, peft.PeftModel)
 
 
-def import_peft():
+def peft_installed():
+    """Whether peft can be imported (setup.check_args asks before anything is loaded)."""
     try:
-        import peft
+        import peft  # noqa: F401
     except ImportError:
-        raise SystemExit("error: --lora-r needs the peft package (pip install peft==0.21.2); "
-                         "leave --lora-r out (0) for full fine-tuning") from None
-    return peft
+        return False
+    return True
 
 
 def wrap(policy, args):
     """(policy with LoRA adapters of rank args.lora_r, its Reference). Only the adapters train."""
-    peft = import_peft()
+    import peft
+
     config = peft.LoraConfig(r=args.lora_r, lora_alpha=ALPHA_PER_RANK * args.lora_r, lora_dropout=0.0,
                              target_modules=TARGETS, task_type="CAUSAL_LM")
     with warnings.catch_warnings():

@@ -14,7 +14,7 @@ from transformers import PreTrainedTokenizerFast
 
 import data
 from data import FIELDS, DataError
-from training import distributed
+from training import distributed, lora
 from training.builtin_task import builtin_task, encode_builtin
 from training.hf_datasets import load_records
 
@@ -51,6 +51,8 @@ def check_args(p, args):
          "a sharded model (--fsdp): its shadow copy needs whole weights; use --sampler dynamic"),
         (args.fsdp and args.lora_r, "--lora-r cannot be combined with --fsdp: LoRA keeps one copy of "
          "the weights, which fits one GPU; leave --fsdp out (torchrun without --fsdp runs DDP)"),
+        (args.lora_r and not lora.peft_installed(), f"--lora-r {args.lora_r} needs the peft package "
+         "(pip install peft==0.21.2); leave --lora-r out (0) for full fine-tuning"),
     ]:
         if wrong:
             p.error(message)
