@@ -84,8 +84,8 @@ def build_parser(description=__doc__):
     a("--device", help="cuda or cpu; default: cuda when available")
     a("--fp32", action="store_true", help="CUDA: float32 instead of bfloat16 autocast")
     a("--fsdp", action="store_true", help="under torchrun: shard policy and reference (FSDP2)")
-    a("--lora-r", type=int, default=0, help="train LoRA adapters of rank R (peft); the reference is "
-      "the model with them off (0: full fine-tuning)")
+    a("--lora-r", type=int, default=0, metavar="R", help="train LoRA adapters of rank R (peft); "
+      "the reference is the model with them off (0: full fine-tuning)")
 
     a = p.add_argument_group("checkpoints").add_argument
     a("--save-every", type=int, default=0, help="a checkpoint every N steps and at the end (the "
