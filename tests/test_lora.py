@@ -155,6 +155,31 @@ def test_the_reference_is_the_base_and_the_policy_starts_equal_to_it():
     assert ref.state_dict().keys() == base.state_dict().keys()  # reference.pt: the plain model's names
 
 
+@pytest.mark.parametrize("tied", [True, False])
+def test_the_merged_save_of_the_cuda_layout_adds_the_adapters_to_the_bfloat16_base(tied, tmp_path):
+    # On CUDA train.py stores the reference's Linear weights in bfloat16 (memory.linear_weights_in),
+    # which under LoRA are the frozen base's, the tied output layer a copy of its own; the adapters
+    # stay float32. Done here on the CPU: policy/ is then bf16(W) + s B A in float32, the untied
+    # output layer bf16(W), the tied one the float32 embedding (autocast casts either to the same).
+    args, tokenizer, _ = step_inputs()
+    base = tiny_llama(tokenizer, tied)
+    policy, ref = lora_policy(base)
+    replaced = memory.linear_weights_in(ref, torch.bfloat16)
+    assert len(replaced) == 2 * 7 + 1 and all(not copied.requires_grad for copied, _ in replaced)
+    assert all(p.dtype == torch.float32 for name, p in policy.named_parameters() if "lora_" in name)
+    lora.save(policy, tokenizer, tmp_path / "policy", tmp_path / "adapter")
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "policy")
+    expected, _ = merged_by_hand(base, policy, torch.float32)
+    with torch.no_grad():
+        for name, module in expected.named_modules():
+            if isinstance(module, torch.nn.Linear) and not (tied and name == "lm_head"):  # the base rounded
+                module.weight -= base.get_submodule(name).weight - base.get_submodule(name).weight.bfloat16().float()
+    got = merged.state_dict()
+    for name, value in expected.state_dict().items():
+        assert got[name].dtype == torch.float32 and torch.allclose(got[name], value, rtol=0, atol=1e-6), name
+    assert (merged.get_output_embeddings().weight is merged.get_input_embeddings().weight) == tied
+
+
 # ----------------------------------------------------------------------------- runs on the built-in task
 
 BUILTIN = ["--lora-r", "4", "--sft-steps", "20", "--batch-size", "8", "--log-every", "1", "--max-new-tokens", "4",
