@@ -31,7 +31,7 @@ from torch.profiler import record_function  # labels a step's parts for the benc
 
 import data
 import tidpo
-from training import checkpoints, distributed, evaluate, memory, plots, sampling, setup
+from training import checkpoints, distributed, evaluate, lora, memory, plots, sampling, setup
 
 # ------------------------------------------------------------------ set-up: the flags
 
@@ -84,6 +84,8 @@ def build_parser(description=__doc__):
     a("--device", help="cuda or cpu; default: cuda when available")
     a("--fp32", action="store_true", help="CUDA: float32 instead of bfloat16 autocast")
     a("--fsdp", action="store_true", help="under torchrun: shard policy and reference (FSDP2)")
+    a("--lora-r", type=int, default=0, metavar="R", help="train LoRA adapters of rank R (peft); "
+      "the reference is the model with them off (0: full fine-tuning)")
 
     a = p.add_argument_group("checkpoints").add_argument
     a("--save-every", type=int, default=0, help="a checkpoint every N steps and at the end (the "
@@ -373,6 +375,8 @@ def main(argv=None, hooks=None):
         run.hooks.sft(policy, train_pairs, tokenizer, args, run.device, run.autocast, log)
     if args.fsdp:  # both sharded, from rank 0's weights
         policy, ref = distributed.fsdp(policy, run.device, isinstance(run.autocast, torch.autocast))
+    elif args.lora_r:  # one copy of the weights: pi_ref is the policy with its adapters off
+        policy, ref = lora.wrap(policy, args)
     else:
         ref = copy.deepcopy(policy).requires_grad_(False).eval()
     if resume:
@@ -392,9 +396,9 @@ def main(argv=None, hooks=None):
 
     # Save.
     folder = os.path.join(args.output_dir, "policy")
-    checkpoints.save_policy(policy, tokenizer, folder, run.rank, args.fsdp)
+    saved = checkpoints.save_policy(policy, tokenizer, folder, run.rank, args.fsdp)
     curves = plots.run_curves(args.output_dir) if run.rank == 0 else None  # with matplotlib only
-    log(f"saved the policy and tokenizer to {folder} and the metrics to {run.metrics_path}"
+    log(f"saved the policy and tokenizer to {saved} and the metrics to {run.metrics_path}"
         + (f" (curves: {curves})" if curves else ""))
     return {"before": before, "after": after, "history": history, "output_dir": args.output_dir}
 

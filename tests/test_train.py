@@ -592,7 +592,7 @@ def test_sampler_follows_top_k():
 def test_default_run_needs_only_torch_transformers_and_tokenizers(tmp_path, monkeypatch):
     # The optional packages made unimportable (a None in sys.modules makes `import` raise ImportError):
     # the whole built-in run, its evaluation with samples and its save still work.
-    for name in ("sacrebleu", "matplotlib", "datasets", "trl", "lm_eval", "tensorboard"):
+    for name in ("sacrebleu", "matplotlib", "datasets", "trl", "lm_eval", "tensorboard", "peft"):
         monkeypatch.setitem(sys.modules, name, None)
     result = run(["--sft-steps", "5", "--steps", "2", "--batch-size", "8", "--max-new-tokens", "4"], tmp_path / "run")
     assert {"judge/policy", "win_rate", "distinct_2", "token_entropy"} <= set(result["after"])

@@ -20,7 +20,7 @@ the DPO step's model FLOP utilisation (6 x the parameters that multiply, all but
 embedding, x the pairs' tokens per step / step time / the GPU's dense bfloat16 peak) and the
 anchor sampler's time per decoded token.
 
-Every train.py flag applies too (--batch-size, --device, --fp32, --gradient-checkpointing, the
+Every train.py flag applies too (--batch-size, --device, --fp32, --gradient-checkpointing, --lora-r, the
 sampling flags, ...). The
 anchors of full TI-DPO are as long as the responses.
 """
@@ -40,7 +40,7 @@ from torch.profiler import record_function
 
 import data
 import train
-from training import memory, sampling, setup, static_sampler
+from training import lora, memory, sampling, setup, static_sampler
 
 BENCH_VARIANTS = {"dpo": {"loss": "dpo"}, "tidpo_no_triplet": {"loss": "tidpo", "gamma": 0.0},
                   "tidpo": {"loss": "tidpo"}}
@@ -71,7 +71,8 @@ def bench_setup(args, device):
                          bos_token_id=1, eos_token_id=2)
     with device:  # the weights are made where they are used: no copy from the CPU
         policy = LlamaForCausalLM(config).eval()
-    ref = copy.deepcopy(policy).requires_grad_(False)
+    # --lora-r: adapters, and the reference as the same weights with them off (train.py's way)
+    policy, ref = lora.wrap(policy, args) if args.lora_r else (policy, copy.deepcopy(policy).requires_grad_(False))
     if args.gradient_checkpointing:
         memory.checkpoint_activations(policy)
     tokenizer = argparse.Namespace(pad_token_id=0, eos_token_id=2)
@@ -256,7 +257,8 @@ def bench(args, argv, device, autocast):
         bench_profile(policy, ref, optimizer, variant_args(args, "tidpo"), batch_list, tokenizer, device, autocast)
     length = args.bench_prompt_length + args.bench_response_length
     formula = {name: memory.step_peak_bytes(policy.config, args.batch_size, length, length, name == "tidpo",
-                                            args.gradient_checkpointing, gpu=device.type == "cuda")
+                                            args.gradient_checkpointing, gpu=device.type == "cuda",
+                                            lora_r=args.lora_r)
                for name in BENCH_VARIANTS}
     if device.type == "cuda":
         measured = cuda_memory(policy, ref, optimizer, batch_list, tokenizer, args, device, autocast)

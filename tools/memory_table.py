@@ -1,7 +1,9 @@
 """Print docs/training.md's memory tables: a step's GPU memory by training/memory.py's formula.
 
-    python -m tools.memory_table      # Qwen2.5 0.5B-7B on one GPU; Llama-3.2-3B, Llama-3.1-8B and
-                                      # Qwen2.5-7B sharded (--fsdp) over 2, 4 and 8 GPUs
+    python -m tools.memory_table      # Qwen2.5 0.5B-7B on one GPU; Llama-3.1-8B and Qwen2.5-7B on
+                                      # one GPU with LoRA (--lora-r 16) next to full fine-tuning;
+                                      # Llama-3.2-3B, Llama-3.1-8B and Qwen2.5-7B sharded (--fsdp)
+                                      # over 2, 4 and 8 GPUs
 """
 
 import argparse
@@ -29,9 +31,12 @@ PAPER_MODELS = {
 }
 
 
+LORA_R = 16  # the rank of docs/training.md's 8B command
+
+
 def main(pairs=8, prompt=256, response=256, new_tokens=64, sharded_pairs=4, gpus=(2, 4, 8)):
     """Print docs/training.md's tables: GiB per step and GPU, bfloat16 autocast, AdamW; one GPU,
-    then sharded (--fsdp) over 2, 4 and 8."""
+    the 7-8B models on one GPU with LoRA, then sharded (--fsdp) over 2, 4 and 8."""
     from transformers import LlamaConfig, Qwen2Config
 
     print(f"One GPU: {pairs} pairs, prompt {prompt} + response {response} tokens, anchors {prompt} + "
@@ -45,6 +50,19 @@ def main(pairs=8, prompt=256, response=256, new_tokens=64, sharded_pairs=4, gpus
             static = off["weights"] + off["gradients"] + off["adamw"] + off["reference"]
             print(f"| {name} | {loss} | {static / 2**30:.1f} | {off['total'] / 2**30:.1f} | "
                   f"{on['total'] / 2**30:.1f} |")
+    print(f"\nOne GPU, full fine-tuning and LoRA (--lora-r {LORA_R}): the same batch; GiB")
+    print("| model | loss | training | weights, gradients, AdamW, reference | without checkpointing | "
+          "with checkpointing |")
+    print("|---|---|---|---:|---:|---:|")
+    for name in ("Llama-3.1-8B", "Qwen2.5-7B"):
+        config = LlamaConfig(**PAPER_MODELS[name])
+        for loss, full in (("DPO", False), ("TI-DPO", True)):
+            for training, rank in (("full", 0), (f"LoRA r {LORA_R}", LORA_R)):
+                off, on = (step_peak_bytes(config, pairs, prompt + response, prompt + new_tokens, full, checkpointing,
+                                           lora_r=rank) for checkpointing in (False, True))
+                static = off["weights"] + off["gradients"] + off["adamw"] + off["reference"]
+                print(f"| {name} | {loss} | {training} | {static / 2**30:.1f} | {off['total'] / 2**30:.1f} | "
+                      f"{on['total'] / 2**30:.1f} |")
     print(f"\nSharded (--fsdp): {sharded_pairs} pairs per GPU, the same lengths; GiB per GPU")
     print("| model | loss | checkpointing | " + " | ".join(f"{n} GPUs" for n in gpus) + " |")
     print("|---|---|---|" + "---:|" * len(gpus))

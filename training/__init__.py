@@ -7,6 +7,7 @@
     static_sampler.py  the fast sampler: a static KV cache and a CUDA graph
     sampling.py        which sampler runs: sample()
     distributed.py     torchrun: DDP and FSDP2
+    lora.py            --lora-r: LoRA adapters, the reference as the base with them off, the merged save
     checkpoints.py     checkpoints, resuming, the saved policy
     evaluate.py        the held-out evaluation and its metrics
     plots.py           a run's curves, and runs side by side

@@ -7,6 +7,10 @@ uninterrupted run would have. The frozen reference is written once per run, besi
 (reference.pt). A sharded run (--fsdp) writes folders instead, step-N/ and reference/: each process
 its shards of the weights and of the optimizer with torch.distributed.checkpoint, and rank 0 the
 rest in step-N/train.pt. The policy/ folder of every run is a whole Hugging Face folder.
+
+With --lora-r a checkpoint holds the adapters alone: the base weights are the reference, read again
+from --model on --resume; only the built-in model's base, which exists nowhere else, is written
+once as reference.pt.
 """
 
 import math
@@ -17,6 +21,8 @@ from datetime import datetime
 
 import torch
 import torch.distributed as dist
+
+from training import lora
 
 # A checkpoint continues the run that wrote it: these flags may differ on --resume, the rest may not.
 MAY_CHANGE_ON_RESUME = ("steps", "lr", "fp32", "device", "log_every", "save_every", "output_dir",
@@ -70,9 +76,9 @@ def model_state(model, sharded):
 
 def save_reference(ref, run_dir, rank, sharded=False):
     """Write the frozen reference to checkpoints/reference.pt (sharded: the folder reference/),
-    unless a resumed run already did."""
+    unless a resumed run already did, or the reference is --model's base under LoRA (its folder)."""
     path = os.path.join(run_dir, "checkpoints", "reference" if sharded else "reference.pt")
-    if os.path.exists(path):
+    if os.path.exists(path) or getattr(ref, "base_on_disk", False):
         return
     if rank == 0:
         os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -103,7 +109,8 @@ def save_checkpoint(args, step, policy, optimizer, scheduler, device, rank, worl
         if rank == 0:
             save_atomically({**state, "sharded": True}, os.path.join(path, "train.pt"))
     elif rank == 0:
-        save_atomically({**state, "policy": policy.state_dict(), "optimizer": optimizer.state_dict()}, path)
+        weights = lora.adapter_state(policy) if lora.is_lora(policy) else policy.state_dict()
+        save_atomically({**state, "policy": weights, "optimizer": optimizer.state_dict()}, path)
     if rank != 0:
         return None
     for _, old in saved_checkpoints(args.output_dir)[:-KEEP_LAST]:
@@ -173,11 +180,13 @@ def load_checkpoint(path, args, world_size):
                          f"this one has world size {world_size}; resume with torchrun "
                          f"--nproc_per_node={state['world_size']} (each process continues its own random stream)")
     reference = os.path.join(os.path.dirname(os.path.abspath(path)), "reference" if sharded else "reference.pt")
-    if not os.path.exists(reference):
+    if getattr(args, "lora_r", 0) and args.model:  # the reference is --model's base, loaded again
+        reference = None
+    elif not os.path.exists(reference):
         raise SystemExit(f"error: --resume {path}: {reference}, the frozen reference of that run, is missing")
     if sharded:  # the weights are read once the models are sharded (load_models)
         state["reference_path"] = reference
-    else:
+    elif reference:
         state["reference"] = torch.load(reference, map_location="cpu", weights_only=True)
     state["path"] = path
     return state
@@ -188,7 +197,8 @@ def load_models(policy, ref, resume):
     into the sharded models, each process its shards)."""
     if not resume.get("sharded"):
         load_weights(policy, resume["policy"], resume["path"])
-        load_weights(ref, resume["reference"], resume["path"])
+        if "reference" in resume:
+            load_weights(ref, resume["reference"], resume["path"])
         return
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import set_model_state_dict
@@ -201,7 +211,10 @@ def load_models(policy, ref, resume):
 
 def load_weights(model, state_dict, checkpoint_path):
     try:
-        model.load_state_dict(state_dict)
+        if lora.is_lora(model):  # a LoRA checkpoint's policy: the adapters alone
+            lora.load_adapters(model, state_dict)
+        else:
+            model.load_state_dict(state_dict)
     except RuntimeError as error:  # missing or extra tensors, other shapes: the model is not the run's
         raise SystemExit(f"error: --resume {checkpoint_path}: its weights do not fit this model "
                          f"({str(error).splitlines()[0]})") from None
@@ -296,10 +309,17 @@ def non_finite_message(step, values, args, device, checkpoint):
 
 def save_policy(policy, tokenizer, folder, rank, sharded=False):
     """The trained policy and its tokenizer as a Hugging Face folder (from_pretrained loads it);
-    sharded, its weights gathered whole on rank 0's CPU first (a collective call)."""
+    sharded, its weights gathered whole on rank 0's CPU first (a collective call). With LoRA the
+    folder holds the merged model, and adapter/ beside it the adapter alone. Returns what was saved
+    where, for the log."""
     from transformers.utils.logging import disable_progress_bar
 
     disable_progress_bar()  # the save's progress bar would interleave with the log lines
+    if lora.is_lora(policy):
+        adapter = os.path.join(os.path.dirname(folder), "adapter")
+        if rank == 0:
+            lora.save(policy, tokenizer, folder, adapter)
+        return f"{folder} (merged; the adapter alone in {adapter})"
     state_dict = None
     if sharded:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
@@ -317,3 +337,4 @@ def save_policy(policy, tokenizer, folder, rank, sharded=False):
     if rank == 0:
         policy.save_pretrained(folder, state_dict=dict(state_dict) if sharded else None)  # it empties the dict
         tokenizer.save_pretrained(folder)
+    return folder

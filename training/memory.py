@@ -85,7 +85,8 @@ def linear_weights_in(model, dtype):
 ACTIVATION_BYTES = {"float32": (32, 16, 8), "bfloat16": (30, 8, 4)}
 
 
-def step_peak_bytes(config, pairs, length, anchor_length, full_tidpo, checkpointing, gpu=True, shards=1):
+def step_peak_bytes(config, pairs, length, anchor_length, full_tidpo, checkpointing, gpu=True, shards=1,
+                    lora_r=0):
     """The peak memory of one training step of train.py on one device, term by term (bytes).
 
     Args:
@@ -105,6 +106,12 @@ def step_peak_bytes(config, pairs, length, anchor_length, full_tidpo, checkpoint
             weights (embeddings, output layer, final norm) and two decoder layers' are gathered at
             a time, in bfloat16 on CUDA (FSDP's mixed precision: no autocast copies), and the
             anchors are sampled with the whole policy gathered ("sampling", a peak of its own).
+        lora_r: --lora-r (0: full fine-tuning; not with shards). One copy of the weights, on CUDA
+            with the frozen Linear weights in bfloat16 (and the output layer a bfloat16 copy, as
+            the full run's reference); the adapters (A: R x in, B: out x R on q, k, v, o, gate,
+            up, down) in float32 with their gradients and AdamW moments; no reference of its own.
+            The activations are counted as without LoRA: the adapters' own saved tensors (R wide)
+            are fewer bytes than the frozen layers no longer save (tests/test_lora.py measures it).
 
     The peak is at the start of the backward: every activation and the logits are still held,
     and the logits' gradient is being made. The policy's gradients are counted whole, as if all
@@ -126,15 +133,28 @@ def step_peak_bytes(config, pairs, length, anchor_length, full_tidpo, checkpoint
     rows = 1 << (pairs - 1).bit_length()  # a static sampler's batch bucket
     # the anchors' KV cache: keys in float32 (rotary embeddings compute in it), values bfloat16
     kv_cache = (4 + 2 if gpu else 8) * layers * rows * (anchor_length + 64) * kv
+    # trained: every weight (sharded: this process's part), or with LoRA the adapters alone
+    adapters = layers * lora_r * (9 * h + 2 * kv + 3 * i)  # A: R x in, B: out x R of the 7 Linear
+    trained = adapters if lora_r else params // shards
     terms = {
-        "weights": 4 * params // shards,  # float32
-        "gradients": 4 * params // shards,
-        "adamw": 8 * params // shards,  # two float32 moments
+        "weights": 4 * trained,  # float32
+        "gradients": 4 * trained,
+        "adamw": 8 * trained,  # two float32 moments
         "activations": tokens * layers * 4 * h + one_layer if checkpointing else layers * one_layer,
         # the logits and, in the backward, their gradient; token_logps's float32 temporaries
         "logits": 2 * tokens * vocab * element + 3 * 4 * min(2 ** 24, tokens * vocab),
     }
-    if shards > 1:
+    if lora_r:
+        # the frozen base, which is also the reference; on CUDA its Linear weights in bfloat16 (the
+        # output layer a copy of its own), the embeddings and the norms in float32
+        norms = params - linear - root + h  # 2 per layer and the final one
+        terms["weights"] += 2 * (linear + embedding) + 4 * (embedding + norms) if gpu else 4 * params
+        terms["reference"] = 0  # the same weights with the adapters off
+        if gpu:
+            terms["autocast copies"] = 2 * adapters  # the base's Linear weights are bfloat16 already
+            if full_tidpo:  # the sampler's shadow shares those: the adapters' copies, and the cache
+                terms["sampler"] = 2 * adapters + kv_cache
+    elif shards > 1:
         terms["reference"] = 4 * params // shards
         # the root's weights and two layers' (the one computing, the one prefetched), gathered; a
         # layer's and the root's gradients before their reduction (and its float32 copy on CUDA)

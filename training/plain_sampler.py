@@ -66,7 +66,9 @@ def candidates(logits, settings):
 def cache_argument(model):
     """The name of model.forward's KV-cache argument: `cache` from transformers 5.2x on,
     `past_key_values` before (still accepted later, with a deprecation warning)."""
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    # a peft model's forward takes **kwargs and hands them to the model inside: that one decides
+    forward = model.get_base_model().forward if hasattr(model, "get_base_model") else model.forward
+    return "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
 
 
 def dynamic_sample(model, prompt_ids, prompt_mask, settings):

@@ -14,7 +14,7 @@ from transformers import PreTrainedTokenizerFast
 
 import data
 from data import FIELDS, DataError
-from training import distributed
+from training import distributed, lora
 from training.builtin_task import builtin_task, encode_builtin
 from training.hf_datasets import load_records
 
@@ -23,7 +23,7 @@ from training.hf_datasets import load_records
 # the flags that have a lowest value, and that value
 AT_LEAST = {"steps": 1, "batch_size": 1, "grad_accum": 1, "gamma": 0, "margin": 0, "kl_alpha": 0,
             "max_new_tokens": 1, "warmup_steps": 0, "sft_steps": 0,
-            "log_every": 1, "save_every": 0}
+            "log_every": 1, "save_every": 0, "lora_r": 0}
 
 
 def check_args(p, args):
@@ -49,6 +49,10 @@ def check_args(p, args):
          f"{world_size} processes: each process needs at least one pair of every micro-batch"),
         (args.fsdp and args.sampler in ("static", "graph"), f"--sampler {args.sampler} cannot run "
          "a sharded model (--fsdp): its shadow copy needs whole weights; use --sampler dynamic"),
+        (args.fsdp and args.lora_r, "--lora-r cannot be combined with --fsdp: LoRA keeps one copy of "
+         "the weights, which fits one GPU; leave --fsdp out (torchrun without --fsdp runs DDP)"),
+        (args.lora_r and not lora.peft_installed(), f"--lora-r {args.lora_r} needs the peft package "
+         "(pip install peft==0.21.2); leave --lora-r out (0) for full fine-tuning"),
     ]:
         if wrong:
             p.error(message)
