@@ -20,7 +20,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
-from training import memory  # noqa: E402
+from training import memory, sampling, setup  # noqa: E402
 import train  # noqa: E402
 from test_real_models import build_checkpoint, chat_records  # noqa: E402
 
@@ -54,7 +54,7 @@ def records(output_dir):
     return found
 
 
-def assert_same_run(one_dir, sharded_dir, weights_atol=5e-5):
+def assert_same_run(one_dir, sharded_dir, weights_atol=5e-5, generation=None):
     one, sharded = records(one_dir), records(sharded_dir)
     assert set(one) == set(sharded)
     for key, entry in one.items():
@@ -74,6 +74,13 @@ def assert_same_run(one_dir, sharded_dir, weights_atol=5e-5):
         assert torch.allclose(got[name], value, rtol=0, atol=weights_atol), name
     tied = alone.get_output_embeddings().weight is alone.get_input_embeddings().weight
     assert (loaded.get_output_embeddings().weight is loaded.get_input_embeddings().weight) == tied
+    # the generation config the run started from (end ids, sampling defaults), in both
+    for folder in (one_dir, sharded_dir) if generation else ():
+        saved = json.loads((Path(folder) / "policy" / "generation_config.json").read_text())
+        assert {key: saved.get(key) for key in GENERATION_KEYS} == generation, folder
+
+
+GENERATION_KEYS = ("eos_token_id", "temperature", "do_sample")
 
 
 @pytest.mark.parametrize("case", ["tied", "untied", "tied-checkpointing"])
@@ -91,9 +98,31 @@ def test_a_sharded_step_gives_every_parameter_the_one_process_gradient(case):
     # memory.step_peak_bytes's sharded terms are what a process holds: half of each, to the rows
     # that an odd first dimension gives one shard more than the other
     result = json.loads(child.stdout.strip().splitlines()[-1])
+    # the sampler of a sharded model on CUDA: the dynamic one, also for auto; static and graph
+    # are refused (a CUDA graph would keep pointers to the storage FSDP frees at every reshard)
+    assert result["sampler"]["auto"] == "dynamic"
+    for method in ("static", "graph"):
+        assert result["sampler"][method] == (f"refused: the {method} sampler cannot run this model: its weights "
+                                             "are sharded (--fsdp): a CUDA graph would keep pointers to storage "
+                                             "FSDP frees; use the dynamic sampler (--sampler dynamic, or auto)")
     formula = memory.step_peak_bytes(LlamaConfig(**result["config"]), 1, 4, 4, False, False, gpu=False, shards=2)
     for term, held in result["held"].items():
         assert held == pytest.approx(formula[term], rel=0.02), term
+
+
+def test_gradient_accumulation_keeps_each_process_at_its_gradient_shard():
+    # Between micro-batches of a step (--grad-accum 2) a process holds its shard of the gradient
+    # (memory.step_peak_bytes's "gradients" term), as after a step of one micro-batch: the
+    # gradients are reduce-scattered at every micro-batch. With FSDP2's sync off until the last
+    # micro-batch, the probe sees what each process would hold: the whole model's gradient.
+    child = torchrun("tests/fsdp_step.py", "accumulation", "2", "32")
+    result = json.loads(child.stdout.strip().splitlines()[-1])
+    config = LlamaConfig(**result["config"])
+    shard = memory.step_peak_bytes(config, 1, 4, 4, False, False, gpu=False, shards=2)["gradients"] / 4
+    assert result["parameters"] == 30144  # the 2-layer model of hidden size 32 on the built-in vocabulary
+    assert result["held"]["sync"] == [15088, 15088]  # rank 0's rows: the odd ones go to it
+    assert result["held"]["sync"][0] == pytest.approx(shard, rel=0.02)
+    assert result["held"]["nosync"] == [30144, 15088]
 
 
 @pytest.mark.parametrize("case", ["triplet", "no-triplet-checkpointing"])
@@ -111,6 +140,14 @@ def hub(tmp_path_factory):
     root = tmp_path_factory.mktemp("hub")
     for kind in ("qwen2", "llama3"):  # bfloat16, chat templates; tied and untied embeddings
         build_checkpoint(root / kind, kind)
+    # Qwen2.5-Instruct's way: the model config names one end id, the generation config two and
+    # its own sampling defaults, which a model rebuilt from the config alone would lose
+    config = json.loads((root / "qwen2" / "config.json").read_text())
+    generation = json.loads((root / "qwen2" / "generation_config.json").read_text())
+    config["eos_token_id"] = generation["eos_token_id"][0]
+    generation.update(temperature=0.6, do_sample=True)
+    (root / "qwen2" / "config.json").write_text(json.dumps(config))
+    (root / "qwen2" / "generation_config.json").write_text(json.dumps(generation))
     (root / "chat.jsonl").write_text("".join(json.dumps(record) + "\n" for record in chat_records()))
     return root
 
@@ -121,7 +158,23 @@ def test_sharded_run_matches_one_process_on_a_hub_shaped_checkpoint(kind, hub, t
     child = torchrun("train.py", *flags, "--fsdp", "--output-dir", str(tmp_path / "sharded"))
     assert "saved in bfloat16" in child.stdout
     train.main([*flags, "--output-dir", str(tmp_path / "one")])
-    assert_same_run(tmp_path / "one", tmp_path / "sharded")
+    generation = json.loads((hub / kind / "generation_config.json").read_text())
+    assert_same_run(tmp_path / "one", tmp_path / "sharded",
+                    generation={key: generation.get(key) for key in GENERATION_KEYS})
+    if kind == "qwen2":
+        assert len(generation["eos_token_id"]) == 2 and generation["temperature"] == 0.6
+
+
+def test_the_other_processes_read_the_checkpoints_generation_config(hub):
+    # rank 0 loads --model with from_pretrained; the others build it on the meta device, and
+    # sample their anchors with the checkpoint's end ids too
+    args = train.parse_args(["--model", str(hub / "qwen2"), "--fsdp", "--device", "cpu"])
+    tokenizer = setup.load_tokenizer(args)
+    meta = setup.build_model(args, torch.device("cpu"), tokenizer, rank=1)
+    end_ids = tokenizer.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"])
+    assert meta.device.type == "meta" and meta.config.eos_token_id == end_ids[0]
+    assert meta.generation_config.eos_token_id == end_ids and meta.generation_config.temperature == 0.6
+    assert sampling.end_ids(meta, tokenizer) == tuple(sorted(end_ids))
 
 
 def test_a_sharded_run_resumes_exactly(tmp_path):
