@@ -85,7 +85,8 @@ def linear_weights_in(model, dtype):
 ACTIVATION_BYTES = {"float32": (32, 16, 8), "bfloat16": (30, 8, 4)}
 
 
-def step_peak_bytes(config, pairs, length, anchor_length, full_tidpo, checkpointing, gpu=True, shards=1):
+def step_peak_bytes(config, pairs, length, anchor_length, full_tidpo, checkpointing, gpu=True, shards=1,
+                    sharded=None):
     """The peak memory of one training step of train.py on one device, term by term (bytes).
 
     Args:
@@ -100,11 +101,18 @@ def step_peak_bytes(config, pairs, length, anchor_length, full_tidpo, checkpoint
         checkpointing: --gradient-checkpointing.
         gpu: True for CUDA with bfloat16 autocast (float32 weights, bfloat16 activations and
             logits, the reference's Linear weights in bfloat16); False for the CPU in float32.
-        shards: the processes of a --fsdp run (1: not sharded). Sharded, the float32 weights,
+        shards: the processes of a --fsdp run (1: not sharded, unless `sharded`). Sharded, the float32 weights,
             gradients, AdamW moments and reference are split over them; the whole model's own
             weights (embeddings, output layer, final norm) and two decoder layers' are gathered at
             a time, in bfloat16 on CUDA (FSDP's mixed precision: no autocast copies), and the
             anchors are sampled with the whole policy gathered ("sampling", a peak of its own).
+            The gradients are reduce-scattered at every micro-batch (distributed.sync_unless), so
+            with --grad-accum a process holds its shard of them between micro-batches, not the
+            whole model's: what remains of a layer's gradient is its whole gradient before the
+            reduction and the reduction's result, this process's slice, before it is added to
+            the shard ("unsharded gradients"), one layer (and the root) at a time.
+        sharded: whether the run is --fsdp; by default, whether shards > 1 (True for
+            `torchrun --nproc_per_node=1 train.py --fsdp`, one process holding every shard).
 
     The peak is at the start of the backward: every activation and the logits are still held,
     and the logits' gradient is being made. The policy's gradients are counted whole, as if all
@@ -134,12 +142,14 @@ def step_peak_bytes(config, pairs, length, anchor_length, full_tidpo, checkpoint
         # the logits and, in the backward, their gradient; token_logps's float32 temporaries
         "logits": 2 * tokens * vocab * element + 3 * 4 * min(2 ** 24, tokens * vocab),
     }
-    if shards > 1:
+    sharded = shards > 1 if sharded is None else sharded
+    if sharded:
         terms["reference"] = 4 * params // shards
         # the root's weights and two layers' (the one computing, the one prefetched), gathered; a
-        # layer's and the root's gradients before their reduction (and its float32 copy on CUDA)
+        # layer's and the root's gradients before their reduction (and its float32 copy on CUDA),
+        # and the reduction's float32 result, this process's slice, before it joins the shard
         terms["gathered"] = element * (root + 2 * layer)
-        terms["unsharded gradients"] = (element + (4 if gpu else 0)) * (root + layer)
+        terms["unsharded gradients"] = (element + (4 if gpu else 0)) * (root + layer) + 4 * (root + layer) // shards
     else:
         # on CUDA a frozen copy with bfloat16 Linear weights (the output layer its own copy)
         terms["reference"] = 2 * (linear + embedding) + 4 * embedding if gpu else 4 * params
@@ -149,7 +159,7 @@ def step_peak_bytes(config, pairs, length, anchor_length, full_tidpo, checkpoint
                 terms["sampler"] = 2 * (linear + embedding) + kv_cache
     backward = sum(terms.values())
     terms["total"] = backward
-    if shards > 1 and full_tidpo:  # before the forward: the whole policy gathered, and the cache
+    if sharded and full_tidpo:  # before the forward: the whole policy gathered, and the cache
         static = sum(terms[name] for name in ("weights", "gradients", "adamw", "reference"))
         terms["sampling"] = static + element * params + kv_cache + rows * vocab * 4
         terms["total"] = max(backward, terms["sampling"])
