@@ -125,6 +125,26 @@ def test_gradient_accumulation_keeps_each_process_at_its_gradient_shard():
     assert result["held"]["nosync"] == [30144, 15088]
 
 
+@pytest.mark.parametrize("n, batch_size, world_size, expected", [
+    # 5 pairs over 2 processes in batches of 2 (4 / 2): rank 0 has 2 pairs, rank 1 has 3, so both
+    # run 2 batches and rank 0's second is a filler (pair 0, left out)
+    (5, 4, 2, [[([0, 1], True), ([0], False)], [([2, 3], True), ([4], True)]]),
+    # 2 pairs over 3 processes: rank 0's share is empty, its one batch a filler
+    (2, 4, 3, [[([0], False)], [([0], True)], [([1], True)]]),
+    (3, 2, 1, [[([0, 1], True), ([2], True)]]),  # one process: --batch-size batches, no filler
+])
+def test_each_process_evaluates_its_share_in_as_many_batches_as_the_others(n, batch_size, world_size, expected,
+                                                                           monkeypatch):
+    from training import distributed, evaluate
+
+    for rank in range(world_size):
+        monkeypatch.setattr(distributed, "rank_and_size", lambda rank=rank: (rank, world_size))
+        assert evaluate.process_rounds(list(range(n)), batch_size) == expected[rank]
+    # every pair is evaluated once, by one process, and counted once
+    kept = [pair for rounds in expected for batch, keep in rounds if keep for pair in batch]
+    assert kept == list(range(n))
+
+
 @pytest.mark.parametrize("case", ["triplet", "no-triplet-checkpointing"])
 def test_sharded_run_matches_one_process_on_the_builtin_task(case, tmp_path):
     flags = [*BUILTIN, *(["--gamma", "0", "--gradient-checkpointing"] if case != "triplet" else [])]

@@ -1,6 +1,7 @@
 """The held-out evaluation, the same for every method, and its metrics.
 
     evaluate(policy, ref, pairs, ...)   a dict of held-out numbers, used by train.py and tools/experiments.py
+    process_rounds(pairs, batch_size)   under torchrun, this process's share of the pairs, in batches
 
 The metrics are pure functions of lists and tensors, so that each can be checked on a hand-made case:
     distinct_n, token_entropy, self_bleu   diversity of sampled responses (the paper's Table B9)
