@@ -115,7 +115,7 @@ def test_gradient_accumulation_keeps_each_process_at_its_gradient_shard():
     # (memory.step_peak_bytes's "gradients" term), as after a step of one micro-batch: the
     # gradients are reduce-scattered at every micro-batch. With FSDP2's sync off until the last
     # micro-batch, the probe sees what each process would hold: the whole model's gradient.
-    child = torchrun("tests/fsdp_step.py", "accumulation", "2", "32")
+    child = torchrun("tests/fsdp_step.py", "accumulation", "32", "2")
     result = json.loads(child.stdout.strip().splitlines()[-1])
     config = LlamaConfig(**result["config"])
     shard = memory.step_peak_bytes(config, 1, 4, 4, False, False, gpu=False, shards=2)["gradients"] / 4

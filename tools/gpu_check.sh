@@ -83,7 +83,7 @@ total = terms["total"] / 2**30
 print(f"fsdp peak: measured {measured:.3f} GiB (max_memory_allocated, step 2), formula {total:.3f} GiB, "
       f"measured / formula {measured / total:.2f}")
 '
-part fsdp-step-1-process 120 env WORLD_SIZE=1 RANK=0 LOCAL_RANK=0 MASTER_ADDR=127.0.0.1 MASTER_PORT=29531 \
+part fsdp-step-1-process 40 env WORLD_SIZE=1 RANK=0 LOCAL_RANK=0 MASTER_ADDR=127.0.0.1 MASTER_PORT=29531 \
     python -c "$fsdp_step"
 grep -h "^bench:\|MFU\|sampler check\|graph capture" "$logs"/bench-*.log | tee "$logs/summary.txt"
 grep -h "^fsdp " "$logs/fsdp-step-1-process.log" | tee -a "$logs/summary.txt"
