@@ -221,6 +221,31 @@ def test_a_sharded_run_resumes_exactly(tmp_path):
                     str(tmp_path / "stopped"), "--resume", "latest"])
 
 
+def test_a_sharded_checkpoint_holds_its_train_pt_before_it_is_renamed_into_place(tmp_path, monkeypatch):
+    # A crash between the rename and a later write would leave a newest checkpoint that --resume
+    # latest cannot load: train.pt is written into the temporary folder, before the rename.
+    import torch.distributed as dist
+
+    from training import checkpoints
+
+    renamed = []
+
+    def replace(source, target):
+        renamed.append((source, target, sorted(os.listdir(source)) if os.path.isdir(source) else None))
+        os.rename(source, target)
+
+    monkeypatch.setattr(checkpoints.os, "replace", replace)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        folder = str(tmp_path / "step-000001")
+        checkpoints.save_sharded({"policy": {"weight": torch.ones(3)}}, folder, {"step": 1})
+    finally:
+        dist.destroy_process_group()
+    (source, target, held), = [entry for entry in renamed if entry[1] == folder]
+    assert source == folder + ".tmp" and "train.pt" in held
+    assert torch.load(os.path.join(folder, "train.pt"), weights_only=True) == {"step": 1}
+
+
 def test_fsdp_needs_torchrun_and_the_dynamic_sampler(capsys):
     with pytest.raises(SystemExit, match=r"--fsdp runs under torchrun \(torchrun --nproc_per_node=N"):
         train.main(["--fsdp", "--steps", "1"])
