@@ -150,18 +150,26 @@ def render(tokenizer, record) -> tuple[str, str, str]:
     return prompt_text, response_text("chosen"), response_text("rejected")
 
 
-def encode_pair(tokenizer, prompt_text, chosen_text, rejected_text, max_length, source="") -> dict:
+def encode_pair(tokenizer, prompt_text, chosen_text, rejected_text, max_length, source="",
+                max_prompt_length=None) -> dict:
     """Tokenize one pair into {"prompt_ids", "chosen_ids", "rejected_ids"} (lists of ints).
 
     Response ids exclude the prompt and end with eos, so the policy also learns
     where a good answer stops, unless they already end with a token that ends a
     turn (end_of_turn_ids: a chat template's own, such as "<|im_end|>"), which
-    would then be there twice. prompt + the longer response fit in max_length.
+    would then be there twice. prompt + the longer response fit in max_length;
+    a longer pair's prompt keeps at least its last max_prompt_length tokens
+    (None: max_length // 2).
     """
     where = source or "record"
     if max_length < 2:
         raise DataError("max_length must be at least 2 (one prompt and one response token), "
                         f"got {max_length}")
+    if max_prompt_length is None:
+        max_prompt_length = max_length // 2
+    if not 1 <= max_prompt_length < max_length:
+        raise DataError(f"max_prompt_length must be at least 1 and below max_length {max_length} "
+                        f"(the responses need the rest), got {max_prompt_length}")
     if tokenizer.eos_token_id is None:
         raise DataError("the tokenizer has no eos token, which is needed to end each response")
     prompt_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
@@ -180,11 +188,13 @@ def encode_pair(tokenizer, prompt_text, chosen_text, rejected_text, max_length, 
         responses[field] = ids if ids[-1] in closing else ids + [tokenizer.eos_token_id]
 
     # The responses are what is being judged, so the prompt gives way first,
-    # losing its oldest tokens. One prompt token always stays: the first response
-    # token is predicted from the position before it. Both responses share the
-    # same truncated prompt, so their log-probabilities stay comparable.
+    # losing its oldest tokens, but it keeps its last max_prompt_length (TRL's
+    # and the DPO reference code's max_prompt_length): a prompt cut to nothing
+    # says nothing about what the responses answer. The responses are then cut
+    # from the right to what remains. Both share the same truncated prompt, so
+    # their log-probabilities stay comparable.
     longest = max(len(ids) for ids in responses.values())
-    kept = prompt_ids[-max(1, max_length - longest):]
+    kept = prompt_ids[-max(max_prompt_length, max_length - longest):]
     room = max_length - len(kept)
     return {"prompt_ids": kept,
             "chosen_ids": responses["chosen"][:room],

@@ -52,6 +52,7 @@ def build_parser(description=__doc__):
     a("--data", help="preference JSONL, or a dataset (hub name, folder[:split]); default: built-in")
     a("--eval-data", help="held-out JSONL or dataset (split test); default: the last 5%% of --data")
     a("--max-length", type=int, default=256, help="prompt + response tokens (prompt cut first)")
+    a("--max-prompt-length", type=int, help="a cut prompt keeps at least N tokens (default: half)")
     a("--output-dir", help="a new folder for the run; default: runs/<loss>-<date-time>")
 
     a = p.add_argument_group("loss").add_argument

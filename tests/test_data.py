@@ -84,25 +84,44 @@ def test_encode_pair_does_not_double_bos(letters):
     assert pair["prompt_ids"] == [BOS, 4, 5]
 
 
-@pytest.mark.parametrize("max_length, prompt, chosen, rejected, cut", [
-    (8, [BOS, 4, 5, 6], [7, 8, EOS], [9, 10, 11, EOS], [0, 0, 0]),   # fits exactly
-    (6, [5, 6], [7, 8, EOS], [9, 10, 11, EOS], [2, 0, 0]),           # prompt loses its oldest tokens first
-    (5, [6], [7, 8, EOS], [9, 10, 11, EOS], [3, 0, 0]),              # down to its last token
-    (4, [6], [7, 8, EOS], [9, 10, 11], [3, 0, 1]),                   # then responses are cut from the right
-    (2, [6], [7], [9], [3, 2, 3]),
+@pytest.mark.parametrize("max_length, max_prompt_length, prompt, chosen, rejected, cut", [
+    (8, 1, [BOS, 4, 5, 6], [7, 8, EOS], [9, 10, 11, EOS], [0, 0, 0]),   # fits exactly
+    (6, 1, [5, 6], [7, 8, EOS], [9, 10, 11, EOS], [2, 0, 0]),    # prompt loses its oldest tokens first
+    (5, 1, [6], [7, 8, EOS], [9, 10, 11, EOS], [3, 0, 0]),       # down to its last --max-prompt-length
+    (4, 1, [6], [7, 8, EOS], [9, 10, 11], [3, 0, 1]),            # then responses are cut from the right
+    (2, 1, [6], [7], [9], [3, 2, 3]),
+    # the default, half of max_length: the prompt keeps 3 of 6 tokens, 2 of 5, 2 of 4, 1 of 2
+    (6, None, [4, 5, 6], [7, 8, EOS], [9, 10, 11], [1, 0, 1]),
+    (5, None, [5, 6], [7, 8, EOS], [9, 10, 11], [2, 0, 1]),
+    (4, None, [5, 6], [7, 8], [9, 10], [2, 1, 2]),
+    (2, None, [6], [7], [9], [3, 2, 3]),
+    (7, 6, [BOS, 4, 5, 6], [7, 8, EOS], [9, 10, 11], [0, 0, 1]),   # a short prompt is not padded
 ])
-def test_encode_pair_truncation(letters, max_length, prompt, chosen, rejected, cut):
-    pair = data.encode_pair(letters, "a b c", "d e", "f g h", max_length=max_length)
+def test_encode_pair_truncation(letters, max_length, max_prompt_length, prompt, chosen, rejected, cut):
+    pair = data.encode_pair(letters, "a b c", "d e", "f g h", max_length=max_length,
+                            max_prompt_length=max_prompt_length)
     assert pair == {"prompt_ids": prompt, "chosen_ids": chosen, "rejected_ids": rejected, "cut": cut}
+    assert len(prompt) >= min(4, max_prompt_length or max_length // 2)  # never below it
 
 
-def test_cut_report_counts_the_cut_pairs_and_those_that_lost_their_end(letters):
-    pairs = [data.encode_pair(letters, "a b c", "d e", "f g h", max_length=n) for n in (8, 6, 4, 2)]
-    lines = setup.cut_report(pairs, 4, "training")
-    assert lines[0].startswith("warning: 3 of 4 training pairs are longer than --max-length 4 and were cut; "
-                               "2 of them lost a response's last tokens")
-    assert lines[1].startswith("warning: 3 training prompts were cut to fewer than 4 tokens")
-    assert setup.cut_report(pairs[:1], 8, "training") == []
+def test_cut_report_counts_the_cut_prompts_and_responses(letters):
+    pairs = [data.encode_pair(letters, "a b c", "d e", "f g h", max_length=n, max_prompt_length=1)
+             for n in (8, 6, 4, 2)]
+    lines = setup.cut_report(pairs, 4, "training", 1)
+    # prompts cut in the pairs of max_length 6, 4, 2; responses: the rejected of 4, both of 2
+    assert lines[0].startswith("warning: 3 of 4 training pairs are longer than --max-length 4 and were "
+                               "cut: 3 prompts lost their oldest tokens (keeping at least their last "
+                               "--max-prompt-length 1), 3 of 8 responses their last tokens")
+    assert lines[1].startswith("warning: 3 training prompts were cut to fewer than 4 tokens "
+                               "(--max-prompt-length 1)")
+    assert setup.cut_report(pairs[:1], 8, "training", 1) == []
+    # with the default (half): at max_length 6 the prompt keeps 3 tokens and the rejected response
+    # loses 1; at 4 it keeps 2 and both responses lose theirs
+    halves = [data.encode_pair(letters, "a b c", "d e", "f g h", max_length=n) for n in (6, 4)]
+    assert setup.cut_report(halves, 4, "held-out", 2)[0] == (
+        "warning: 2 of 2 held-out pairs are longer than --max-length 4 and were cut: 2 prompts lost their "
+        "oldest tokens (keeping at least their last --max-prompt-length 2), 3 of 4 responses their last tokens, "
+        "their end token with them (Eq. 5's target then sits mid-response); a larger --max-length keeps them whole")
 
 
 def test_encode_pair_errors(letters):
@@ -110,6 +129,10 @@ def test_encode_pair_errors(letters):
         data.encode_pair(letters, "a", "b", "  \n", max_length=10, source="prefs.jsonl, line 3")
     with pytest.raises(DataError, match="max_length"):
         data.encode_pair(letters, "a", "b", "c", max_length=1)
+    for wrong in (0, 10):
+        with pytest.raises(DataError, match=f"max_prompt_length must be at least 1 and below max_length 10 "
+                                            rf"\(the responses need the rest\), got {wrong}"):
+            data.encode_pair(letters, "a", "b", "c", max_length=10, max_prompt_length=wrong)
     no_bos = PreTrainedTokenizerFast(tokenizer_object=letters.backend_tokenizer, eos_token="<eos>")
     with pytest.raises(DataError, match=r"x, line 1: field 'prompt' has no tokens"):
         data.encode_pair(no_bos, "", "b", "c", max_length=10, source="x, line 1")

@@ -95,8 +95,10 @@ def test_cut_pairs_few_steps_and_a_small_held_out_set_are_warned_about(tmp_path)
                       "--output-dir", str(tmp_path / "run"))
     assert result.returncode == 0, result.stderr
     out = result.stdout
-    assert "warning: 29 of 29 training pairs are longer than --max-length 12 and were cut; " in out
-    assert "training prompts were cut to fewer than 4 tokens" in out
+    assert "warning: 29 of 29 training pairs are longer than --max-length 12 and were cut: " in out
+    # every prompt keeps at least its last 6 tokens (--max-prompt-length's default: half)
+    assert "prompts lost their oldest tokens (keeping at least their last --max-prompt-length 6)" in out
+    assert "prompts were cut to fewer than 4 tokens" not in out
     assert "warning: the run has 2 steps, fewer than --warmup-steps 10" in out
     assert "warning: 1 held-out pairs: the held-out accuracy moves in steps of 1/1" in out
     warnings = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()

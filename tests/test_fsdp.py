@@ -20,7 +20,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
-from training import memory  # noqa: E402
+from training import memory, sampling, setup  # noqa: E402
 import train  # noqa: E402
 from test_real_models import build_checkpoint, chat_records  # noqa: E402
 
@@ -54,7 +54,7 @@ def records(output_dir):
     return found
 
 
-def assert_same_run(one_dir, sharded_dir, weights_atol=5e-5):
+def assert_same_run(one_dir, sharded_dir, weights_atol=5e-5, generation=None):
     one, sharded = records(one_dir), records(sharded_dir)
     assert set(one) == set(sharded)
     for key, entry in one.items():
@@ -74,6 +74,13 @@ def assert_same_run(one_dir, sharded_dir, weights_atol=5e-5):
         assert torch.allclose(got[name], value, rtol=0, atol=weights_atol), name
     tied = alone.get_output_embeddings().weight is alone.get_input_embeddings().weight
     assert (loaded.get_output_embeddings().weight is loaded.get_input_embeddings().weight) == tied
+    # the generation config the run started from (end ids, sampling defaults), in both
+    for folder in (one_dir, sharded_dir) if generation else ():
+        saved = json.loads((Path(folder) / "policy" / "generation_config.json").read_text())
+        assert {key: saved.get(key) for key in GENERATION_KEYS} == generation, folder
+
+
+GENERATION_KEYS = ("eos_token_id", "temperature", "do_sample")
 
 
 @pytest.mark.parametrize("case", ["tied", "untied", "tied-checkpointing"])
@@ -91,9 +98,51 @@ def test_a_sharded_step_gives_every_parameter_the_one_process_gradient(case):
     # memory.step_peak_bytes's sharded terms are what a process holds: half of each, to the rows
     # that an odd first dimension gives one shard more than the other
     result = json.loads(child.stdout.strip().splitlines()[-1])
+    # the sampler of a sharded model on CUDA: the dynamic one, also for auto; static and graph
+    # are refused (a CUDA graph would keep pointers to the storage FSDP frees at every reshard)
+    assert result["sampler"]["auto"] == "dynamic"
+    for method in ("static", "graph"):
+        assert result["sampler"][method] == (f"refused: the {method} sampler cannot run this model: its weights "
+                                             "are sharded (--fsdp): a CUDA graph would keep pointers to storage "
+                                             "FSDP frees; use the dynamic sampler (--sampler dynamic, or auto)")
     formula = memory.step_peak_bytes(LlamaConfig(**result["config"]), 1, 4, 4, False, False, gpu=False, shards=2)
     for term, held in result["held"].items():
         assert held == pytest.approx(formula[term], rel=0.02), term
+
+
+def test_gradient_accumulation_keeps_each_process_at_its_gradient_shard():
+    # Between micro-batches of a step (--grad-accum 2) a process holds its shard of the gradient
+    # (memory.step_peak_bytes's "gradients" term), as after a step of one micro-batch: the
+    # gradients are reduce-scattered at every micro-batch. With FSDP2's sync off until the last
+    # micro-batch, the probe sees what each process would hold: the whole model's gradient.
+    child = torchrun("tests/fsdp_step.py", "accumulation", "32", "2")
+    result = json.loads(child.stdout.strip().splitlines()[-1])
+    config = LlamaConfig(**result["config"])
+    shard = memory.step_peak_bytes(config, 1, 4, 4, False, False, gpu=False, shards=2)["gradients"] / 4
+    assert result["parameters"] == 30144  # the 2-layer model of hidden size 32 on the built-in vocabulary
+    assert result["held"]["sync"] == [15088, 15088]  # rank 0's rows: the odd ones go to it
+    assert result["held"]["sync"][0] == pytest.approx(shard, rel=0.02)
+    assert result["held"]["nosync"] == [30144, 15088]
+
+
+@pytest.mark.parametrize("n, batch_size, world_size, expected", [
+    # 5 pairs over 2 processes in batches of 2 (4 / 2): rank 0 has 2 pairs, rank 1 has 3, so both
+    # run 2 batches and rank 0's second is a filler (pair 0, left out)
+    (5, 4, 2, [[([0, 1], True), ([0], False)], [([2, 3], True), ([4], True)]]),
+    # 2 pairs over 3 processes: rank 0's share is empty, its one batch a filler
+    (2, 4, 3, [[([0], False)], [([0], True)], [([1], True)]]),
+    (3, 2, 1, [[([0, 1], True), ([2], True)]]),  # one process: --batch-size batches, no filler
+])
+def test_each_process_evaluates_its_share_in_as_many_batches_as_the_others(n, batch_size, world_size, expected,
+                                                                           monkeypatch):
+    from training import distributed, evaluate
+
+    for rank in range(world_size):
+        monkeypatch.setattr(distributed, "rank_and_size", lambda rank=rank: (rank, world_size))
+        assert evaluate.process_rounds(list(range(n)), batch_size) == expected[rank]
+    # every pair is evaluated once, by one process, and counted once
+    kept = [pair for rounds in expected for batch, keep in rounds if keep for pair in batch]
+    assert kept == list(range(n))
 
 
 @pytest.mark.parametrize("case", ["triplet", "no-triplet-checkpointing"])
@@ -111,6 +160,14 @@ def hub(tmp_path_factory):
     root = tmp_path_factory.mktemp("hub")
     for kind in ("qwen2", "llama3"):  # bfloat16, chat templates; tied and untied embeddings
         build_checkpoint(root / kind, kind)
+    # Qwen2.5-Instruct's way: the model config names one end id, the generation config two and
+    # its own sampling defaults, which a model rebuilt from the config alone would lose
+    config = json.loads((root / "qwen2" / "config.json").read_text())
+    generation = json.loads((root / "qwen2" / "generation_config.json").read_text())
+    config["eos_token_id"] = generation["eos_token_id"][0]
+    generation.update(temperature=0.6, do_sample=True)
+    (root / "qwen2" / "config.json").write_text(json.dumps(config))
+    (root / "qwen2" / "generation_config.json").write_text(json.dumps(generation))
     (root / "chat.jsonl").write_text("".join(json.dumps(record) + "\n" for record in chat_records()))
     return root
 
@@ -121,7 +178,23 @@ def test_sharded_run_matches_one_process_on_a_hub_shaped_checkpoint(kind, hub, t
     child = torchrun("train.py", *flags, "--fsdp", "--output-dir", str(tmp_path / "sharded"))
     assert "saved in bfloat16" in child.stdout
     train.main([*flags, "--output-dir", str(tmp_path / "one")])
-    assert_same_run(tmp_path / "one", tmp_path / "sharded")
+    generation = json.loads((hub / kind / "generation_config.json").read_text())
+    assert_same_run(tmp_path / "one", tmp_path / "sharded",
+                    generation={key: generation.get(key) for key in GENERATION_KEYS})
+    if kind == "qwen2":
+        assert len(generation["eos_token_id"]) == 2 and generation["temperature"] == 0.6
+
+
+def test_the_other_processes_read_the_checkpoints_generation_config(hub):
+    # rank 0 loads --model with from_pretrained; the others build it on the meta device, and
+    # sample their anchors with the checkpoint's end ids too
+    args = train.parse_args(["--model", str(hub / "qwen2"), "--fsdp", "--device", "cpu"])
+    tokenizer = setup.load_tokenizer(args)
+    meta = setup.build_model(args, torch.device("cpu"), tokenizer, rank=1)
+    end_ids = tokenizer.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"])
+    assert meta.device.type == "meta" and meta.config.eos_token_id == end_ids[0]
+    assert meta.generation_config.eos_token_id == end_ids and meta.generation_config.temperature == 0.6
+    assert sampling.end_ids(meta, tokenizer) == tuple(sorted(end_ids))
 
 
 def test_a_sharded_run_resumes_exactly(tmp_path):
@@ -146,6 +219,31 @@ def test_a_sharded_run_resumes_exactly(tmp_path):
     with pytest.raises(SystemExit, match=r"that run had --fsdp True \(now False\)"):
         train.main([*[f for f in flags if f != "--fsdp"], "--steps", "5", "--output-dir",
                     str(tmp_path / "stopped"), "--resume", "latest"])
+
+
+def test_a_sharded_checkpoint_holds_its_train_pt_before_it_is_renamed_into_place(tmp_path, monkeypatch):
+    # A crash between the rename and a later write would leave a newest checkpoint that --resume
+    # latest cannot load: train.pt is written into the temporary folder, before the rename.
+    import torch.distributed as dist
+
+    from training import checkpoints
+
+    renamed = []
+
+    def replace(source, target):
+        renamed.append((source, target, sorted(os.listdir(source)) if os.path.isdir(source) else None))
+        os.rename(source, target)
+
+    monkeypatch.setattr(checkpoints.os, "replace", replace)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        folder = str(tmp_path / "step-000001")
+        checkpoints.save_sharded({"policy": {"weight": torch.ones(3)}}, folder, {"step": 1})
+    finally:
+        dist.destroy_process_group()
+    (source, target, held), = [entry for entry in renamed if entry[1] == folder]
+    assert source == folder + ".tmp" and "train.pt" in held
+    assert torch.load(os.path.join(folder, "train.pt"), weights_only=True) == {"step": 1}
 
 
 def test_fsdp_needs_torchrun_and_the_dynamic_sampler(capsys):

@@ -149,12 +149,13 @@ def test_step_peak_bytes_hand_case():
 def test_step_peak_bytes_sharded_hand_case():
     # P = 196 over 2 shards: 98 each. The root (the tied embedding 40 + the final norm 4) = 44, one
     # layer's Linear weights 144. bfloat16 on CUDA: gathered 2 (44 + 2 x 144), unsharded gradients
-    # (2 + 4) (44 + 144); no autocast copies (FSDP gathers bfloat16), the reference sharded float32.
+    # (2 + 4) (44 + 144) and the reduction's float32 result, half of it: 4 (44 + 144) / 2; no
+    # autocast copies (FSDP gathers bfloat16), the reference sharded float32.
     terms = memory.step_peak_bytes(small_config(), 1, 3, 4, False, False, shards=2)
     assert terms["weights"] == terms["gradients"] == terms["reference"] == 4 * 98
     assert terms["adamw"] == 8 * 98
     assert terms["gathered"] == 2 * (44 + 2 * 144)
-    assert terms["unsharded gradients"] == 6 * (44 + 144)
+    assert terms["unsharded gradients"] == 6 * (44 + 144) + 4 * (44 + 144) // 2
     assert "autocast copies" not in terms and "sampler" not in terms and "sampling" not in terms
     assert terms["activations"] == 6 * (30 * 4 + 8 * 8 + 4 * 2)  # this process's pairs, as unsharded
     # full TI-DPO: the sampling, with the whole policy gathered (2 P) and the anchors' cache and

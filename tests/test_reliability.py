@@ -301,6 +301,10 @@ BAD_FLAGS = {
     "margin-negative": (["--margin", "-0.01"], "--margin must be at least 0"),
     "kl-alpha-negative": (["--kl-alpha", "-0.5"], "--kl-alpha must be at least 0"),
     "max-length-1": (["--max-length", "1"], "--max-length must be at least 2"),
+    "max-prompt-length-0": (["--max-prompt-length", "0"], "--max-prompt-length must be at least 1 and below "
+                            "--max-length 256 (the responses need the rest), got 0"),
+    "max-prompt-length-max-length": (["--max-length", "64", "--max-prompt-length", "64"],
+                                     "--max-prompt-length must be at least 1 and below --max-length 64"),
     "max-new-tokens-0": (["--max-new-tokens", "0"], "--max-new-tokens must be at least 1"),
     "temperature-negative": (["--temperature", "-1"], "--temperature must be at least 0"),
     "top-p-0": (["--top-p", "0"], "--top-p must be in (0, 1]"),

@@ -240,8 +240,8 @@ def test_the_judged_samples_are_common_draws_and_leave_the_training_stream_alone
                                contextlib.nullcontext(), with_samples=True)
     assert torch.equal(torch.get_rng_state(), state)  # the evaluation forks the random stream
     assert result["judge/policy"] == result["judge/reference"] and result["win_rate"] == 0.5
-    draws, _ = evaluate.judged_samples(policy, heldout, tokenizer, args, torch.device("cpu"),
-                                       contextlib.nullcontext())
+    draws, _ = evaluate.judged_samples(policy, evaluate.process_rounds(heldout, args.batch_size), tokenizer, args,
+                                       torch.device("cpu"), contextlib.nullcontext())
     assert len(draws) == evaluate.JUDGE_SAMPLES and all(len(d) == len(heldout) for d in draws)
     assert len({tuple(d) for d in draws}) > 1  # the draws differ from each other...
     means = [sum(scores) / len(scores) for scores in zip(*draws)]

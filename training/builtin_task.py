@@ -235,7 +235,7 @@ def critical_positions(tokenizer, response_text, phrase) -> list[int]:
     return [index for index, (first, last) in enumerate(offsets) if first < end and last > start]
 
 
-def encode_builtin(tokenizer, records, max_length) -> list[dict]:
+def encode_builtin(tokenizer, records, max_length, max_prompt_length=None) -> list[dict]:
     """encode_pair for built-in records, plus "chosen_critical" / "rejected_critical" token indices.
 
     Indices that truncation cut off are dropped.
@@ -243,7 +243,7 @@ def encode_builtin(tokenizer, records, max_length) -> list[dict]:
     encoded = []
     for record in records:
         pair = encode_pair(tokenizer, record["prompt"], record["chosen"], record["rejected"],
-                           max_length, record["source"])
+                           max_length, record["source"], max_prompt_length)
         for side in RESPONSES:
             kept = len(pair[f"{side}_ids"])
             positions = critical_positions(tokenizer, record[side], record[f"{side}_critical"])

@@ -50,9 +50,10 @@ def save_atomically(obj, path):
     os.replace(temporary, path)
 
 
-def save_sharded(state, folder):
+def save_sharded(state, folder, train_state=None):
     """torch.distributed.checkpoint's save of `state` (each process writes its shards) into a new
-    name, renamed to `folder` once every process is done: a crash leaves no torn checkpoint."""
+    name, with rank 0's `train_state` as train.pt beside them, renamed to `folder` once every
+    process is done: a crash leaves no torn checkpoint, and none without its train.pt."""
     import torch.distributed.checkpoint as dcp
 
     temporary = folder + ".tmp"
@@ -60,6 +61,8 @@ def save_sharded(state, folder):
         shutil.rmtree(temporary)  # the remains of a run stopped while writing
     dist.barrier()
     dcp.save(state, checkpoint_id=temporary)
+    if dist.get_rank() == 0 and train_state is not None:
+        save_atomically(train_state, os.path.join(temporary, "train.pt"))
     dist.barrier()
     if dist.get_rank() == 0:
         os.replace(temporary, folder)
@@ -105,9 +108,7 @@ def save_checkpoint(args, step, policy, optimizer, scheduler, device, rank, worl
         from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
         save_sharded({"policy": model_state(policy, True),
-                      "optimizer": get_optimizer_state_dict(policy, optimizer)}, path)
-        if rank == 0:
-            save_atomically({**state, "sharded": True}, os.path.join(path, "train.pt"))
+                      "optimizer": get_optimizer_state_dict(policy, optimizer)}, path, {**state, "sharded": True})
     elif rank == 0:
         weights = lora.adapter_state(policy) if lora.is_lora(policy) else policy.state_dict()
         save_atomically({**state, "policy": weights, "optimizer": optimizer.state_dict()}, path)

@@ -6,8 +6,9 @@
     fsdp(policy, device, bf16)        the policy and a frozen reference sharded with FSDP2
     unwrap(policy)                    the module inside a DDP wrapper
     gathered(model)                   a sharded model's weights gathered for a whole sampling call
-    sync_unless(...)                  no gradient reduction for every micro-batch of a step but the last
+    sync_unless(...)                  DDP: gradients reduced at a step's last micro-batch; FSDP2: at each
     all_reduce_sum(values, ...)       add a tensor up over the processes
+    gather_lists(lists)               Python lists joined over the processes (the evaluation's samples)
     clip_grad_norm(policy, max_norm)  the gradients' total norm, clipped to max_norm unless it is 0
 
 train.py calls one line of each; a plain `python train.py` is one process and none of them does
@@ -23,11 +24,19 @@ forward gathers each layer's weights, and the backward reduces the gradients lay
 
 import atexit
 import contextlib
+import copy
+import datetime
 import os
 
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
+
+
+# How long a collective call waits for the other processes before the run stops with an error.
+# NCCL's default is 10 minutes; rank 0 alone loads --model (on a first run, downloads it) while the
+# others wait at the first broadcast, and 16 GB of an 8B checkpoint can take longer than that.
+PROCESS_GROUP_TIMEOUT = datetime.timedelta(hours=1)
 
 
 def setup(device, fsdp=False):
@@ -43,9 +52,9 @@ def setup(device, fsdp=False):
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
         torch.cuda.set_device(device)
-        dist.init_process_group("nccl", device_id=device)
+        dist.init_process_group("nccl", device_id=device, timeout=PROCESS_GROUP_TIMEOUT)
     else:
-        dist.init_process_group("gloo")
+        dist.init_process_group("gloo", timeout=PROCESS_GROUP_TIMEOUT)
     atexit.register(dist.destroy_process_group)
     return dist.get_rank(), world_size, device
 
@@ -86,8 +95,11 @@ def fsdp(policy, device, bf16):
     with rank 0's weights of `policy`, the reference frozen.
 
     Both are built on the meta device (no memory) and sharded there; rank 0's weights are then
-    sent to each process shard by shard, so that only rank 0 ever holds a whole copy (`policy`,
-    which the caller drops), and the other processes may pass `policy` on the meta device.
+    sent to each process shard by shard, once: each process copies its shards of the policy into
+    the reference, whose shards are the same slices. Only rank 0 ever holds a whole copy
+    (`policy`, which the caller drops), and the other processes may pass `policy` on the meta
+    device. Both keep `policy`'s generation config (a checkpoint's end ids and sampling
+    defaults), which a model built from its config alone would replace by the config's.
     `bf16` (CUDA): the weights are gathered and the forward and backward computed in bfloat16,
     from float32 master weights, with the gradients reduced in float32.
     """
@@ -95,29 +107,39 @@ def fsdp(policy, device, bf16):
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     rank = dist.get_rank()
-    full = policy.state_dict() if rank == 0 else {}
-    # non-persistent buffers (rotary tables) are in no state dict: they are broadcast apart
-    buffers = dict(policy.named_buffers())
     precision = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else \
         MixedPrecisionPolicy()
     # the decoder layers: the classes transformers keeps whole when it splits a model
     layer_names = set(getattr(policy, "_no_split_modules", None) or ())
-    models = []
-    for trainable in (True, False):
+
+    def sharded(trainable):
         with torch.device("meta"):
             model = type(policy)(policy.config).requires_grad_(trainable).eval()
         for layer in [m for m in model.modules() if type(m).__name__ in layer_names]:
             fully_shard(layer, mp_policy=precision)
         fully_shard(model, mp_policy=precision)
         model.to_empty(device=device)
-        options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
-        set_model_state_dict(model, dict(full), options=options)  # it changes the dict it is given
-        for name, buffer in model.named_buffers():
-            if rank == 0:
-                buffer.copy_(buffers[name])
-            dist.broadcast(buffer, src=0)
-        models.append(model)
-    return tuple(models)
+        model.generation_config = copy.deepcopy(policy.generation_config)
+        return model
+
+    model = sharded(True)
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+    set_model_state_dict(model, policy.state_dict() if rank == 0 else {}, options=options)
+    # non-persistent buffers (rotary tables) are in no state dict: they are broadcast apart
+    buffers = dict(policy.named_buffers())
+    for name, buffer in model.named_buffers():
+        if rank == 0:
+            buffer.copy_(buffers[name])
+        dist.broadcast(buffer, src=0)
+    ref = sharded(False)
+    with torch.no_grad():
+        for (name, source), (ref_name, target) in zip(
+                [*model.named_parameters(), *model.named_buffers()],
+                [*ref.named_parameters(), *ref.named_buffers()], strict=True):
+            assert name == ref_name, (name, ref_name)  # the same modules, sharded the same way
+            local = target.to_local() if hasattr(target, "to_local") else target
+            local.copy_(source.to_local() if hasattr(source, "to_local") else source)
+    return model, ref
 
 
 @contextlib.contextmanager
@@ -151,10 +173,14 @@ def reshard(model):
 
 
 def sync_unless(policy, world_size, last):
-    """Gradients are reduced only at the last micro-batch of a step: DDP's no_sync, or FSDP's
-    gradient sync off, for the others."""
+    """DDP: gradients are reduced only at the last micro-batch of a step (no_sync for the others).
+    FSDP2: reduced at every micro-batch. With its sync off, FSDP2 would keep each parameter's
+    whole, unsharded gradient in float32 between micro-batches: a whole model's gradient on every
+    process. With it on, each micro-batch's gradients are reduce-scattered layer by layer and
+    added to this process's shard, so no process ever holds more than its shard and one layer's.
+    The cost: one reduce-scatter per micro-batch instead of per step."""
     if is_sharded(policy):
-        policy.set_requires_gradient_sync(last)
+        policy.set_requires_gradient_sync(True)
         return contextlib.nullcontext()
     return policy.no_sync() if world_size > 1 and not last else contextlib.nullcontext()
 
@@ -164,6 +190,24 @@ def all_reduce_sum(values, world_size):
     if world_size > 1:
         dist.all_reduce(values)
     return values
+
+
+def rank_and_size():
+    """(rank, world_size) of this process: (0, 1) outside a process group."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def gather_lists(lists):
+    """Each of `lists` (Python lists) concatenated over the processes in rank order; as they are
+    in one process."""
+    rank, world_size = rank_and_size()
+    if world_size == 1:
+        return lists
+    everyone = [None] * world_size
+    dist.all_gather_object(everyone, lists)
+    return [[item for theirs in everyone for item in theirs[index]] for index in range(len(lists))]
 
 
 def clip_grad_norm(policy, max_norm):

@@ -1,6 +1,7 @@
 """The held-out evaluation, the same for every method, and its metrics.
 
     evaluate(policy, ref, pairs, ...)   a dict of held-out numbers, used by train.py and tools/experiments.py
+    process_rounds(pairs, batch_size)   under torchrun, this process's share of the pairs, in batches
 
 The metrics are pure functions of lists and tensors, so that each can be checked on a hand-made case:
     distinct_n, token_entropy, self_bleu   diversity of sampled responses (the paper's Table B9)
@@ -150,41 +151,62 @@ def with_shares(means):
     return shares
 
 
+def process_rounds(pairs, batch_size):
+    """This process's batches of the held-out `pairs`, as [(pairs, keep)]: its contiguous share of
+    the pairs (as distributed.shard splits a batch), in batches of its share of `batch_size`.
+
+    Every process gets the same number of batches, since each forward of a sharded model is a
+    collective call that every process must make; a process whose share has run out evaluates
+    pairs[0] as a filler whose numbers it leaves out (keep False). One process: all of `pairs`
+    in batches of `batch_size`, none of them a filler."""
+    rank, world_size = distributed.rank_and_size()
+    mine = pairs[len(pairs) * rank // world_size:len(pairs) * (rank + 1) // world_size]
+    size = -(-batch_size // world_size)
+    rounds = -(-(-(-len(pairs) // world_size)) // size)  # the largest share's batches
+    return [(mine[i * size:(i + 1) * size], True) if mine[i * size:(i + 1) * size] else (pairs[:1], False)
+            for i in range(rounds)]
+
+
 # Judged samples per held-out prompt. One draw is noisy: over 16 draws for the 128 held-out prompts of
 # the default run, the mean judge score had a standard deviation of 0.045 for the trained policy and
 # 0.073 for the reference, of the size of differences between methods; 4 draws halve it.
 JUDGE_SAMPLES = 4
 
 
-def judged_samples(model, pairs, tokenizer, args, device, autocast):
-    """The judge's scores of JUDGE_SAMPLES responses sampled from `model` for each held-out prompt,
-    as one list per draw (prompts in order), and the first draw's (text, tokens) per prompt.
+def judged_samples(model, rounds, tokenizer, args, device, autocast):
+    """The judge's scores of JUDGE_SAMPLES responses sampled from `model` for each of this process's
+    held-out prompts (`rounds`, from process_rounds), as one list per draw (prompts in order), and
+    the first draw's (text, tokens) per prompt.
 
     Common random numbers: draw d of batch b is sampled from the random stream seeded by (--seed, d,
-    b), whatever the model, so the policies of all methods and the reference of one seed meet the
-    same draws (the reference's scores are then the same for every method of a seed), and the
-    training's own random stream is left as it was."""
+    b, the process), whatever the model, so the policies of all methods and the reference of one
+    seed meet the same draws (the reference's scores are then the same for every method of a seed),
+    and the training's own random stream is left as it was."""
     draws, first = [], []
+    rank = distributed.rank_and_size()[0]
     for draw in range(JUDGE_SAMPLES):
         draws.append([])
-        for index, batch in enumerate(data.batches(pairs, args.batch_size, tokenizer.pad_token_id)):
+        for index, (batch_pairs, keep) in enumerate(rounds):
+            batch = data.collate(batch_pairs, tokenizer.pad_token_id)
             with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-                torch.manual_seed(args.seed * 1_000_003 + draw * 10_007 + index)
+                torch.manual_seed(args.seed * 1_000_003 + draw * 10_007 + index + 1_009 * rank)
                 with autocast, distributed.gathered(model):
                     ids, _, response_mask = sampling.sample(
                         model, batch["prompt_input_ids"].to(device), batch["prompt_attention_mask"].to(device),
                         tokenizer, **sampling.options(args))
-            for row, keep in zip(ids, response_mask.bool()):
-                text = tokenizer.decode(row[keep], skip_special_tokens=True)
+            for row, kept in zip(ids, response_mask.bool()) if keep else ():  # a filler's samples: none
+                text = tokenizer.decode(row[kept], skip_special_tokens=True)
                 draws[-1].append(judge(text))
                 if draw == 0:
-                    first.append((text, [t for t in row[keep].tolist() if t != tokenizer.eos_token_id]))
+                    first.append((text, [t for t in row[kept].tolist() if t != tokenizer.eos_token_id]))
     return draws, first
 
 
 @torch.no_grad()
 def evaluate(policy, ref, pairs, tokenizer, args, device, autocast, with_samples, diagnostics=None):
-    """The same held-out evaluation for every method.
+    """The same held-out evaluation for every method. Under torchrun each process evaluates its
+    share of the pairs (process_rounds) and the sums are added up over the processes: every
+    process returns the numbers of one process that evaluated them all.
 
     - accuracy, margin: the preference by the plain DPO implicit reward (weights 1, so every
       method is scored alike; ties count half).
@@ -204,10 +226,11 @@ def evaluate(policy, ref, pairs, tokenizer, args, device, autocast, with_samples
       policy's first draw: distinct_2, distinct_4, token_entropy and, with diagnostics, self_bleu
       (sacrebleu, which a plain train.py run does not need).
     """
-    correct, margins, placement = 0.0, [], collections.defaultdict(list)
-    critical_correct, critical_margins = 0.0, []
-    for batch in data.batches(pairs, args.batch_size, tokenizer.pad_token_id):
-        n = len(batch["chosen_input_ids"])
+    sums = collections.defaultdict(float)  # name: a sum over this process's pairs (float64)
+    rounds = process_rounds(pairs, args.batch_size)
+    for batch_pairs, keep in rounds:
+        batch = data.collate(batch_pairs, tokenizer.pad_token_id)
+        n = len(batch_pairs)
         stacked = data.stack_pair(batch, tokenizer.pad_token_id)
         input_ids, attention_mask, response_mask = (tensor.to(device) for tensor in stacked)
         critical = "chosen_critical_mask" in batch
@@ -220,20 +243,24 @@ def evaluate(policy, ref, pairs, tokenizer, args, device, autocast, with_samples
                 # Eq. 6 and the caller's variants from the same gradient
                 importances = {"": tidpo.importance_scores(grad, response_mask)}
                 importances.update({f"_{name}": variant(grad, embeddings, response_mask)
-                               for name, variant in diagnostics.items()})
+                                    for name, variant in diagnostics.items()})
             else:
                 policy_logits = tidpo.forward_logits(policy, input_ids, attention_mask)
-            ref_logits = tidpo.forward_logits(ref, input_ids, attention_mask)
-            logratio = (memory.token_logps(policy_logits, input_ids, response_mask)
-                        - memory.token_logps(ref_logits, input_ids, response_mask))
+            policy_logps = memory.token_logps(policy_logits, input_ids, response_mask)
+            del policy_logits  # [2B, L, V]: freed before the reference's logits are made
+            logratio = policy_logps - memory.token_logps(tidpo.forward_logits(ref, input_ids, attention_mask),
+                                                         input_ids, response_mask)
+        # a filler's numbers count 0, but every process adds the same names in the same order
+        weight = 1.0 if keep else 0.0
         margin = args.beta * (logratio[:n].sum(-1) - logratio[n:].sum(-1))
-        correct += (margin > 0).sum().item() + 0.5 * (margin == 0).sum().item()
-        margins.append(margin.float())
+        sums["correct"] += weight * ((margin > 0).sum().item() + 0.5 * (margin == 0).sum().item())
+        sums["margin"] += weight * margin.double().sum().item()
         if critical:
             critical_mask = data.stack_critical(batch, input_ids.shape[1]).to(device)
             on_critical = critical_margin(logratio[:n], logratio[n:], critical_mask[:n], critical_mask[n:], args.beta)
-            critical_correct += (on_critical > 0).sum().item() + 0.5 * (on_critical == 0).sum().item()
-            critical_margins.append(on_critical.float())
+            sums["critical_correct"] += weight * ((on_critical > 0).sum().item()
+                                                  + 0.5 * (on_critical == 0).sum().item())
+            sums["critical_margin"] += weight * on_critical.double().sum().item()
         if critical and diagnostics:
             weightings = {}
             for suffix, importance in importances.items():  # "" is Eq. 6; "_name" the caller's variants
@@ -243,24 +270,32 @@ def evaluate(policy, ref, pairs, tokenizer, args, device, autocast, with_samples
             weightings["uniform"] = response_mask.float()
             for kind, weights in weightings.items():
                 for side, part in (("chosen", slice(None, n)), ("rejected", slice(n, None))):
-                    placement[f"weights/{kind}/{side}/share"].append(
-                        critical_share(weights[part], critical_mask[part], response_mask[part]))
-                    placement[f"weights/{kind}/{side}/top_k"].append(
-                        topk_hit_rate(weights[part], critical_mask[part], response_mask[part]))
-    result = {"accuracy": correct / len(pairs), "margin": torch.cat(margins).mean().item()}
-    if critical_margins:
-        result["critical_accuracy"] = critical_correct / len(pairs)
-        result["critical_margin"] = torch.cat(critical_margins).mean().item()
-    result.update({name: torch.cat(values).nanmean().item() for name, values in placement.items()})
+                    for name, values in (
+                            ("share", critical_share(weights[part], critical_mask[part], response_mask[part])),
+                            ("top_k", topk_hit_rate(weights[part], critical_mask[part], response_mask[part]))):
+                        # a mean over the rows that have one (nanmean), as a sum and a count
+                        sums[f"weights/{kind}/{side}/{name}"] += weight * values.double().nansum().item()
+                        sums[f"weights/{kind}/{side}/{name}/count"] += weight * (~values.isnan()).sum().item()
+    totals = torch.tensor(list(sums.values()), dtype=torch.float64, device=device)
+    sums = dict(zip(sums, distributed.all_reduce_sum(totals, distributed.rank_and_size()[1]).tolist()))
+    result = {"accuracy": sums["correct"] / len(pairs), "margin": sums["margin"] / len(pairs)}
+    if "critical_margin" in sums:
+        result["critical_accuracy"] = sums["critical_correct"] / len(pairs)
+        result["critical_margin"] = sums["critical_margin"] / len(pairs)
+    result.update({name: sums[name] / sums[f"{name}/count"] if sums[f"{name}/count"] else math.nan
+                   for name in sums if name.startswith("weights/") and not name.endswith("/count")})
     if with_samples:
-        scores = {name: judged_samples(model, pairs, tokenizer, args, device, autocast)
+        scores = {name: judged_samples(model, rounds, tokenizer, args, device, autocast)
                   for name, model in (("policy", policy), ("reference", ref))}
-        means = {name: [sum(s) / len(s) for s in zip(*draws)] for name, (draws, _) in scores.items()}
-        for name in scores:
+        # every process's samples, in the order of the pairs
+        (policy_draws, policy_texts), (reference_draws, _) = scores["policy"], scores["reference"]
+        *gathered, policy_texts = distributed.gather_lists([*policy_draws, *reference_draws, policy_texts])
+        means = {name: [sum(s) / len(s) for s in zip(*draws)]
+                 for name, draws in (("policy", gathered[:JUDGE_SAMPLES]), ("reference", gathered[JUDGE_SAMPLES:]))}
+        for name in means:
             result[f"judge/{name}"] = sum(means[name]) / len(means[name])
         result["win_rate"] = win_rate(means["policy"], means["reference"])
-        policy_texts = scores["policy"][1]  # the first draw's: diversity as one sample per prompt shows it
-        policy_tokens = [tokens for _, tokens in policy_texts]
+        policy_tokens = [tokens for _, tokens in policy_texts]  # the first draw's: one sample per prompt
         result["distinct_2"] = distinct_n(policy_tokens, 2)
         result["distinct_4"] = distinct_n(policy_tokens, 4)
         result["token_entropy"] = token_entropy(policy_tokens)

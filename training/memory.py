@@ -86,7 +86,7 @@ ACTIVATION_BYTES = {"float32": (32, 16, 8), "bfloat16": (30, 8, 4)}
 
 
 def step_peak_bytes(config, pairs, length, anchor_length, full_tidpo, checkpointing, gpu=True, shards=1,
-                    lora_r=0):
+                    lora_r=0, sharded=None):
     """The peak memory of one training step of train.py on one device, term by term (bytes).
 
     Args:
@@ -101,11 +101,18 @@ def step_peak_bytes(config, pairs, length, anchor_length, full_tidpo, checkpoint
         checkpointing: --gradient-checkpointing.
         gpu: True for CUDA with bfloat16 autocast (float32 weights, bfloat16 activations and
             logits, the reference's Linear weights in bfloat16); False for the CPU in float32.
-        shards: the processes of a --fsdp run (1: not sharded). Sharded, the float32 weights,
+        shards: the processes of a --fsdp run (1: not sharded, unless `sharded`). Sharded, the float32 weights,
             gradients, AdamW moments and reference are split over them; the whole model's own
             weights (embeddings, output layer, final norm) and two decoder layers' are gathered at
             a time, in bfloat16 on CUDA (FSDP's mixed precision: no autocast copies), and the
             anchors are sampled with the whole policy gathered ("sampling", a peak of its own).
+            The gradients are reduce-scattered at every micro-batch (distributed.sync_unless), so
+            with --grad-accum a process holds its shard of them between micro-batches, not the
+            whole model's: what remains of a layer's gradient is its whole gradient before the
+            reduction and the reduction's result, this process's slice, before it is added to
+            the shard ("unsharded gradients"), one layer (and the root) at a time.
+        sharded: whether the run is --fsdp; by default, whether shards > 1 (True for
+            `torchrun --nproc_per_node=1 train.py --fsdp`, one process holding every shard).
         lora_r: --lora-r (0: full fine-tuning; not with shards). One copy of the weights, on CUDA
             with the frozen Linear weights in bfloat16 (and the output layer a bfloat16 copy, as
             the full run's reference); the adapters (A: R x in, B: out x R on q, k, v, o, gate,
@@ -144,6 +151,7 @@ def step_peak_bytes(config, pairs, length, anchor_length, full_tidpo, checkpoint
         # the logits and, in the backward, their gradient; token_logps's float32 temporaries
         "logits": 2 * tokens * vocab * element + 3 * 4 * min(2 ** 24, tokens * vocab),
     }
+    sharded = shards > 1 if sharded is None else sharded
     if lora_r:
         # the frozen base, which is also the reference; on CUDA its Linear weights in bfloat16 (the
         # output layer a copy of its own), the embeddings and the norms in float32
@@ -154,12 +162,13 @@ def step_peak_bytes(config, pairs, length, anchor_length, full_tidpo, checkpoint
             terms["autocast copies"] = 2 * adapters  # the base's Linear weights are bfloat16 already
             if full_tidpo:  # the sampler's shadow shares those: the adapters' copies, and the cache
                 terms["sampler"] = 2 * adapters + kv_cache
-    elif shards > 1:
+    elif sharded:
         terms["reference"] = 4 * params // shards
         # the root's weights and two layers' (the one computing, the one prefetched), gathered; a
-        # layer's and the root's gradients before their reduction (and its float32 copy on CUDA)
+        # layer's and the root's gradients before their reduction (and its float32 copy on CUDA),
+        # and the reduction's float32 result, this process's slice, before it joins the shard
         terms["gathered"] = element * (root + 2 * layer)
-        terms["unsharded gradients"] = (element + (4 if gpu else 0)) * (root + layer)
+        terms["unsharded gradients"] = (element + (4 if gpu else 0)) * (root + layer) + 4 * (root + layer) // shards
     else:
         # on CUDA a frozen copy with bfloat16 Linear weights (the output layer its own copy)
         terms["reference"] = 2 * (linear + embedding) + 4 * embedding if gpu else 4 * params
@@ -169,7 +178,7 @@ def step_peak_bytes(config, pairs, length, anchor_length, full_tidpo, checkpoint
                 terms["sampler"] = 2 * (linear + embedding) + kv_cache
     backward = sum(terms.values())
     terms["total"] = backward
-    if shards > 1 and full_tidpo:  # before the forward: the whole policy gathered, and the cache
+    if sharded and full_tidpo:  # before the forward: the whole policy gathered, and the cache
         static = sum(terms[name] for name in ("weights", "gradients", "adamw", "reference"))
         terms["sampling"] = static + element * params + kv_cache + rows * vocab * 4
         terms["total"] = max(backward, terms["sampling"])

@@ -31,6 +31,8 @@ def check_args(p, args):
     not as a crash later. Fills in --lr's default, which depends on --model."""
     if args.lr is None:
         args.lr = 1e-6 if args.model else 5e-4
+    if args.max_prompt_length is None:  # TRL's default and the DPO reference code's: half
+        args.max_prompt_length = args.max_length // 2
     for name, lowest in AT_LEAST.items():
         value = getattr(args, name)
         if value is not None and not value >= lowest:
@@ -45,6 +47,9 @@ def check_args(p, args):
          f"--temperature must be at least 0 (0: greedy), got {args.temperature}"),
         (args.max_length < 2, "--max-length must be at least 2 (a prompt and a response token), "
                               f"got {args.max_length}"),
+        (args.max_length >= 2 and not 1 <= args.max_prompt_length < args.max_length,
+         f"--max-prompt-length must be at least 1 and below --max-length {args.max_length} (the "
+         f"responses need the rest), got {args.max_prompt_length}"),
         (args.batch_size < world_size, f"--batch-size {args.batch_size} is smaller than the "
          f"{world_size} processes: each process needs at least one pair of every micro-batch"),
         (args.fsdp and args.sampler in ("static", "graph"), f"--sampler {args.sampler} cannot run "
@@ -163,12 +168,14 @@ def load_pairs(args, tokenizer, task=None):
     `task`'s settings), or --data and --eval-data, or --data's last 5% (1 to 256 records) held out."""
     if args.data is None:
         train, heldout = builtin_task(seed=args.seed, **(task or {}))
-        return encode_builtin(tokenizer, train, args.max_length), encode_builtin(tokenizer, heldout, args.max_length)
+        return tuple(encode_builtin(tokenizer, split, args.max_length, args.max_prompt_length)
+                     for split in (train, heldout))
     if task:
         raise DataError(f"{args.data}: the built-in task's settings ({', '.join(task)}) cannot be used with --data")
 
     def encode(records):
-        return [data.encode_pair(tokenizer, *data.render(tokenizer, r), args.max_length, r["source"]) for r in records]
+        return [data.encode_pair(tokenizer, *data.render(tokenizer, r), args.max_length, r["source"],
+                                 args.max_prompt_length) for r in records]
 
     records = load_records(args.data)
     if args.eval_data:
@@ -188,7 +195,10 @@ def build_model(args, device, tokenizer, rank=0):
         if rank != 0:  # the architecture without its weights, which rank 0 sends later
             with torch.device("meta"):
                 config = from_pretrained(AutoConfig, args.model)
-                return AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+                model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+            # the checkpoint's own end ids and sampling defaults, as from_pretrained reads them
+            model.generation_config = generation_config(args.model, model.generation_config)
+            return model
         device = torch.device("cpu")
     if args.model:
         # float32 weights whatever the checkpoint's dtype: in bfloat16, lr 1e-6 updates round away
@@ -203,6 +213,16 @@ def build_model(args, device, tokenizer, rank=0):
         policy = LlamaForCausalLM(config)
     # Dropout stays off for good: the attribution and log-probs must be reproducible forwards.
     return policy.to(device).eval()
+
+
+def generation_config(name, default):
+    """The generation_config.json of --model `name`, or `default` for a checkpoint without one."""
+    from transformers import GenerationConfig
+
+    try:
+        return GenerationConfig.from_pretrained(name)
+    except OSError:  # no such file: from_pretrained keeps the config's defaults too
+        return default
 
 
 def model_note(args, autocast):
@@ -238,8 +258,8 @@ def check_fit(args, config, train_pairs, heldout_pairs, steps):
                              f"(now {args.max_length}) or --max-new-tokens")
         warnings.append(f"warning: the model was trained on {positions} positions and {what}: past them a "
                         "rotary model's numbers are untested")
-    warnings += cut_report(train_pairs, args.max_length, "training")
-    warnings += cut_report(heldout_pairs, args.max_length, "held-out")
+    warnings += cut_report(train_pairs, args.max_length, "training", args.max_prompt_length)
+    warnings += cut_report(heldout_pairs, args.max_length, "held-out", args.max_prompt_length)
     if steps < args.warmup_steps:
         warnings.append(f"warning: the run has {steps} steps, fewer than --warmup-steps {args.warmup_steps}: the "
                         f"learning rate never reaches --lr; lower --warmup-steps or train longer (--steps)")
@@ -249,20 +269,22 @@ def check_fit(args, config, train_pairs, heldout_pairs, steps):
     return warnings
 
 
-def cut_report(pairs, max_length, what):
+def cut_report(pairs, max_length, what, max_prompt_length):
     """Warnings (lines of text) about the pairs that encode_pair cut to fit max_length: how many,
-    how many lost a response's end (then Eq. 5's target sits mid-response), and prompts cut to
-    almost nothing."""
+    how many prompts lost their oldest tokens, how many responses their last ones (their end
+    token with them: then Eq. 5's target sits mid-response), and prompts cut to almost nothing."""
     cut = [pair["cut"] for pair in pairs if "cut" in pair and any(pair["cut"])]
     if not cut:
         return []
-    lost_end = sum(1 for c in cut if c[1] or c[2])
+    prompts = sum(1 for c in cut if c[0])
+    responses = sum(1 for c in cut for side in c[1:] if side)
     lines = [f"warning: {len(cut)} of {len(pairs)} {what} pairs are longer than --max-length {max_length} and "
-             f"were cut; {lost_end} of them lost a response's last tokens, its end token with them (Eq. 5's "
-             f"target then sits mid-response); a larger --max-length keeps them whole"]
+             f"were cut: {prompts} prompts lost their oldest tokens (keeping at least their last "
+             f"--max-prompt-length {max_prompt_length}), {responses} of {2 * len(pairs)} responses their last "
+             f"tokens, their end token with them (Eq. 5's target then sits mid-response); a larger --max-length "
+             f"keeps them whole"]
     short = sum(1 for pair in pairs if "cut" in pair and pair["cut"][0] and len(pair["prompt_ids"]) < 4)
     if short:
-        lines.append(f"warning: {short} {what} prompts were cut to fewer than 4 tokens (the responses take "
-                     f"the room first): the model sees almost nothing of what it answers")
+        lines.append(f"warning: {short} {what} prompts were cut to fewer than 4 tokens (--max-prompt-length "
+                     f"{max_prompt_length}): the model sees almost nothing of what it answers")
     return lines
-

@@ -9,8 +9,8 @@ steps (to stop once every response has ended). On CUDA ("graph", the default the
 CUDA graph per (batch, prompt length) bucket and replayed: a decode step of a 24-layer model is
 hundreds of small kernels, and launching them one by one from Python takes longer than running
 them. Runs on the CPU too, without the graph ("static"). Not for models with sliding-window
-attention (Mistral, Gemma 2 and 3): "auto" samples those the dynamic way, and "static" or "graph"
-refuse them.
+attention (Mistral, Gemma 2 and 3) nor sharded ones (--fsdp): "auto" samples those the dynamic
+way, and "static" or "graph" refuse them (refusal).
 
 The static way draws a token by the exponential race, argmax(p / E) with E ~ Exp(1) per token,
 which picks token i with probability p_i / sum(p) exactly (the smallest of independent
@@ -37,7 +37,13 @@ from training.plain_sampler import cache_argument, candidates
 def refusal(model):
     """Why the static way cannot run `model`, or None. Its mask covers every cached position:
     a sliding-window layer would attend beyond its window (and transformers gives such a layer
-    a cache of the window's size, which the mask does not fit)."""
+    a cache of the window's size, which the mask does not fit). A sharded model (--fsdp): FSDP2
+    frees its gathered weights at every reshard and gathers them into new storage, so a CUDA graph
+    captured over them would read freed memory, and the bfloat16 shadow needs whole weights."""
+    from torch.distributed.fsdp import FSDPModule
+
+    if isinstance(model, FSDPModule):
+        return "its weights are sharded (--fsdp): a CUDA graph would keep pointers to storage FSDP frees"
     config = model.config
     attention = getattr(config, "_attn_implementation", None)
     if attention not in ("sdpa", "eager"):
