@@ -16,7 +16,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
@@ -87,8 +86,8 @@ def test_a_signal_ends_the_step_writes_a_checkpoint_and_the_resumed_run_is_the_w
     stopped = stopped_run(signal_name, "3", TINY, folder)
     checkpoint = folder / "checkpoints" / "step-000003.pt"
     command = shlex.join(["python", "train.py", *TINY, "--output-dir", str(folder), "--resume", "latest"])
-    # exit status 1, one line on stderr and no traceback; step 3 was finished, logged and saved
-    assert stopped.returncode == 1, stopped.stderr[-3000:]
+    # exit status 128 + the signal, one line on stderr and no traceback; step 3 finished, logged, saved
+    assert stopped.returncode == 128 + getattr(signal, signal_name), stopped.stderr[-3000:]
     assert stopped.stderr == (f"stopped by {signal_name} after step 3 of 6: checkpoint {checkpoint}; "
                               f"continue with: {command}\n")
     assert "step 3/6" in stopped.stdout and "step 4/6" not in stopped.stdout
@@ -118,7 +117,7 @@ def test_a_second_signal_stops_at_once_but_a_repeat_of_the_first_does_not(case, 
         assert stopped.stderr == "stopped at once by a second SIGINT: no checkpoint written since the last one\n"
         assert "step 3/6" not in stopped.stdout and not (tmp_path / "run" / "checkpoints").exists()
     else:
-        assert stopped.returncode == 1 and stopped.stderr.startswith("stopped by SIGINT after step 3 of 6")
+        assert stopped.returncode == 130 and stopped.stderr.startswith("stopped by SIGINT after step 3 of 6")
         assert sorted(os.listdir(tmp_path / "run" / "checkpoints")) == ["reference.pt", "step-000003.pt"]
 
 
@@ -143,12 +142,12 @@ def test_a_signal_to_one_sharded_process_stops_both_at_the_same_step_and_they_re
     stopped = stopped_run("SIGTERM", "2", flags, tmp_path / "run", ranks="1", processes=2)
     assert stopped.returncode != 0
     lines = [line for line in stopped.stderr.splitlines() if line.startswith("stopped by")]
-    assert lines == [f"stopped by SIGTERM after step 2 of 4: checkpoint {tmp_path / 'run' / 'checkpoints' / 'step-000002'}; "
-                     f"continue with: torchrun --nproc_per_node=2 train.py {shlex.join(flags)} --output-dir "
-                     f"{tmp_path / 'run'} --resume latest"]
-    assert "Traceback" not in stopped.stderr.split("ChildFailedError")[0]  # torchrun's own report comes after
     step_2 = tmp_path / "run" / "checkpoints" / "step-000002"
-    assert sorted(p.name for p in step_2.iterdir()) == ["__0_0.distcp", "__1_0.distcp", "train.pt"]  # both shards
+    assert lines == [f"stopped by SIGTERM after step 2 of 4: checkpoint {step_2}; continue with: torchrun "
+                     f"--nproc_per_node=2 train.py {shlex.join(flags)} --output-dir {tmp_path / 'run'} --resume latest"]
+    # no traceback of the run's processes (torchrun prints one of its own, from its own files)
+    assert 'train.py", line' not in stopped.stderr and 'training/' not in stopped.stderr
+    assert sorted(p.name for p in step_2.iterdir()) == [".metadata", "__0_0.distcp", "__1_0.distcp", "train.pt"]
     resumed = continued(lines[0], processes=2)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     got, expected = without_timing(records(tmp_path / "run")), without_timing(records(tmp_path / "whole"))
@@ -166,7 +165,7 @@ def test_eval_every_logs_the_held_out_numbers_of_that_step_and_changes_no_traini
     two_steps = train.main([*flags, "--steps", "2", "--output-dir", str(tmp_path / "two")])
     assert with_evals["history"] == plain["history"] and with_evals["after"] == plain["after"]
     found = records(tmp_path / "evals")
-    assert sorted(key for key in found if key[0] == "eval") == [("eval", "after"), ("eval", "before"), ("eval", 2)]
+    assert {key for key in found if key[0] == "eval"} == {("eval", "before"), ("eval", 2), ("eval", "after")}
     # the evaluation at step 2 is the one after a 2-step run, without the judge's samples
     at_2 = found[("eval", 2)]
     assert at_2["when"] == "step" and at_2["step"] == 2
@@ -214,7 +213,12 @@ def test_trim_metrics_keeps_the_records_up_to_the_checkpoint(tmp_path):
 # ----------------------------------------------------------------------------- TensorBoard, W&B
 
 
+def float32(value):
+    return struct.unpack("f", struct.pack("f", value))[0]
+
+
 def test_tensorboard_gets_every_record_under_trls_names(tmp_path):
+    pytest.importorskip("tensorboard")  # an optional package (.ci/run installs it)
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     folder = tmp_path / "run"
@@ -229,11 +233,11 @@ def test_tensorboard_gets_every_record_under_trls_names(tmp_path):
         for name, trl_name in (("loss", "train/loss"), ("rewards/margins", "train/rewards/margins"),
                                ("rewards/accuracies", "train/rewards/accuracies"), ("grad_norm", "train/grad_norm"),
                                ("tokens_per_second/pairs", "train/tokens_per_second/pairs")):
-            assert scalars[trl_name][step] == float(np.float32(found[("train", step)][name])), (step, name)
+            assert scalars[trl_name][step] == float32(found[("train", step)][name]), (step, name)
     evals = {0: found[("eval", "before")], 2: found[("eval", 2)], 4: found[("eval", 4)], 6: found[("eval", "after")]}
-    assert scalars["eval/rewards/accuracies"] == {step: float(np.float32(e["accuracy"])) for step, e in evals.items()}
-    assert scalars["eval/rewards/margins"] == {step: float(np.float32(e["margin"])) for step, e in evals.items()}
-    assert scalars["eval/win_rate"] == {6: float(np.float32(evals[6]["win_rate"]))}
+    assert scalars["eval/rewards/accuracies"] == {step: float32(e["accuracy"]) for step, e in evals.items()}
+    assert scalars["eval/rewards/margins"] == {step: float32(e["margin"]) for step, e in evals.items()}
+    assert scalars["eval/win_rate"] == {6: float32(evals[6]["win_rate"])}
     config = events.Tensors("config/text_summary")[0].tensor_proto.string_val[0].decode()
     assert "    --beta 0.1\n" in config and "    --report-to tensorboard\n" in config
 
@@ -264,6 +268,7 @@ def wandb_records(path):
 
 
 def test_wandb_offline_gets_every_record_under_trls_names_and_the_flags_as_config(tmp_path):
+    pytest.importorskip("wandb")  # an optional package (.ci/run installs it)
     folder = tmp_path / "run"
     done = child([sys.executable, "train.py", *TINY, "--eval-every", "2", "--report-to", "wandb",
                   "--output-dir", str(folder)], WANDB_MODE="offline", WANDB_DIR=str(tmp_path), WANDB_SILENT="true")

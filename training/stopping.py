@@ -4,8 +4,8 @@ one line says how to continue.
 A cluster stops a job with SIGTERM (Slurm at the job's time limit, or earlier with --signal), a
 user with Ctrl-C (SIGINT). During train.py's loop either one only marks the run: the step in
 progress ends, a checkpoint is written (with or without --save-every; under torchrun by every
-process, sharded with --fsdp), and the run exits with status 1 and one line that names the
-checkpoint and the command that continues it with --resume latest. The resumed run gives the
+process, sharded with --fsdp), and the run exits with status 128 + the signal's number and one
+line that names the checkpoint and the command that continues it with --resume latest. The resumed run gives the
 numbers the run would have given had it never stopped. A second signal stops at once, without a
 checkpoint (one within 2 s of the first is taken for the same one). Outside the loop (set-up, SFT,
 the evaluations) the signals act as usual.
@@ -92,7 +92,8 @@ class Stop:
 
     def exit_if_asked(self, step, checkpoint):
         """After asked() said so and the checkpoint is written: the one line (rank 0, on stderr),
-        and exit status 1 once every process is done with the checkpoint."""
+        and exit status 128 + the signal's number (143: SIGTERM, 130: SIGINT; a job script tells a
+        stop to continue from an error) once every process is done with the checkpoint."""
         if not self.stopping:
             return
         self.restore()
@@ -107,7 +108,7 @@ class Stop:
             # Rank 0 may still be writing its part of the checkpoint; torchrun stops every process
             # as soon as one of them exits with an error.
             dist.barrier()
-        raise SystemExit(1)
+        raise SystemExit(128 + self.signal)  # as a shell reports a process the signal ended
 
 
 def continue_command(argv, args, world_size):
