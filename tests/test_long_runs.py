@@ -60,13 +60,6 @@ def continued(stop_line, processes=1):
     return child([*launcher, *command[1:]])
 
 
-def without_timing(found):
-    for record in found.values():
-        for name in [name for name in record if name.startswith("tokens_per_second/")]:
-            record.pop(name)
-    return found
-
-
 @pytest.fixture(scope="module")
 def whole(tmp_path_factory):
     """The uninterrupted run, from the command line as the stopped ones."""
@@ -99,7 +92,7 @@ def test_a_signal_ends_the_step_writes_a_checkpoint_and_the_resumed_run_is_the_w
     resumed = continued(stopped.stderr)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed from" in resumed.stdout and "step 3 of 6 done" in resumed.stdout
-    got, expected = without_timing(records(folder)), without_timing(records(whole))
+    got, expected = records(folder), records(whole)
     assert got.pop(("resume", 3))["checkpoint"] == str(checkpoint) and got.pop(("stop", 3))
     assert got == expected  # every step's numbers, the evaluations before and after: exactly the whole run's
     phases = [json.loads(line)["phase"] for line in (folder / "metrics.jsonl").read_text().splitlines()]
@@ -150,7 +143,7 @@ def test_a_signal_to_one_sharded_process_stops_both_at_the_same_step_and_they_re
     assert sorted(p.name for p in step_2.iterdir()) == [".metadata", "__0_0.distcp", "__1_0.distcp", "train.pt"]
     resumed = continued(lines[0], processes=2)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    got, expected = without_timing(records(tmp_path / "run")), without_timing(records(tmp_path / "whole"))
+    got, expected = records(tmp_path / "run"), records(tmp_path / "whole")
     assert got.pop(("resume", 2)) and got.pop(("stop", 2))["signal"] == "SIGTERM"
     assert got == expected
 
@@ -193,7 +186,7 @@ def test_a_resumed_run_logs_each_step_and_evaluation_once(tmp_path, monkeypatch)
     keys = [(r["phase"], r.get("step", r.get("when"))) for r in lines if r["phase"] != "warning"]
     assert keys == [("eval", "before"), ("train", 1), ("train", 2), ("eval", 2), ("train", 3), ("resume", 3),
                     ("train", 4), ("eval", 4), ("train", 5), ("train", 6), ("eval", "after")]
-    got, expected = without_timing(records(folder)), without_timing(records(tmp_path / "whole"))
+    got, expected = records(folder), records(tmp_path / "whole")
     assert got.pop(("resume", 3))["checkpoint"].endswith("step-000003.pt")
     assert got == expected and resumed["after"] == whole_run["after"]
     assert [r["step"] for r in plots.evaluations(folder)] == [0, 2, 4, 6]

@@ -34,7 +34,9 @@ class Stop:
 
     asked() (every step, on every process) says whether to stop after this step: a process that
     got the signal tells the others, so that they all stop at the same step and write one
-    checkpoint together. exit_if_asked(checkpoint) then ends the run with the one line."""
+    checkpoint together. exit_if_asked(step, checkpoint) then ends the run with the one line.
+    The handlers stay until a signal finds the loop over (handle() then puts the previous ones
+    back and passes the signal on), so that a repeat while the run exits is still taken."""
 
     def __init__(self, ref, args, run, steps):
         self.ref, self.args, self.run, self.steps = ref, args, run, steps
@@ -96,7 +98,6 @@ class Stop:
         stop to continue from an error) once every process is done with the checkpoint."""
         if not self.stopping:
             return
-        self.restore()
         name = signal.Signals(self.signal).name
         self.run.log(None, {"phase": "stop", "step": step, "signal": name, "checkpoint": checkpoint})
         self.run.close()
