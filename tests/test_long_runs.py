@@ -116,13 +116,13 @@ def test_a_second_signal_stops_at_once_but_a_repeat_of_the_first_does_not(case, 
 
 def test_outside_the_loop_the_signals_act_as_before(tmp_path):
     # after a run, in the same process: Ctrl-C is a KeyboardInterrupt again, from Python's own handler
-    handlers = {number: signal.getsignal(number) for number in (signal.SIGINT, signal.SIGTERM)}
-    assert handlers[signal.SIGINT] is signal.default_int_handler
+    # (each in-process run of this session left its handler in place, to pass the signal on once)
     train.main([*TINY, "--steps", "1", "--output-dir", str(tmp_path / "run")])
+    assert getattr(signal.getsignal(signal.SIGINT), "__self__", None).__class__.__name__ == "Stop"
     with pytest.raises(KeyboardInterrupt):
         os.kill(os.getpid(), signal.SIGINT)
         sum(range(10))  # a few bytecodes for the handler to run in
-    assert {number: signal.getsignal(number) for number in handlers} == handlers
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
 def test_a_signal_to_one_sharded_process_stops_both_at_the_same_step_and_they_resume_exactly(tmp_path):
@@ -219,7 +219,8 @@ def test_tensorboard_gets_every_record_under_trls_names(tmp_path):
     events = EventAccumulator(str(folder / "tensorboard"))
     events.Reload()
     scalars = {tag: {e.step: e.value for e in events.Scalars(tag)} for tag in events.Tags()["scalars"]}
-    found = records(folder)
+    lines = map(json.loads, (folder / "metrics.jsonl").read_text().splitlines())
+    found = {(r["phase"], r.get("step", r.get("when"))): r for r in lines}  # with the timing
     train_steps = sorted(step for phase, step in found if phase == "train")
     assert train_steps == [1, 2, 3, 4, 5, 6]
     for step in train_steps:  # TensorBoard keeps float32: each logged value, rounded so
