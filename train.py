@@ -10,10 +10,10 @@ A run has five phases, in the order main() shows them:
   reference    the built-in tiny model is first fine-tuned on chosen and rejected responses alike
                (SFT, so that it prefers neither); a frozen copy becomes pi_ref (Algorithm 1)
   loop         TI-DPO (Eq. 14) or DPO (Eq. 3) steps; one step is tidpo_step
-  evaluation   the same held-out numbers before and after the loop (training/evaluate.py)
+  evaluation   the same held-out numbers before and after the loop (and every --eval-every steps)
   save         the policy and tokenizer with save_pretrained, the metrics as JSON lines
 
-With --save-every N it also writes checkpoints, and --resume latest continues a stopped run.
+--save-every N writes checkpoints; SIGTERM or Ctrl-C stops a run with one; --resume latest goes on.
 The machinery it runs on (samplers, sharding, checkpoints, memory kernels) is in training/.
 """
 
@@ -23,7 +23,6 @@ import dataclasses
 import math
 import os
 import sys
-import time
 from typing import Callable
 
 import torch
@@ -31,7 +30,8 @@ from torch.profiler import record_function  # labels a step's parts for the benc
 
 import data
 import tidpo
-from training import checkpoints, distributed, evaluate, lora, memory, plots, sampling, setup
+from training import (checkpoints, distributed, evaluate, lora, memory, plots, sampling, setup,
+                      stopping, tracking)
 
 # ------------------------------------------------------------------ set-up: the flags
 
@@ -82,6 +82,8 @@ def build_parser(description=__doc__):
     a("--sft-steps", type=int, default=300, help="built-in model only: SFT steps before TI-DPO")
     a("--seed", type=int, default=0, help="seeds the model, data order, sampling, built-in task")
     a("--log-every", type=int, default=10, help="steps per progress line")
+    a("--eval-every", type=int, default=0, help="held-out evaluation every N steps (0: off)")
+    a("--report-to", choices=tracking.REPORT_TO, default="none", help="also log to this tracker")
     a("--device", help="cuda or cpu; default: cuda when available")
     a("--fp32", action="store_true", help="CUDA: float32 instead of bfloat16 autocast")
     a("--fsdp", action="store_true", help="under torchrun: shard policy and reference (FSDP2)")
@@ -122,8 +124,7 @@ def sft(model, pairs, tokenizer, args, device, autocast, log):
         loss = -logps.sum() / response_mask.sum()
         loss.backward()
         optimizer.step()
-        # cleared after the step, so that the last SFT gradient is not added to the first
-        # preference step's (that loop only clears after its own steps)
+        # cleared here: the loop clears only after its steps, and this must not reach its first
         optimizer.zero_grad(set_to_none=True)
         if step % (args.log_every * 10) == 0 or step == args.sft_steps:
             log(f"sft step {step}/{args.sft_steps} | loss {loss.item():.4f}")
@@ -230,7 +231,7 @@ class Hooks:
     triplet: Callable = tidpo.triplet_loss       # Eq. 13
     sft: Callable = sft                          # the built-in model's reference
     optimizer: Callable = make_optimizer
-    step_metrics: Callable = evaluate.step_metrics  # extra metrics of a step (built-in task)
+    step_metrics: Callable = evaluate.step_metrics  # a step's extra metrics (anchors' length, ...)
     diagnostics: dict = None  # evaluate's attribution variants beyond the paper, {name: function}
     task: dict = dataclasses.field(default_factory=dict)  # the built-in task's settings
 
@@ -243,10 +244,10 @@ def warmup(step, args):
     return min(1.0, (step + 1) / (args.warmup_steps + 1))
 
 
-def train_loop(policy, ref, train_pairs, tokenizer, args, run, resume, before):
+def train_loop(policy, ref, train_pairs, tokenizer, args, run, resume, before, heldout_pairs):
     """The preference steps; returns the history of logged means. Each step: --grad-accum
     micro-batches of tidpo_step and backward, one look at the step's numbers (the only wait for
-    the device), clipping, the update."""
+    the device), clipping, the update; then the log, evaluation and checkpoint when they are due."""
     device, rank, world_size, log = run.device, run.rank, run.world_size, run.log
     # in training mode until the end of the loop
     end_checkpointing = (memory.checkpoint_activations(policy) if args.gradient_checkpointing
@@ -270,14 +271,14 @@ def train_loop(policy, ref, train_pairs, tokenizer, args, run, resume, before):
         checkpoints.save_reference(ref, args.output_dir, rank, args.fsdp)  # all checkpoints need it
     if device.type == "cuda" and not args.fp32 and not args.fsdp:
         # The reference's Linear weights in bfloat16, the dtype autocast casts them to at every
-        # forward anyway: the same numbers, without the casts. After the save (float32 on disk).
+        # forward anyway: the same numbers, without the casts (saved above in float32).
         memory.linear_weights_in(ref, torch.bfloat16)
 
-    t0 = time.perf_counter()
+    speed, stop = tracking.Throughput(), stopping.Stop(ref, args, run, steps)
     for step in range(first_step, steps + 1):
         step_sums = {}
         for micro_step in range(args.grad_accum):
-            batch, share = distributed.shard(epochs.next(), rank, world_size)
+            batch, share = distributed.shard(speed.count(epochs.next()), rank, world_size)
             last = micro_step == args.grad_accum - 1
             with distributed.sync_unless(train_policy, world_size, last):
                 loss, metrics = tidpo_step(train_policy, ref, batch, tokenizer, args, device,
@@ -305,22 +306,25 @@ def train_loop(policy, ref, train_pairs, tokenizer, args, run, resume, before):
 
         if step % args.log_every == 0 or step == steps:
             logged = evaluate.with_shares({name: value / count for name, value in sums.items()})
-            seconds = (time.perf_counter() - t0) / count
+            seconds, rates = speed.window(count, logged)  # s/step, tokens/s since the last line
             left = round(seconds * (steps - step))
             # The training batch's accuracy and margin are those of the WEIGHTED rewards (Eq. 11);
             # the held-out accuracy and margin use the plain, unweighted DPO reward.
             log(f"step {step}/{steps} | loss {logged['loss']:.4f} | weighted acc "
                 f"{logged['rewards/accuracies']:.2f} | weighted margin "
-                f"{logged['rewards/margins']:.4f} | {seconds:.2f} s/step, "
-                f"{left // 60}:{left % 60:02d} left",
-                {"phase": "train", "step": step, "seconds_per_step": seconds, **logged})
+                f"{logged['rewards/margins']:.4f} | {tracking.rates_text(rates)} | {seconds:.2f} "
+                f"s/step, {left // 60}:{left % 60:02d} left",
+                {"phase": "train", "step": step, "seconds_per_step": seconds, **rates, **logged})
             history.append({"step": step, **logged})
-            sums, count, t0 = {}, 0, time.perf_counter()
-        if args.save_every and (step % args.save_every == 0 or step == steps):
+            sums, count = {}, 0
+        if args.eval_every and step % args.eval_every == 0 and step < steps:  # at the end: "after"
+            held_out(policy, ref, heldout_pairs, tokenizer, args, run, "step", step)
+        if stop.asked() or args.save_every and (step % args.save_every == 0 or step == steps):
             checkpoint = checkpoints.save_checkpoint(
                 args, step, policy, optimizer, scheduler, device, rank, world_size,
                 data=epochs.state(), window={"sums": sums, "count": count}, history=history,
                 before=before) or checkpoint
+            stop.exit_if_asked(step, checkpoint)  # one line: the checkpoint, how to continue
     end_checkpointing()
     return history
 
@@ -328,13 +332,15 @@ def train_loop(policy, ref, train_pairs, tokenizer, args, run, resume, before):
 # ------------------------------------------------------------------ the run: main() and its phases
 
 
-def held_out(policy, ref, pairs, tokenizer, args, run, when):
-    """evaluate.evaluate on the held-out pairs, logged; after the loop on the built-in task, with
-    samples that its judge scores."""
+def held_out(policy, ref, pairs, tokenizer, args, run, when, step=None):
+    """evaluate.evaluate on the held-out pairs, logged; when "before" or "after" the loop, or at
+    a `step` of it. After the loop on the built-in task, with samples that its judge scores."""
     judge = when == "after" and args.data is None
     result = evaluate.evaluate(policy, ref, pairs, tokenizer, args, run.device, run.autocast,
                                with_samples=judge, diagnostics=run.hooks.diagnostics)
-    line = f"held-out {when}: accuracy {result['accuracy']:.3f}, margin {result['margin']:.4f}"
+    result = {"step": step, **result} if step else result
+    line = (f"held-out {f'at step {step}' if step else when}: accuracy {result['accuracy']:.3f}, "
+            f"margin {result['margin']:.4f}")
     if judge:
         line += (f"; judge score of samples: policy {result['judge/policy']:+.3f}, reference "
                  f"{result['judge/reference']:+.3f}, policy wins {result['win_rate']:.3f}")
@@ -344,8 +350,8 @@ def held_out(policy, ref, pairs, tokenizer, args, run, when):
 
 def main(argv=None, hooks=None):
     """One run; `hooks` (a Hooks) for the research tools' variants beyond the paper."""
-    args = parse_args(sys.argv[1:] if argv is None else list(argv))
-    run = setup.Run(args, hooks or Hooks())
+    args = parse_args(argv := sys.argv[1:] if argv is None else list(argv))
+    run = setup.Run(args, hooks or Hooks(), argv)
     log = run.log
 
     # Set-up. Everything that can fail on the user's input comes before the output folder is made.
@@ -362,7 +368,7 @@ def main(argv=None, hooks=None):
     resume_path = checkpoints.find_resume_checkpoint(args) if args.resume else None
     resume = checkpoints.load_checkpoint(resume_path, args, run.world_size) if resume_path else None
     started_over = checkpoints.make_output_dir(args, resume_path, run.rank, run.world_size)
-    run.metrics_path = os.path.join(args.output_dir, "metrics.jsonl")
+    run.start_log(args, resume)  # metrics.jsonl, and --report-to's tracker
     log(f"model: {setup.model_note(args, run.autocast)}, "
         f"{sum(p.numel() for p in policy.parameters()) / 1e6:.2f}M parameters, on {run.device}"
         f"{f' x {run.world_size} processes' if run.world_size > 1 else ''}; "
@@ -384,13 +390,12 @@ def main(argv=None, hooks=None):
         checkpoints.load_models(policy, ref, resume)
 
     # Evaluation before the loop: the starting policy's held-out numbers.
-    if resume:
-        before = resume["before"]
-    else:
-        before = held_out(policy, ref, heldout_pairs, tokenizer, args, run, "before")
+    before = resume["before"] if resume else held_out(policy, ref, heldout_pairs, tokenizer, args,
+                                                      run, "before")
 
     # Loop.
-    history = train_loop(policy, ref, train_pairs, tokenizer, args, run, resume, before)
+    history = train_loop(policy, ref, train_pairs, tokenizer, args, run, resume, before,
+                         heldout_pairs)
 
     # Evaluation after the loop: the same numbers, and samples scored by the built-in task's judge.
     after = held_out(policy, ref, heldout_pairs, tokenizer, args, run, "after")
@@ -401,6 +406,7 @@ def main(argv=None, hooks=None):
     curves = plots.run_curves(args.output_dir) if run.rank == 0 else None  # with matplotlib only
     log(f"saved the policy and tokenizer to {saved} and the metrics to {run.metrics_path}"
         + (f" (curves: {curves})" if curves else ""))
+    run.close()
     return {"before": before, "after": after, "history": history, "output_dir": args.output_dir}
 
 

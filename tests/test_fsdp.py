@@ -49,7 +49,8 @@ def records(output_dir):
     found = {}
     for line in (Path(output_dir) / "metrics.jsonl").read_text().splitlines():
         record = json.loads(line)
-        record.pop("seconds_per_step", None)
+        for name in [name for name in record if name == "seconds_per_step" or name.startswith("tokens_per_second/")]:
+            record.pop(name)
         found[(record["phase"], record.get("step", record.get("when")))] = record
     return found
 

@@ -43,9 +43,10 @@ def run(argv, output_dir):
 
 def train_records(output_dir):
     """The metrics.jsonl train records by step, the last one of a step winning (a resumed run
-    logs again the steps after its checkpoint), without the timing."""
+    logs again the steps after its checkpoint), without the timing (seconds and tokens per second)."""
     records = [json.loads(line) for line in (Path(output_dir) / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: {k: v for k, v in r.items() if k != "seconds_per_step"} for r in records
+    timing = ("seconds_per_step", "tokens_per_second/")
+    return {r["step"]: {k: v for k, v in r.items() if not k.startswith(timing)} for r in records
             if r["phase"] == "train"}
 
 

@@ -9,8 +9,10 @@
     distributed.py     torchrun: DDP and FSDP2
     lora.py            --lora-r: LoRA adapters, the reference as the base with them off, the merged save
     checkpoints.py     checkpoints, resuming, the saved policy
+    stopping.py        SIGTERM and Ctrl-C: the step ends, a checkpoint, one line to continue
     evaluate.py        the held-out evaluation and its metrics
     plots.py           a run's curves, and runs side by side
+    tracking.py        tokens per second; the records in TensorBoard or Weights & Biases
     setup.py           the flag checks, the device, tokenizer, pairs and model, first-run checks
 
 Each module imports only tidpo.py, data.py and the modules listed above it (tests/test_layout.py

@@ -26,7 +26,7 @@ from training import lora
 
 # A checkpoint continues the run that wrote it: these flags may differ on --resume, the rest may not.
 MAY_CHANGE_ON_RESUME = ("steps", "lr", "fp32", "device", "log_every", "save_every", "output_dir",
-                        "resume", "gradient_checkpointing")
+                        "resume", "gradient_checkpointing", "eval_every", "report_to")
 KEEP_LAST = 2  # checkpoints kept: the newest, and one before it in case a later step went wrong
 CHECKPOINT_FORMAT = "tidpo train.py checkpoint, version 1"
 CHECKPOINT_NAME = re.compile(r"step-(\d+)(\.pt)?")  # a file, or a sharded run's folder

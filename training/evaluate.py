@@ -130,12 +130,16 @@ def triplet_active_by_label(logratios, response_mask, anchor_logratios, anchor_m
 
 
 def step_metrics(batch, logratios, response_mask, anchor_logratios, anchor_mask, margin, triplet):
-    """train.py's default step metrics: on the built-in task, whose batches say which pairs' labels
-    were flipped, triplet_active_by_label; nothing elsewhere, or without the triplet's anchors."""
-    if anchor_logratios is None or "flipped" not in batch:
+    """train.py's default step metrics, with the triplet's anchors (none without them):
+    anchor_tokens, the anchors' mean sampled length (their tokens per second come from it), and on
+    the built-in task, whose batches say which pairs' labels were flipped, triplet_active_by_label."""
+    if anchor_logratios is None:
         return {}
-    return triplet_active_by_label(logratios, response_mask, anchor_logratios, anchor_mask,
-                                   batch["flipped"].to(logratios.device), margin, triplet)
+    lengths = {"anchor_tokens": anchor_mask.sum(-1).float().mean()}
+    if "flipped" not in batch:
+        return lengths
+    return {**lengths, **triplet_active_by_label(logratios, response_mask, anchor_logratios, anchor_mask,
+                                                 batch["flipped"].to(logratios.device), margin, triplet)}
 
 
 def with_shares(means):

@@ -14,7 +14,7 @@ from transformers import PreTrainedTokenizerFast
 
 import data
 from data import FIELDS, DataError
-from training import distributed, lora
+from training import distributed, lora, tracking
 from training.builtin_task import builtin_task, encode_builtin
 from training.hf_datasets import load_records
 
@@ -23,7 +23,7 @@ from training.hf_datasets import load_records
 # the flags that have a lowest value, and that value
 AT_LEAST = {"steps": 1, "batch_size": 1, "grad_accum": 1, "gamma": 0, "margin": 0, "kl_alpha": 0,
             "max_new_tokens": 1, "warmup_steps": 0, "sft_steps": 0,
-            "log_every": 1, "save_every": 0, "lora_r": 0}
+            "log_every": 1, "save_every": 0, "lora_r": 0, "eval_every": 0}
 
 
 def check_args(p, args):
@@ -38,6 +38,7 @@ def check_args(p, args):
         if value is not None and not value >= lowest:
             p.error(f"--{name.replace('_', '-')} must be at least {lowest}, got {value}")
     world_size = int(os.environ.get("WORLD_SIZE", 1))  # set by torchrun
+    tracking.check_report_to(args.report_to)
     for wrong, message in [
         (not args.lr > 0, f"--lr must be positive, got {args.lr}"),
         (not args.beta > 0, f"--beta must be positive, got {args.beta}"),
@@ -83,22 +84,42 @@ def autocast_for(device, args):
 
 class Run:
     """What the phases share: the device and its autocast, this process's rank among world_size,
-    the caller's hooks (train.Hooks), and the log (printed by rank 0, and kept in metrics.jsonl
-    once the output folder exists)."""
+    the caller's hooks (train.Hooks), the run's command line (`argv`, for the line that says how
+    to continue a stopped run), and the log (printed by rank 0, and kept in metrics.jsonl and
+    --report-to's tracker once the output folder exists)."""
 
-    def __init__(self, args, hooks):
+    def __init__(self, args, hooks, argv=()):
         torch.manual_seed(args.seed)
         self.rank, self.world_size, self.device = distributed.setup(pick_device(args), args.fsdp)
         self.autocast = autocast_for(self.device, args)
-        self.hooks, self.metrics_path = hooks, None
+        self.hooks, self.argv, self.metrics_path, self.tracker = hooks, list(argv), None, None
+
+    def start_log(self, args, resume):
+        """Keep the log in <output-dir>/metrics.jsonl (a resumed run's without the steps after its
+        checkpoint, which it logs again) and in --report-to's tracker (rank 0)."""
+        self.metrics_path = os.path.join(args.output_dir, "metrics.jsonl")
+        if self.rank == 0:
+            if resume:
+                tracking.trim_metrics(self.metrics_path, resume["step"])
+            self.tracker = tracking.open_tracker(args, resume)
 
     def log(self, line, record=None):
+        """Print `line` (None: nothing) and keep `record`."""
         if self.rank != 0:  # every process computes the same numbers; one of them reports
             return
-        print(line, flush=True)
+        if line is not None:
+            print(line, flush=True)
         if record is not None and self.metrics_path:
             with open(self.metrics_path, "a") as metrics_file:
                 metrics_file.write(json.dumps(record) + "\n")
+            if self.tracker:
+                self.tracker.log(record)
+
+    def close(self):
+        """Close the tracker (its last records written); the run is over."""
+        if self.tracker:
+            self.tracker, tracker = None, self.tracker
+            tracker.close()
 
 
 # ------------------------------------------------------------------ the tokenizer, the pairs, the model
