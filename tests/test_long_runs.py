@@ -115,14 +115,20 @@ def test_a_second_signal_stops_at_once_but_a_repeat_of_the_first_does_not(case, 
 
 
 def test_outside_the_loop_the_signals_act_as_before(tmp_path):
-    # after a run, in the same process: Ctrl-C is a KeyboardInterrupt again, from Python's own handler
-    # (each in-process run of this session left its handler in place, to pass the signal on once)
-    train.main([*TINY, "--steps", "1", "--output-dir", str(tmp_path / "run")])
-    assert getattr(signal.getsignal(signal.SIGINT), "__self__", None).__class__.__name__ == "Stop"
-    with pytest.raises(KeyboardInterrupt):
-        os.kill(os.getpid(), signal.SIGINT)
-        sum(range(10))  # a few bytecodes for the handler to run in
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    # after a run, in the same process: Ctrl-C acts as it did before the run, here Python's own handler
+    # (a KeyboardInterrupt). Earlier in-process runs of the suite may have left their handlers, each
+    # passing the signal on to the one it found: the run starts from Python's own, so that the chain
+    # is this run's handler alone.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        train.main([*TINY, "--steps", "1", "--output-dir", str(tmp_path / "run")])
+        assert getattr(signal.getsignal(signal.SIGINT), "__self__", None).__class__.__name__ == "Stop"
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            sum(range(10))  # a few bytecodes for the handler to run in
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def test_a_signal_to_one_sharded_process_stops_both_at_the_same_step_and_they_resume_exactly(tmp_path):
