@@ -202,3 +202,7 @@ if __name__ == "__main__":
         accumulation(int(sys.argv[2]), int(sys.argv[3]), "--measure" in sys.argv)
     else:
         main(sys.argv[1], "--gradient-checkpointing" in sys.argv)
+    # Every process done with its collectives before any of them takes the group down: a process that
+    # tears gloo down while its peer still talks to it can abort at exit (seen with torch 2.11).
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()

@@ -55,8 +55,14 @@ def setup(device, fsdp=False):
         dist.init_process_group("nccl", device_id=device, timeout=PROCESS_GROUP_TIMEOUT)
     else:
         dist.init_process_group("gloo", timeout=PROCESS_GROUP_TIMEOUT)
-    atexit.register(dist.destroy_process_group)
+    atexit.register(leave_process_group)
     return dist.get_rank(), world_size, device
+
+
+def leave_process_group():
+    """At exit: the process group taken down, unless the program has done so itself."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def shard(batch, rank, world_size):
