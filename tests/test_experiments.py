@@ -415,3 +415,103 @@ def test_paired_difference_by_hand():
                            pytest.approx(0.2 + 4.303 * 0.1 / 3 ** 0.5, abs=1e-12))
     assert experiments.paired_cell(records, "accuracy", "tidpo", noise=0.1) == "+0.200 [-0.048, +0.448]"
     assert experiments.paired_difference(records, "accuracy", "tidpo", noise=0.2) is None  # no seeds at 20%
+
+
+# ----------------------------------------------------------------------------- the authors' release
+
+
+def release_by_hand(importance, mask, response, lam):
+    # Eq. 7-8 as the release trains, one row at a time in plain Python: over the row's n non-padding
+    # tokens, mu = (n - 1) / 2, sigma = max(1, n / 8), I / sum(I) and P / sum(P) mixed by lambda, times n;
+    # the response keeps its positions' weights
+    rows = []
+    for scores, on, answer in zip(importance, mask, response):
+        span = [i for i, m in enumerate(on) if m]
+        n = len(span)
+        mu, sigma = (n - 1) / 2, max(1.0, n / 8)
+        prior = [math.exp(-0.5 * ((t - mu) / sigma) ** 2) for t in range(n)]
+        total = sum(scores[i] for i in span)
+        mixed = [lam * scores[i] / total + (1 - lam) * p / sum(prior) if total > 0 else p / sum(prior)
+                 for i, p in zip(span, prior)]
+        row = [0.0] * len(on)
+        for i, w in zip(span, mixed):
+            row[i] = n * w if answer[i] else 0.0
+        rows.append(row)
+    return torch.tensor(rows, dtype=torch.float64)
+
+
+def test_release_weights_by_hand():
+    # Row 0: prompt 0-2, response 3-6, padding 7-8 (its scores must not count): n = 7, sigma = max(1, 7/8) = 1,
+    # mu = 3, prior exp(-0.5 (t - 3)^2) = 0.0111, 0.1353, 0.6065, 1, ...; importance over the span sums to 14.
+    # Row 1: prompt 0-3, response 4-8: n = 9, sigma = 9/8, mu = 4. Row 2: no attribution, the prior alone.
+    importance = torch.tensor([[1.0, 2, 0, 3, 1, 5, 2, 7, 9], [2, 0, 1, 1, 4, 0, 3, 1, 4], [0.0] * 9],
+                              dtype=torch.float64)
+    mask = torch.tensor([[1] * 7 + [0] * 2, [1] * 9, [1] * 5 + [0] * 4])
+    response = torch.tensor([[0] * 3 + [1] * 4 + [0] * 2, [0] * 4 + [1] * 5, [0] * 2 + [1] * 3 + [0] * 4])
+    weights = experiments.release_hybrid_weights(importance, mask, response, lam=0.2)
+    expected = release_by_hand(importance.tolist(), mask.tolist(), response.tolist(), lam=0.2)
+    assert weights.dtype == torch.float64
+    torch.testing.assert_close(weights, expected, rtol=0, atol=1e-12)
+    # row 0's response, by hand: 7 (0.2 I_t / 14 + 0.8 P_t / P), P = 1 + 2 (0.6065 + 0.1353 + 0.0111) = 2.5059
+    prior_sum = 1 + 2 * sum(math.exp(-0.5 * d ** 2) for d in (1, 2, 3))
+    assert weights[0, 3].item() == pytest.approx(7 * (0.2 * 3 / 14 + 0.8 / prior_sum), abs=1e-12)
+    # mean 1 over prompt and response together, not over the response alone
+    span_weights = experiments.release_hybrid_weights(importance, mask, mask, lam=0.2)
+    torch.testing.assert_close(span_weights.sum(-1), mask.sum(-1).double(), rtol=0, atol=1e-12)
+    assert abs(weights[0, 3:7].mean().item() - 1) > 0.1
+    # the paper's Eq. 8 is the same computation with the response as the span and sigma = T/4 (where
+    # T/4 >= 1: rows 0 and 1, T = 4 and 5)
+    torch.testing.assert_close(experiments.release_hybrid_weights(importance[:2], response[:2], response[:2],
+                                                                  lam=0.7, sigma_div=4),
+                               tidpo.hybrid_weights(importance[:2], response[:2], lam=0.7), rtol=0, atol=1e-12)
+
+
+def test_release_weights_differ_from_the_papers_on_a_batch(tiny_policy_dir):
+    args = train.parse_args(["--model", str(tiny_policy_dir)])  # lambda 0.7 for both: only the span and sigma
+    tokenizer = setup.load_tokenizer(args)
+    pairs = setup.load_pairs(args, tokenizer)[1][:4]
+    policy = LlamaForCausalLM.from_pretrained(tiny_policy_dir).eval()
+    input_ids, attention_mask, response_mask = data.stack_pair(data.collate(pairs, tokenizer.pad_token_id),
+                                                                tokenizer.pad_token_id)
+    paper_logits, paper = train.hybrid_token_weights(policy, input_ids, attention_mask, response_mask, {}, args)
+    release_logits, release = experiments.release_weights(policy, input_ids, attention_mask, response_mask, {}, args)
+    torch.testing.assert_close(release_logits, paper_logits)  # the same forward
+    assert torch.equal(release == 0, response_mask == 0)  # weights on the response only, like the paper's
+    lengths = response_mask.sum(-1)
+    torch.testing.assert_close(paper.sum(-1), lengths.float())  # the paper's: mean 1 over the response
+    assert (release.sum(-1) - lengths).abs().max() > 0.05  # the release's: mean 1 over prompt and response
+    assert (release - paper).abs().max() > 0.1
+    # the same target and scores: the response's scores are the paper's, the prompt's come on top
+    _, grad, _ = tidpo.target_gradient(policy, input_ids, attention_mask, response_mask)
+    torch.testing.assert_close(tidpo.importance_scores(grad, attention_mask) * response_mask,
+                               tidpo.gradient_attribution(policy, input_ids, attention_mask, response_mask)[1])
+
+
+def test_release_method_sets_the_releases_loss_config():
+    release = train.parse_args(experiments.METHODS["tidpo_release"])
+    assert (release.beta, release.lam, release.gamma, release.margin, release.kl_alpha) == (0.2, 0.2, 0.001, 0.001,
+                                                                                            0.5)
+    assert (release.max_new_tokens, release.top_k, release.top_p, release.temperature) == (64, 50, 0.95, 0.8)
+    assert experiments.method_hooks("tidpo_release").weights is experiments.release_weights
+    paper = train.parse_args([])  # the paper's method stays the default
+    assert (paper.beta, paper.lam, paper.gamma, paper.margin, paper.kl_alpha) == (0.1, 0.7, 0.1, 0.01, 0.0)
+    assert train.Hooks().weights is train.hybrid_token_weights
+
+
+def test_release_method_runs(tmp_path):
+    result = experiments.main(["run", "--method", "tidpo_release", "--steps", "2", "--output-dir",
+                               str(tmp_path / "run"), *TINY])
+    last = result["history"][-1]
+    assert "loss/kl" in last  # the TDPO2 KL is on
+    assert last["loss"] == pytest.approx(last["loss/dpo_w"] + 0.001 * last["loss/triplet"], rel=1e-5)
+    assert 0 <= result["after"]["accuracy"] <= 1
+
+
+def test_release_command_compares_the_gradients_at_the_reference():
+    text = experiments.main(["release", "--pairs", "2", "--sft-steps", "20"])
+    rows = [line.split(" | ") for line in text.splitlines() if line.startswith(("| paper", "| release"))]
+    assert [row[0] for row in rows] == ["| paper, lambda 0.7", "| release, lambda 0.7", "| release, lambda 0.2"]
+    assert rows[0][1:] == ["1.000", "0.6931", "1.000", "1.000 |"]  # the paper's weights against themselves
+    assert all(row[2] == "0.6931" for row in rows)  # pi_theta = pi_ref: every weighting's loss is log 2
+    assert all(float(row[4].rstrip(" |")) < 0.999 for row in rows[1:])  # and the gradients differ
+    assert "the prompt's share of the release's attribution: 0." in text

@@ -8,11 +8,14 @@ one run of either, and token weights to look at.
     python -m tools.experiments run --method oracle --noise 0.2 --seed 1 --steps 128   # one run of either
     python -m tools.experiments weights --pair 3                 # a held-out pair of the built-in task
     python -m tools.experiments weights --model runs/x/policy --data prefs.jsonl --index 0
+    python -m tools.experiments release --model runs/x/policy    # the release's weights against the paper's
 
 The methods (METHODS) are train.py flags, and for the variants beyond the paper a hook into train.py's
 step (HOOKS: other token weights, other triplets), passed in as a train.Hooks. The built-in task's
 label noise and its spurious setting are set here too (the hooks' "task"), not by train.py flags, and
-so is the authors' release's optimizer (run --optimizer rmsprop).
+so is the authors' release's optimizer (run --optimizer rmsprop). tidpo_release is that release's
+training path (gracefulning/TIDPO at e04a092): Eq. 8 over prompt and response with a prior of width n/8 (a
+hook) and its loss settings (flags); tidpo, the paper's method, stays the default.
 
 mechanism (the default) runs DPO, TI-DPO with the paper's attribution and with each variant, oracle
 weights, uniform weights and the prior alone on two settings of the built-in task, the default one with
@@ -31,6 +34,9 @@ Flags it does not know go to every train.py run (e.g. --sft-steps 60); a method'
 weights shows each response token of one pair shaded by its hybrid weight (Eq. 8): in the terminal
 and as an HTML file, with the raw attribution (Eq. 6), the Gaussian prior (Eq. 7) and the hybrid
 weight of every token written as JSON.
+
+release computes Eq. 12's loss and gradient on one batch of built-in training pairs with the paper's weights
+and with tidpo_release's, at the built-in SFT reference or at a policy trained from it.
 """
 
 import argparse
@@ -81,6 +87,12 @@ METHODS = {
     "oracle": ["--loss", "tidpo", "--gamma", "0"],
     "oracle_eq8": ["--loss", "tidpo", "--lam", "1", "--gamma", "0"],
     "oracle_triplet": ["--loss", "tidpo"],
+    # The authors' release (gracefulning/TIDPO at e04a092) as it trains: its weights (HOOKS: over prompt and
+    # response, prior width n/8) and its loss settings, beta 0.2, lambda 0.2, gamma 0.001, triplet margin
+    # 0.001 and the TDPO2 KL at 0.5; its anchors (64 new tokens, top-k 50, top-p 0.95, temperature 0.8) are
+    # train.py's defaults
+    "tidpo_release": ["--loss", "tidpo", "--beta", "0.2", "--lam", "0.2", "--gamma", "0.001", "--margin", "0.001",
+                      "--kl-alpha", "0.5"],
 }
 GRID_METHODS = ["dpo", "tidpo", "tidpo_reported", "tidpo_no_triplet", "uniform_weights", "random_weights", "no_prior",
                 "prior_only", "tidpo_eq8_sum", "tidpo_anchor_grad", "tidpo_points_triplet"]
@@ -198,6 +210,41 @@ def oracle_weights(scale):
     return weights
 
 
+# The authors' release computes Eq. 8 in its training forward without the labels: over every non-padding
+# token, prompt included. Its config's prior_sigma_div sets the prior's width, sigma = max(1, n / 8).
+RELEASE_SIGMA_DIV = 8
+
+
+def release_hybrid_weights(importance, attention_mask, response_mask, lam, sigma_div=RELEASE_SIGMA_DIV):
+    """[B, L] Eq. 8 as the authors' release trains with it, from [B, L] scores at every position: importance
+    and a Gaussian prior normalised over each row's n non-padding tokens (prompt AND response), the prior
+    centred on them with sigma = max(1, n / sigma_div), their mix scaled to mean 1 over those n tokens. The
+    response keeps its slice (whose mean is then not 1), every other position 0; a row whose importance sums
+    to 0 takes the prior alone. tidpo.hybrid_weights is the paper's: all of it over the response, sigma T/4."""
+    span = attention_mask.to(tidpo.at_least_float32(importance).dtype)
+    importance = importance.to(span.dtype) * span
+    n = span.sum(dim=-1, keepdim=True)
+    position = (span.cumsum(dim=-1) - 1) * span  # 0 .. n-1 along the non-padding tokens
+    # Eq. 7 over the whole span: mu = (n - 1) / 2, sigma = max(1, n / sigma_div)
+    prior = torch.exp(-0.5 * ((position - (n - 1) / 2) / (n / sigma_div).clamp(min=1)) ** 2) * span
+    tiny = torch.finfo(span.dtype).tiny
+    total = importance.sum(dim=-1, keepdim=True)
+    prior_norm = prior / prior.sum(dim=-1, keepdim=True).clamp(min=tiny)
+    # Eq. 8 over the span, times n: mean 1 over prompt and response together
+    weights = torch.where(total > 0, lam * importance / total.clamp(min=tiny) + (1 - lam) * prior_norm, prior_norm)
+    return weights * n * response_mask.to(span.dtype)
+
+
+def release_weights(policy, input_ids, attention_mask, response_mask, batch, args):
+    """train.hybrid_token_weights as the authors' release trains: Eq. 6's scores at every non-padding
+    position, prompt included, through release_hybrid_weights."""
+    # Eq. 5's target at the last response token, as for the paper. The release takes it at
+    # attention_mask.sum() - 1, the last non-padding token: with data.stack_pair's right padding the same one.
+    logits, grad, _ = tidpo.target_gradient(policy, input_ids, attention_mask, response_mask)
+    importance = tidpo.importance_scores(grad, attention_mask)  # Eq. 6 on prompt and response
+    return logits, release_hybrid_weights(importance, attention_mask, response_mask, lam=args.lam)
+
+
 # The methods that swap a part of the step for a variant (train.main's hooks, see train.tidpo_step)
 HOOKS = {"uniform_weights": {"weights": uniform_weights},
          "tidpo_eq8_sum": {"weights": eq8_sum_weights},
@@ -208,7 +255,8 @@ HOOKS = {"uniform_weights": {"weights": uniform_weights},
          "tidpo_grad_x_input": {"weights": attribution_weights("grad-x-input")},
          "oracle": {"weights": oracle_weights("unit")},
          "oracle_eq8": {"weights": oracle_weights("hybrid")},
-         "oracle_triplet": {"weights": oracle_weights("unit")}}
+         "oracle_triplet": {"weights": oracle_weights("unit")},
+         "tidpo_release": {"weights": release_weights}}
 
 
 # evaluate's research metrics: where these attributions beyond the paper put the weight
@@ -799,6 +847,60 @@ def show_weights(args):
     return weights
 
 
+# ----------------------------------------------------------------------------- the release's weights
+
+
+def release_effect(args):
+    """Eq. 12 alone (gamma 0, no KL, --beta) on the first --pairs training pairs of the built-in task, with
+    the paper's weights and the release's: each weighting's mean weight on the responses, the prompt's share
+    of the release's attribution, the loss, and its gradient's norm and cosine against the paper's. pi_ref
+    is the built-in SFT reference (--seed, --sft-steps, made as train.py makes it); pi_theta is --model (a
+    policy that train.py saved from that reference) or, by default, the reference itself, where every
+    weighting's loss is log 2 and only the gradient (the first step's) differs."""
+    flags = ["--seed", str(args.seed), "--sft-steps", str(args.sft_steps), "--beta", str(args.beta)]
+    train_args = train.parse_args(flags)
+    device = torch.device("cpu")
+    torch.manual_seed(args.seed)
+    tokenizer = setup.load_tokenizer(train_args)
+    pairs = setup.load_pairs(train_args, tokenizer)[0]
+    ref = setup.build_model(train_args, device, tokenizer)
+    train.sft(ref, pairs, tokenizer, train_args, device, nullcontext(), lambda line: None)
+    ref.requires_grad_(False)
+    if args.model:
+        policy = setup.build_model(train.parse_args([*flags, "--model", args.model]), device, tokenizer)
+    else:
+        policy = copy.deepcopy(ref).requires_grad_(True)
+    input_ids, attention_mask, response_mask = data.stack_pair(data.collate(pairs[:args.pairs], tokenizer.pad_token_id),
+                                                                tokenizer.pad_token_id)
+    ref_logps = train.reference_logps(ref, input_ids, attention_mask, response_mask)[1]
+    n = args.pairs
+    weightings = [("paper, lambda 0.7", train.hybrid_token_weights, 0.7),
+                  ("release, lambda 0.7", release_weights, 0.7), ("release, lambda 0.2", release_weights, 0.2)]
+    rows, paper_grad = [], None
+    for name, weigh, lam in weightings:
+        policy.zero_grad(set_to_none=True)
+        logits, weights = weigh(policy, input_ids, attention_mask, response_mask, {}, argparse.Namespace(lam=lam))
+        logps = tidpo.token_logps(logits, input_ids, response_mask)
+        loss, _ = tidpo.tidpo_loss(logps[:n], logps[n:], ref_logps[:n], ref_logps[n:], weights[:n], weights[n:],
+                                   beta=args.beta, gamma=0.0)
+        loss.backward()
+        grad = torch.cat([p.grad.flatten() for p in policy.parameters() if p.grad is not None]).double()
+        paper_grad = grad if paper_grad is None else paper_grad
+        mean_weight = (weights.sum(-1) / response_mask.sum(-1)).mean().item()
+        cosine = torch.nn.functional.cosine_similarity(grad, paper_grad, dim=0)
+        rows.append([name, f"{mean_weight:.3f}", f"{loss.item():.4f}",
+                     f"{(grad.norm() / paper_grad.norm()).item():.3f}", f"{cosine.item():.3f}"])
+    _, grad, _ = tidpo.target_gradient(policy, input_ids, attention_mask, response_mask)
+    importance = tidpo.importance_scores(grad, attention_mask)
+    prompt_share = (importance * (1 - response_mask)).sum(-1) / importance.sum(-1)
+    text = (markdown(["weights", "mean weight on the responses", "Eq. 12 loss", "gradient norm / paper's",
+                      "cosine with the paper's gradient"], rows)
+            + f"\nthe prompt's share of the release's attribution: {prompt_share.mean().item():.3f} "
+              f"± {prompt_share.std().item():.3f} over the {2 * n} rows")
+    print(text)
+    return text
+
+
 # ----------------------------------------------------------------------------- command line
 
 
@@ -854,10 +956,18 @@ def parse_args(argv):
     w.add_argument("--max-length", type=int, default=256, help="prompt + response tokens, as in train.py")
     w.add_argument("--output-dir", default=os.path.join("runs", "weights"), help="where the JSON and HTML go")
     w.add_argument("--png", default=None, help="also draw the figure of the README (docs/weights.png) to this file")
+    e = commands.add_parser("release", help="Eq. 12's loss and gradient on one batch with the release's weights "
+                            "against the paper's", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    e.add_argument("--model", default=None, help="pi_theta: a policy that train.py saved from the built-in "
+                   "reference of --seed; default: the reference itself")
+    e.add_argument("--pairs", type=int, default=16, help="the first N built-in training pairs: one batch")
+    e.add_argument("--beta", type=float, default=0.1, help="beta of Eq. 12, the same for every weighting")
+    e.add_argument("--seed", type=int, default=0, help="built-in task and SFT reference seed")
+    e.add_argument("--sft-steps", type=int, default=300, help="SFT steps of the built-in reference")
     if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help")):
         argv = ["mechanism", *argv]  # no command: the default one, with these flags
     args, rest = p.parse_known_args(argv)
-    if args.command == "weights" and rest:
+    if args.command in ("weights", "release") and rest:
         p.error(f"unrecognized arguments: {' '.join(rest)}")
     return args, rest
 
@@ -879,6 +989,8 @@ def main(argv=None):
         return grid(args, train_args)
     if args.command == "mechanism":
         return mechanism(args, train_args)
+    if args.command == "release":
+        return release_effect(args)
     return show_weights(args)
 
 
