@@ -276,19 +276,18 @@ def train_loop(policy, ref, train_pairs, tokenizer, args, run, resume, before, h
 
     speed, stop = tracking.Throughput(), stopping.Stop(ref, args, run, steps)
     for step in range(first_step, steps + 1):
-        step_sums = {}
-        for micro_step in range(args.grad_accum):
-            batch, share = distributed.shard(speed.count(epochs.next()), rank, world_size)
-            last = micro_step == args.grad_accum - 1
-            with distributed.sync_unless(train_policy, world_size, last):
+        step_sums, whole = {}, [speed.count(epochs.next()) for _ in range(args.grad_accum)]
+        for micro_step, micro_batch in enumerate(whole):
+            batch, share = distributed.shard(micro_batch, rank, world_size, whole)
+            with distributed.sync_unless(train_policy, world_size, micro_step == len(whole) - 1):
                 loss, metrics = tidpo_step(train_policy, ref, batch, tokenizer, args, device,
                                            run.autocast, run.hooks)
                 # DDP averages the processes' gradients. Weighting each process's batch-mean loss
-                # by its share of the pairs times the number of processes makes that average the
-                # gradient of the whole batch's mean loss, however the pairs split.
-                (loss * (share * world_size / args.grad_accum)).backward()
+                # by its share of the step's pairs (an epoch's last micro-batch may be short) times
+                # the number of processes makes the sum the gradient of the step's mean loss.
+                (loss * (share * world_size)).backward()
             for name, value in {"loss": loss.detach(), **metrics}.items():
-                step_sums[name] = step_sums.get(name, 0) + value * (share / args.grad_accum)
+                step_sums[name] = step_sums.get(name, 0) + value * share
         names = [*step_sums, "grad_norm"]
         grad_norm = distributed.clip_grad_norm(policy, MAX_GRAD_NORM)
         # the processes' shares add up to the whole batch's means

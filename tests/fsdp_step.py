@@ -78,10 +78,9 @@ def main(kind, checkpointing):
     optimizer = torch.optim.AdamW(sharded.parameters(), lr=1e-3)
     optimizer.step()
 
-    def local_bytes(tensors):
-        return sum(t.to_local().numel() * t.element_size() for t in tensors)
+    def local_bytes(tensors):  # a parameter left gathered counts whole
+        return sum((t.to_local() if hasattr(t, "to_local") else t).numel() * t.element_size() for t in tensors)
 
-    distributed.reshard(ref)  # after a forward its own weights stay gathered
     held = {"weights": local_bytes(sharded.parameters()),
             "gradients": local_bytes(p.grad for p in sharded.parameters()),
             "adamw": local_bytes(v for state in optimizer.state.values() for v in state.values() if v.dim() > 0),

@@ -6,6 +6,7 @@ to its own process inside a given step (after the backward, before the update), 
 lands does not depend on timing. Every run is the tiny built-in one, on one thread.
 """
 
+import copy
 import glob
 import json
 import os
@@ -155,6 +156,37 @@ def test_a_signal_to_one_sharded_process_stops_both_at_the_same_step_and_they_re
 
 
 # ----------------------------------------------------------------------------- --eval-every
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_a_stop_on_cuda_leaves_the_tied_reference_exact_on_resume(tied, tmp_path):
+    # On CUDA (bfloat16, unsharded) the reference's Linear weights are bfloat16 copies when a stop
+    # writes reference.pt, a tied output layer's too: on resume the embeddings it shares must
+    # come back in float32, and the resumed run's bfloat16 copies be the stopped run's, bit for bit.
+    # The CPU stands in for CUDA: the same cast (memory.linear_weights_in) and the same files.
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from training import checkpoints, memory
+
+    config = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=2, tie_word_embeddings=tied)
+    torch.manual_seed(0)
+    start = LlamaForCausalLM(config).eval()
+    ref = copy.deepcopy(start).requires_grad_(False)
+    memory.linear_weights_in(ref, torch.bfloat16)  # train_loop, on CUDA
+    checkpoints.save_reference(ref, str(tmp_path), rank=0)  # Stop.asked, without --save-every
+    resumed = copy.deepcopy(start).requires_grad_(False)
+    path = tmp_path / "checkpoints" / "reference.pt"
+    saved = torch.load(path, weights_only=True)
+    assert saved["lm_head.weight"].dtype == torch.bfloat16  # the file holds the rounded copy
+    checkpoints.load_models(copy.deepcopy(start), resumed, {"policy": start.state_dict(), "reference": saved,
+                                                            "path": str(path)})
+    embeddings = resumed.get_input_embeddings().weight
+    assert embeddings.dtype == torch.float32
+    assert torch.equal(embeddings, start.get_input_embeddings().weight)
+    assert (resumed.get_output_embeddings().weight is embeddings) == tied
+    memory.linear_weights_in(resumed, torch.bfloat16)  # the resumed run, on CUDA
+    for (name, got), expected in zip(resumed.named_parameters(), ref.parameters(), strict=True):
+        assert got.dtype == expected.dtype and torch.equal(got, expected), name
 
 
 def test_eval_every_logs_the_held_out_numbers_of_that_step_and_changes_no_training_number(tmp_path):

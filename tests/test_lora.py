@@ -37,7 +37,7 @@ import tidpo  # noqa: E402
 import train  # noqa: E402
 from test_fsdp import assert_same_run, records  # noqa: E402
 from test_real_models import build_checkpoint, chat_records  # noqa: E402
-from training import lora, memory, setup  # noqa: E402
+from training import lora, memory, sampling, setup  # noqa: E402
 
 CPU = torch.device("cpu")
 SCALE = lora.ALPHA_PER_RANK  # alpha / R
@@ -154,6 +154,30 @@ def test_the_reference_is_the_base_and_the_policy_starts_equal_to_it():
     assert torch.equal(got, expected) and not got.requires_grad
     assert not torch.equal(tidpo.forward_logits(policy, ids, mask), expected)
     assert ref.state_dict().keys() == base.state_dict().keys()  # reference.pt: the plain model's names
+
+
+def test_a_model_with_dropout_stays_deterministic_through_wrapping_and_sampling():
+    # A config with dropout (here Llama's attention dropout, as GPT-2, OPT and Phi have their
+    # own): the policy and the reference are deterministic forwards after lora.wrap and after
+    # the anchors' sampler has put the model in eval mode and back, as without LoRA.
+    args, tokenizer, batch = step_inputs()
+    base = tiny_llama(tokenizer)
+    base.config.attention_dropout = 0.5
+    for layer in base.model.layers:
+        layer.self_attn.attention_dropout = 0.5
+    policy, ref = lora_policy(base)
+    ids, mask, _ = data.stack_pair(batch, tokenizer.pad_token_id)
+    prompt = batch["prompt_input_ids"], batch["prompt_attention_mask"]
+    for when in ("wrapped", "sampled"):
+        assert [name for name, module in policy.named_modules() if module.training] == [], when
+        for model in (policy, ref):
+            with torch.no_grad():
+                assert torch.equal(tidpo.forward_logits(model, ids, mask), tidpo.forward_logits(model, ids, mask))
+        sampling.sample(policy, *prompt, tokenizer, max_new_tokens=3, temperature=0.0)
+    # the dropout is there to be switched on: in training mode two forwards differ
+    policy.train()
+    with torch.no_grad():
+        assert not torch.equal(tidpo.forward_logits(policy, ids, mask), tidpo.forward_logits(policy, ids, mask))
 
 
 @pytest.mark.parametrize("tied", [True, False])

@@ -243,6 +243,32 @@ def test_non_finite_step_stops_before_the_update_and_keeps_the_checkpoint(case, 
 # ----------------------------------------------------------------------------- two processes
 
 
+@pytest.mark.parametrize("how", ["end", "usage"])
+def test_every_process_waits_for_the_others_before_leaving_the_process_group(how, tmp_path):
+    # A process that took the group down while its peer was still at work (rank 0 writing the
+    # policy) could abort in gloo's teardown, and torchrun then failed a finished run. Every
+    # process leaves after all have reached their exit: here rank 0 gets there 3 s late.
+    child = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                            "tests/exit_group.py", how, str(tmp_path), "3"], cwd=ROOT, capture_output=True,
+                           text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert child.returncode == (0 if how == "end" else 1), child.stderr[-3000:]
+    times = [json.loads((tmp_path / f"rank-{rank}.json").read_text()) for rank in (0, 1)]
+    assert times[1]["exit"] < times[0]["exit"] - 2  # rank 1 was done first ...
+    assert times[1]["left"] >= times[0]["exit"]  # ... and left the group only once rank 0 was done too
+
+
+def test_a_process_that_crashes_alone_leaves_at_once(tmp_path):
+    # An uncaught exception may be this process's alone: it does not wait for the others (who may
+    # never come), and torchrun stops the rest of the job. Rank 0 would be done after 120 s.
+    child = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                            "tests/exit_group.py", "crash", str(tmp_path), "120"], cwd=ROOT, capture_output=True,
+                           text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert child.returncode != 0 and "a failure of this process alone" in child.stderr
+    times = json.loads((tmp_path / "rank-1.json").read_text())
+    assert times["left"] - times["exit"] < 60
+    assert not (tmp_path / "rank-0.json").exists()  # stopped by torchrun, long before its exit
+
+
 def test_two_processes_match_one_process_on_the_same_global_batch(tmp_path):
     # Greedy anchors (--temperature 0): the only random draw of a step is the anchor sampling, and
     # with temperature > 0 each process draws from its own stream, so two processes cannot sample

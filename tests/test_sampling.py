@@ -244,3 +244,71 @@ def test_unknown_or_impossible_methods_are_refused_by_name():
             sampling.sample(model, prompt_ids, prompt_mask, tokenizer, method="graph")
     assert sampling.choose_method(model, "auto", cuda=False) == "dynamic"
     assert sampling.choose_method(model, "auto", cuda=True) == "graph"
+
+
+class _ReplayedStep:
+    """A CPU stand-in for a captured CUDA graph: each replay runs the decode step eagerly."""
+
+    def __init__(self, loop, runner):
+        self.loop, self.runner = loop, runner
+
+    def replay(self):
+        self.loop.step(self.runner)
+
+
+def _capture_on_the_cpu(loop, runner):
+    """DecodeLoop.capture's work on the CPU: the two warm-up steps (which draw tokens from the
+    default generator, as on CUDA), then the "graph" that replays the step."""
+    for _ in range(2):
+        loop.step(runner)
+    loop.graph = _ReplayedStep(loop, runner)
+    return 0.0
+
+
+@pytest.mark.parametrize("method", ["cpu-stand-in", pytest.param("graph", marks=CUDA)])
+def test_a_buckets_first_graph_call_draws_what_a_warm_one_draws(method, monkeypatch):
+    # The first call in a bucket warms up and captures the decode step, which samples tokens. It
+    # must leave the random stream as it found it: after --resume (no buckets yet) the anchors are
+    # the uninterrupted run's, and a cold model and a warm one draw the same numbers for the same
+    # prompt (the evaluation's common random numbers). On the CPU the capture is stood in for by
+    # its warm-up and an eager replay; the stream handling is the same code.
+    if method == "cpu-stand-in":
+        monkeypatch.setattr(static_sampler.DecodeLoop, "capture", _capture_on_the_cpu)
+    model, prompt_ids, prompt_mask = peaked_model(method)
+    rules = plain_sampler.Settings(12, 0, 1.0, 0, 1.0, (2,), 0)
+    warm = static_sampler.StaticSampler(model)
+    warm.sample(prompt_ids, prompt_mask, rules, graph=True)  # the bucket's graph made
+    draws = {}
+    for name, sampler in (("warm", warm), ("cold", static_sampler.StaticSampler(model))):
+        torch.manual_seed(7)
+        draws[name] = sampler.sample(prompt_ids, prompt_mask, rules, graph=True)[0]
+        draws[name + " next"] = torch.rand(3, device=prompt_ids.device)  # the stream after the call
+    assert static_sampler.StaticSampler(model) is not warm and warm.buckets
+    assert torch.equal(draws["cold"], draws["warm"])
+    assert torch.equal(draws["cold next"], draws["warm next"])
+    # the draws are random ones: another seed gives other tokens
+    torch.manual_seed(8)
+    assert not torch.equal(static_sampler.StaticSampler(model).sample(prompt_ids, prompt_mask, rules, graph=True)[0],
+                           draws["cold"])
+
+
+@pytest.mark.parametrize("method", ["dynamic", "static"])
+@pytest.mark.parametrize("wrapped", [False, True], ids=["plain", "peft"])
+@pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing:FutureWarning")  # peft's call
+def test_samplers_compute_only_the_last_positions_logits(method, wrapped):
+    # Only the last prompt position's logits are needed to draw a token: the output layer runs on
+    # one position per row at every forward (the prompt's too), also through a peft model, whose
+    # forward takes **kwargs and passes logits_to_keep on.
+    model, prompt_ids, prompt_mask = peaked_model()
+    if wrapped:
+        peft = pytest.importorskip("peft")
+        model = peft.get_peft_model(model, peft.LoraConfig(r=2, target_modules="all-linear", lora_dropout=0.0))
+        model.eval()
+    positions = []
+    head = model.get_output_embeddings()
+    handle = head.register_forward_hook(lambda module, inputs, output: positions.append(inputs[0].shape[1]))
+    tokenizer = argparse.Namespace(pad_token_id=0, eos_token_id=2)
+    result = sampling.sample(model, prompt_ids, prompt_mask, tokenizer, **settings(temperature=0.0), method=method)
+    handle.remove()
+    assert result[2].sum() > 0 and len(positions) >= 2
+    assert set(positions) == {1}, positions

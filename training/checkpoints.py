@@ -199,7 +199,7 @@ def load_models(policy, ref, resume):
     if not resume.get("sharded"):
         load_weights(policy, resume["policy"], resume["path"])
         if "reference" in resume:
-            load_weights(ref, resume["reference"], resume["path"])
+            load_weights(ref, tied_from_own_dtype(ref, resume["reference"]), resume["path"])
         return
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import set_model_state_dict
@@ -208,6 +208,26 @@ def load_models(policy, ref, resume):
         state = {key: model_state(model, True)}
         dcp.load(state, checkpoint_id=path)
         set_model_state_dict(model, state[key])
+
+
+def tied_from_own_dtype(model, state_dict):
+    """`state_dict` with each tied weight (one tensor under several names: an output layer that
+    shares the input embeddings) given, under all its names, the value saved in the model's dtype.
+
+    On CUDA a run gives the reference's output layer a bfloat16 copy of its own
+    (memory.linear_weights_in) before a stop writes reference.pt: the file then holds the float32
+    embeddings and their bfloat16 rounding as the output layer, and loading both names into the one
+    shared tensor would leave it rounded. The resumed run casts the output layer again itself."""
+    names = {}
+    for name, tensor in model.state_dict().items():  # detached tensors: the same storage
+        names.setdefault((tensor.data_ptr(), tensor.shape, tensor.dtype), []).append(name)
+    state_dict = dict(state_dict)
+    for (_, _, dtype), tied in names.items():
+        if len(tied) > 1 and all(name in state_dict for name in tied):
+            own = [state_dict[name] for name in tied if state_dict[name].dtype == dtype]
+            for name in tied:
+                state_dict[name] = own[0] if own else state_dict[name]
+    return state_dict
 
 
 def load_weights(model, state_dict, checkpoint_path):

@@ -27,6 +27,7 @@ import contextlib
 import copy
 import datetime
 import os
+import sys
 
 import torch
 import torch.distributed as dist
@@ -56,21 +57,52 @@ def setup(device, fsdp=False):
     else:
         dist.init_process_group("gloo", timeout=PROCESS_GROUP_TIMEOUT)
     atexit.register(leave_process_group)
+    sys.excepthook = _noting_a_crash(sys.excepthook)
     return dist.get_rank(), world_size, device
 
 
+# How long a process at exit waits for the others to get there too: rank 0 may still be writing
+# the policy (minutes for an 8B model on a slow file system) while the others have finished.
+EXIT_WAIT = datetime.timedelta(minutes=30)
+_crashed = False  # an exception no one caught is ending this process (its peers may be elsewhere)
+
+
+def _noting_a_crash(excepthook):
+    def hook(*exc_info):
+        global _crashed
+        _crashed = True
+        excepthook(*exc_info)
+    return hook
+
+
 def leave_process_group():
-    """At exit: the process group taken down, unless the program has done so itself."""
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    """At exit: the process group taken down, unless the program has done so itself.
+
+    Every process first waits at a barrier for the others. A process that tears its connections
+    down while a peer is still finishing with them (writing the policy, or in the last
+    collective's tail) can abort in gloo's C++ teardown ("terminate called without an active
+    exception", SIGABRT), and torchrun then reports a finished run as failed. Every way out of
+    train.py (its end, a usage error, a stop by a signal, a non-finite stop) is taken by all the
+    processes together, so the barrier is met. Not after an uncaught exception: that one may be
+    this process's alone, and torchrun stops the others when it exits."""
+    if not dist.is_initialized():
+        return
+    if not _crashed:
+        try:
+            dist.barrier(async_op=True).wait(timeout=EXIT_WAIT)
+        except Exception:  # a peer that is gone or late: leave anyway  # noqa: BLE001
+            pass
+    dist.destroy_process_group()
 
 
-def shard(batch, rank, world_size):
-    """This process's rows of a collated batch, and their share of the batch's pairs. The rows are
-    cut from the whole collated batch, so they keep the padding they would have in one process."""
+def shard(batch, rank, world_size, step=None):
+    """This process's rows of a collated batch, and their share of the batch's pairs, or of all the
+    pairs of `step` (the step's micro-batches, `batch` among them). The rows are cut from the whole
+    collated batch, so they keep the padding they would have in one process."""
     n = len(batch["chosen_input_ids"])
     start, end = n * rank // world_size, n * (rank + 1) // world_size
-    return {name: value[start:end] for name, value in batch.items()}, (end - start) / n
+    total = sum(len(micro_batch["chosen_input_ids"]) for micro_batch in step) if step else n
+    return {name: value[start:end] for name, value in batch.items()}, (end - start) / total
 
 
 def wrap(policy, device, world_size):
@@ -145,6 +177,10 @@ def fsdp(policy, device, bf16):
             assert name == ref_name, (name, ref_name)  # the same modules, sharded the same way
             local = target.to_local() if hasattr(target, "to_local") else target
             local.copy_(source.to_local() if hasattr(source, "to_local") else source)
+    # FSDP2 keeps the root's own weights (embeddings, final norm, output layer) gathered after a
+    # forward, for the backward that follows at once; the reference has no backward, and would
+    # hold them whole for the rest of the run (~2 GiB per GPU for an 8B model): reshard at once.
+    ref.register_forward_hook(lambda module, inputs, output: module.reshard())
     return model, ref
 
 

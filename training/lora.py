@@ -52,6 +52,10 @@ def wrap(policy, args):
         # favour of is_activation_checkpointing: peft's call, not one this project makes
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
         wrapped = peft.get_peft_model(policy, config)
+    # A new PeftModel is in training mode around a base in eval mode; train.py keeps the policy in
+    # eval mode (no dropout: the attribution and the log-probs are deterministic forwards), and a
+    # sampler's eval_mode() must not find a training flag to restore onto every layer.
+    wrapped.eval()
     # the built-in model has no folder that holds its base: a checkpoint keeps the base then
     return wrapped, Reference(wrapped, base_on_disk=args.model is not None)
 

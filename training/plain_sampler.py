@@ -32,15 +32,18 @@ class Settings(NamedTuple):
 
 @contextlib.contextmanager
 def eval_mode(model):
-    """`model` in eval mode inside the block, then back in the mode it had. A policy trained with
-    activation checkpointing is in training mode, where transformers 5.17 (not 5.24) drops a
-    checkpointed layer's KV cache, even without gradients."""
-    training = model.training
+    """`model` in eval mode inside the block, then each of its modules back in the mode it had
+    (module by module: train(True) on the whole model would also switch on the dropout of layers
+    that were in eval mode inside it). A policy trained with activation checkpointing is in
+    training mode, where transformers 5.17 (not 5.24) drops a checkpointed layer's KV cache, even
+    without gradients."""
+    modes = [(module, module.training) for module in model.modules()]
     model.eval()
     try:
         yield model
     finally:
-        model.train(training)
+        for module, training in modes:
+            module.training = training
 
 
 
@@ -71,6 +74,13 @@ def cache_argument(model):
     return "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
 
 
+def keeps_last_logits(model):
+    """Whether model.forward takes logits_to_keep: with 1, the output layer runs on the last position
+    alone ([B, 1, V] logits, where a prompt's whole [B, L, V] would be made only to be dropped)."""
+    forward = model.get_base_model().forward if hasattr(model, "get_base_model") else model.forward
+    return "logits_to_keep" in inspect.signature(forward).parameters
+
+
 def dynamic_sample(model, prompt_ids, prompt_mask, settings):
     from transformers import DynamicCache
 
@@ -78,8 +88,9 @@ def dynamic_sample(model, prompt_ids, prompt_mask, settings):
     cache = {cache_argument(model): DynamicCache(config=model.config)}
     positions = position_ids(prompt_mask)[:, -1:]
     attention_mask = prompt_mask
+    last = {"logits_to_keep": 1} if keeps_last_logits(model) else {}  # peft passes it on too
     out = model(input_ids=prompt_ids, attention_mask=attention_mask, position_ids=position_ids(prompt_mask),
-                use_cache=True, **cache)
+                use_cache=True, **cache, **last)
     finished = torch.zeros(prompt_ids.shape[0], 1, dtype=torch.bool, device=prompt_ids.device)
     tokens, response = [], []
     for step in range(settings.max_new_tokens):

@@ -22,7 +22,6 @@ those of earlier versions.
 
 import collections
 import copy
-import inspect
 import time
 import warnings
 import weakref
@@ -31,7 +30,7 @@ import torch
 
 from tidpo import position_ids
 from training.memory import linear_weights_in
-from training.plain_sampler import cache_argument, candidates
+from training.plain_sampler import cache_argument, candidates, keeps_last_logits
 
 
 def refusal(model):
@@ -152,14 +151,19 @@ class StaticSampler:
         mask = torch.zeros((rows, columns), dtype=prompt_mask.dtype, device=prompt_mask.device)
         ids[:n, columns - length:], mask[:n, columns - length:] = prompt_ids, prompt_mask
         ids[n:], mask[n:] = ids[n - 1], mask[n - 1]
-        loop.start(runner, ids, mask)
         if graph and loop.graph is None and not loop.capture_failed and settings.max_new_tokens > 1:
+            # The warm-up draws tokens too. The random stream is left as it was found, so that a
+            # bucket's first call draws what a later one draws: a resumed run (no buckets yet) the
+            # anchors of the run it continues, and a cold model the evaluation's common numbers.
+            state = random_state(prompt_ids.device)
+            loop.start(runner, ids, mask)
             try:
                 self.capture_seconds[key] = loop.capture(runner)
             except RuntimeError as error:  # a model whose step a graph cannot hold: decode eagerly
                 warnings.warn(f"the decode step could not be captured in a CUDA graph; it runs eagerly: {error}")
                 loop.capture_failed = True
-            loop.start(runner, ids, mask)  # warm-up ran the step: start over
+            set_random_state(prompt_ids.device, state)
+        loop.start(runner, ids, mask)
         for step in range(settings.max_new_tokens - 1):
             loop.graph.replay() if graph and loop.graph is not None else loop.step(runner)
             # every 8 steps, one wait for the device: stop once every response has ended
@@ -170,6 +174,15 @@ class StaticSampler:
         response = response[:, :kept].to(prompt_mask.dtype)
         return (torch.cat([prompt_ids, loop.tokens[:n, :kept].to(prompt_ids.dtype)], 1),
                 torch.cat([prompt_mask, response], 1), torch.cat([torch.zeros_like(prompt_mask), response], 1))
+
+
+def random_state(device):
+    """The state of the generator that sampling on `device` draws from."""
+    return torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.get_rng_state()
+
+
+def set_random_state(device, state):
+    torch.cuda.set_rng_state(state, device) if device.type == "cuda" else torch.set_rng_state(state)
 
 
 def _values_in_their_own_dtype(layer):
@@ -207,7 +220,7 @@ class DecodeLoop:
             layer.lazy_initialization = _values_in_their_own_dtype(layer)
         self.cache_argument = cache_argument(runner)
         self.eager_mask = runner.config._attn_implementation == "eager"  # wants an additive mask
-        self.keep_one = "logits_to_keep" in inspect.signature(runner.forward).parameters
+        self.keep_one = keeps_last_logits(runner)
         self.token = torch.zeros(rows, 1, dtype=torch.long, device=device)
         self.position = torch.zeros(rows, 1, dtype=torch.long, device=device)
         self.finished = torch.zeros(rows, 1, dtype=torch.bool, device=device)

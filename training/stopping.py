@@ -87,7 +87,9 @@ class Stop:
         stopping = self.signal is not None
         if stopping:
             # On CUDA (bfloat16, unsharded) the reference's Linear weights are bfloat16 by now: saved
-            # so, they load back into float32 exactly and are cast to the same bfloat16 on resume.
+            # so, they load back into float32 exactly and are cast to the same bfloat16 on resume;
+            # a tied output layer's copy is not loaded over the embeddings it shares (checkpoints.
+            # tied_from_own_dtype).
             checkpoints.save_reference(self.ref, self.args.output_dir, self.run.rank, self.args.fsdp)
         self.stopping = stopping
         return stopping
