@@ -168,7 +168,7 @@ def last_response_position(response_mask):
 
 def _gaussian(position, length):
     # Eq. 7: P_prior(t) = exp(-0.5 * ((t - mu) / sigma)^2), mu = (T - 1) / 2, sigma = T / 4
-    # (the paper's sigma; the authors' released configuration uses T / 8, a narrower bell)
+    # (the paper's sigma; the authors' release uses max(1, n / 8) over prompt and response)
     mu = (length - 1) / 2
     sigma = length / 4
     return torch.exp(-0.5 * ((position - mu) / sigma) ** 2)
