@@ -143,8 +143,8 @@ def reference_logps(ref, input_ids, attention_mask, response_mask):
 def hybrid_token_weights(policy, input_ids, attention_mask, response_mask, batch, args):
     """(logits, weights): the policy's forward with its attribution (Eq. 5-6, one backward to the
     embeddings), then the hybrid weights of Eq. 8."""
-    logits, importance = tidpo.gradient_attribution(policy, input_ids, attention_mask,
-                                                    response_mask)
+    logits, importance = memory.gradient_attribution(policy, input_ids, attention_mask,
+                                                     response_mask)
     return logits, tidpo.hybrid_weights(importance, response_mask, lam=args.lam)
 
 

@@ -232,3 +232,76 @@ def test_a_step_keeps_one_bfloat16_copy_of_each_weight_for_the_backward():
     assert len(saves) == 6 and all(count >= 2 for count in saves.values()), saves
     loss.backward()
     assert all(p.grad is not None for p in policy.parameters())
+
+
+# ---------------------------------------------------------------------------------------------
+# gradient_attribution: Eq. 5-6 without the backward through the output layer at every position
+# ---------------------------------------------------------------------------------------------
+
+
+def attribution_inputs(tokenizer):
+    args = train.parse_args(["--batch-size", "4"])
+    batch = data.collate(setup.load_pairs(args, tokenizer)[0][:4], tokenizer.pad_token_id)
+    return data.stack_pair(batch, tokenizer.pad_token_id)
+
+
+def logits_gradients(model):
+    """The shapes of the gradients that reach the output layer's outputs, as a list that fills."""
+    shapes = []
+
+    def watch(layer, inputs, output):
+        if output.requires_grad:
+            output.register_hook(lambda grad: shapes.append(tuple(grad.shape)))
+
+    model.get_output_embeddings().register_forward_hook(watch)
+    return shapes
+
+
+@pytest.mark.parametrize("case", ["tied", "untied", "bfloat16-autocast", "frozen"])
+def test_gradient_attribution_gives_tidpos_numbers_without_the_full_output_layer_backward(case):
+    import tidpo
+
+    tokenizer = setup.load_tokenizer(train.parse_args([]))
+    ids, mask, response = attribution_inputs(tokenizer)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=case != "untied")
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).eval().requires_grad_(case != "frozen")
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=case == "bfloat16-autocast")
+    shapes = logits_gradients(model)
+    with autocast:
+        expected_logits, expected = tidpo.gradient_attribution(model, ids, mask, response)
+    assert (ids.shape[0], ids.shape[1], len(tokenizer)) in shapes  # tidpo's way: a [B, L, V] gradient
+    shapes.clear()
+    with autocast:
+        for _ in range(2):  # the first call checks the model's logits once; the second trusts it
+            logits, importance = memory.gradient_attribution(model, ids, mask, response)
+            assert torch.equal(logits, expected_logits)
+            assert torch.equal(importance, expected)
+    assert shapes == [(ids.shape[0], len(tokenizer))] * 2  # one row per sequence, twice
+    assert importance.sum() > 0 and (importance[response == 0] == 0).all()
+    if case != "frozen":  # the logits still lead to the weights for the loss
+        logits.float().sum().backward()
+        assert model.get_input_embeddings().weight.grad is not None
+
+
+def test_gradient_attribution_takes_tidpos_way_when_the_logits_are_changed_after_the_output_layer():
+    # Gemma 2 caps its logits (tanh) after the output layer: the layer's output is not the logits,
+    # and Eq. 5's gradient passes through the cap. The model is then attributed tidpo's way.
+    import tidpo
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    tokenizer = setup.load_tokenizer(train.parse_args([]))
+    ids, mask, response = attribution_inputs(tokenizer)
+    config = Gemma2Config(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, head_dim=8, final_logit_softcapping=1.0,
+                          pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    model = Gemma2ForCausalLM(config).eval()
+    with torch.no_grad():  # large logits, far into the cap
+        model.get_output_embeddings().weight.mul_(50)
+    expected_logits, expected = tidpo.gradient_attribution(model, ids, mask, response)
+    for _ in range(2):
+        logits, importance = memory.gradient_attribution(model, ids, mask, response)
+        assert torch.equal(logits, expected_logits) and torch.equal(importance, expected)
+    assert memory._plain_output_layer[model] is False

@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from tools import bench  # noqa: E402
 import data  # noqa: E402
-from training import evaluate, sampling  # noqa: E402
+from training import evaluate, memory, sampling  # noqa: E402
 import tidpo  # noqa: E402
 import train  # noqa: E402
 from training import builtin_task as builtin  # noqa: E402
@@ -315,8 +315,8 @@ def test_weights_hook_reaches_the_loss(attribution, monkeypatch):
     hook = experiments.attribution_weights(attribution)
     hooks = train.Hooks() if attribution == "paper" else train.Hooks(
         weights=lambda *a: seen.append(attribution) or hook(*a))
-    real = tidpo.gradient_attribution
-    monkeypatch.setattr(tidpo, "gradient_attribution", lambda *a: seen.append("paper") or real(*a))
+    real = memory.gradient_attribution  # tidpo.gradient_attribution's numbers (tests/test_memory.py)
+    monkeypatch.setattr(memory, "gradient_attribution", lambda *a: seen.append("paper") or real(*a))
     loss_inputs = []
     real_loss = tidpo.tidpo_loss
     monkeypatch.setattr(tidpo, "tidpo_loss", lambda *t, **k: loss_inputs.append(t) or real_loss(*t, **k))

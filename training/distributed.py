@@ -113,8 +113,9 @@ def wrap(policy, device, world_size):
     if world_size == 1:
         return policy
     wrapped = DistributedDataParallel(policy, device_ids=[device] if device.type == "cuda" else None)
-    # gradient_attribution takes the embedding layer from the model it runs: lend it the module's
+    # gradient_attribution takes the embedding layers from the model it runs: lend it the module's
     wrapped.get_input_embeddings = policy.get_input_embeddings
+    wrapped.get_output_embeddings = policy.get_output_embeddings  # and memory.gradient_attribution its output layer
     return wrapped
 
 

@@ -5,10 +5,14 @@
     step_peak_bytes          what a step of DPO or full TI-DPO needs on a GPU, term by term
     token_logps, sequence_kl tidpo.py's two formulas over the vocabulary, in bounded memory: the
                              backward written out, a few rows at a time, no float32 copy of the logits
+    gradient_attribution     tidpo.py's Eq. 5-6, without a backward through the output layer at
+                             every position
 
 `python -m tools.memory_table` prints docs/training.md's tables from step_peak_bytes, and
 tools/bench.py prints its figure next to the peak it measures.
 """
+
+import weakref
 
 import torch
 
@@ -296,3 +300,56 @@ def sequence_kl(policy_logits, ref_logits, response_mask):
     kl = _SequentialKL.apply(policy_logits.flatten(0, 1), ref_logits.flatten(0, 1)).view(policy_logits.shape[:2])
     return (kl[:, :-1] * response_mask[:, 1:].to(kl.dtype)).sum(dim=-1)
 
+
+
+# ----------------------------------------------------------------------------- Eq. 5-6, one position
+
+
+# model -> whether its logits are its output layer's output (checked once per model: a host wait)
+_plain_output_layer = weakref.WeakKeyDictionary()
+
+
+def gradient_attribution(model, input_ids, attention_mask, response_mask):
+    """tidpo.gradient_attribution's (logits, importance), the same numbers, in less work.
+
+    Eq. 5's target is one logit per row, at the last response token. Differentiated through the
+    [B, L, V] logits, its gradient is a [B, L, V] tensor of zeros but for that one entry, which the
+    backward then multiplies through the output layer at every position (2 B L V E multiply-adds,
+    as many as the layer's forward). Here the target is taken from the output layer's input at
+    that position instead, run through the layer once more for B rows: the same top logit, with the
+    same gradient (its row of the layer's weight at that position, 0 elsewhere). Only where the
+    model's logits are its output layer's output: a model that changes them after it (a soft cap, a
+    scale) takes tidpo's way, as does one whose output layer is not a Linear.
+    """
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if not isinstance(head, torch.nn.Linear) or _plain_output_layer.get(model) is False:
+        return tidpo.gradient_attribution(model, input_ids, attention_mask, response_mask)
+    embedded, hidden = [], []
+
+    def keep(layer, inputs, embeddings):  # as tidpo.target_gradient takes the embeddings
+        if not embeddings.requires_grad:
+            embeddings = embeddings.detach().requires_grad_(True)
+        embedded.append(embeddings)
+        return embeddings
+
+    hooks = [model.get_input_embeddings().register_forward_hook(keep),
+             head.register_forward_hook(lambda layer, inputs, output: hidden.append(inputs[0]))]
+    try:
+        logits = tidpo.forward_logits(model, input_ids, attention_mask)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    rows = torch.arange(input_ids.shape[0], device=input_ids.device)
+    last = tidpo.last_response_position(response_mask)
+    final_logits = logits[rows, last]  # [B, V]
+    again = head(hidden[0][rows, last])  # the output layer on the last response tokens alone
+    if model not in _plain_output_layer:
+        scale = final_logits.detach().abs().amax().clamp(min=1)
+        plain = bool((again.detach() - final_logits.detach()).abs().amax() <= 2 ** -6 * scale)
+        _plain_output_layer[model] = plain
+        if not plain:
+            return tidpo.gradient_attribution(model, input_ids, attention_mask, response_mask)
+    # Eq. 5: L_target = max_v logits[last response position, v], the model's own top logit
+    target = again.gather(-1, final_logits.argmax(dim=-1, keepdim=True)).sum()
+    (grad,) = torch.autograd.grad(target, embedded[0], retain_graph=logits.requires_grad)
+    return logits, tidpo.importance_scores(grad, response_mask)
