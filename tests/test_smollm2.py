@@ -202,3 +202,27 @@ def test_two_training_steps_save_a_policy_that_loads_and_generates(lora, folder,
                                                  return_tensors="pt", return_dict=True)
     answer = policy.generate(**prompt, do_sample=False, max_new_tokens=16)[0, prompt["input_ids"].shape[1]:]
     assert saved_tokenizer.decode(answer) == "The number seven is 7.<|im_end|>"
+
+
+def test_the_readmes_attribution_numbers_on_the_real_model(folder, capsys):
+    # README, "What the attribution looks like": over examples/instruction_pairs.jsonl's 48 responses
+    # Eq. 6's share on the closing <|im_end|>, the hybrid weight there and on the other tokens, as
+    # printed (two decimals; float32 sums on other CPU kernels move the digits beyond those).
+    from tools import experiments
+
+    values = experiments.main(["attribution", "--model", str(folder), "--data",
+                               str(ROOT / "examples" / "instruction_pairs.jsonl")])
+    printed = capsys.readouterr().out
+    readme = (ROOT / "README.md").read_text()
+    shares = values["attribution on the final token"]
+    assert len(shares) == 48 and sum(values["final token is an end id"]) == 48
+    mean = sum(shares) / 48
+    assert f"{mean:.2f} ± " in readme and f"({min(shares):.2f}-{max(shares):.2f})" in readme, printed
+    paper = "paper (Eq. 5-6, 8)"
+    for part, text in (("share", "it takes {:.2f} of a response"), ("final", "({:.1f} at a mean of 1)"),
+                       ("others", "average {:.2f}")):
+        numbers = values[f"{paper}: {part}"]
+        assert text.format(sum(numbers) / len(numbers)) in readme, (part, printed)
+    # the final token left out of the normalisation keeps its prior share only: (1 - lambda) of it
+    left_out = values["final token left out: final"]
+    assert max(left_out) < 0.1 and min(values["final token left out: others"]) > 1

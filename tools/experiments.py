@@ -9,6 +9,7 @@ one run of either, and token weights to look at.
     python -m tools.experiments weights --pair 3                 # a held-out pair of the built-in task
     python -m tools.experiments weights --model runs/x/policy --data prefs.jsonl --index 0
     python -m tools.experiments release --model runs/x/policy    # the release's weights against the paper's
+    python -m tools.experiments attribution --model models/smollm2 --data examples/instruction_pairs.jsonl
 
 The methods (METHODS) are train.py flags, and for the variants beyond the paper a hook into train.py's
 step (HOOKS: other token weights, other triplets), passed in as a train.Hooks. The built-in task's
@@ -35,6 +36,10 @@ weights shows each response token of one pair shaded by its hybrid weight (Eq. 8
 and as an HTML file, with the raw attribution (Eq. 6), the Gaussian prior (Eq. 7) and the hybrid
 weight of every token written as JSON.
 
+attribution runs a model on every pair of a JSONL and prints where Eq. 6's attribution and four hybrid
+weightings (the paper's, the final token left out, gradient x input, the release's) put the weight: the
+response's final token (on a chat model, its end of turn) against the other tokens.
+
 release computes Eq. 12's loss and gradient on one batch of built-in training pairs with the paper's weights
 and with tidpo_release's, at the built-in SFT reference or at a policy trained from it.
 """
@@ -57,7 +62,7 @@ import torch
 import data
 import tidpo
 import train
-from training import builtin_task, setup
+from training import builtin_task, sampling, setup
 
 # Paper Table 2 and the baselines: each is a set of train.py flags on top of the same defaults.
 METHODS = {
@@ -822,7 +827,8 @@ def weights_figure(weights, title, path):
                 label.set_color("red")
                 label.set_fontweight("bold")
         ax.set_ylabel("share of the response")
-        ax.set_title(f"{side} response (critical phrase in red)", fontsize=10)
+        marked = any(t.get("critical") for t in tokens)
+        ax.set_title(f"{side} response{' (critical phrase in red)' if marked else ''}", fontsize=10)
     axes[0].legend(fontsize=8, loc="upper left")
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
@@ -833,7 +839,7 @@ def weights_figure(weights, title, path):
 def show_weights(args):
     policy, tokenizer, pair, name = load_pair(args)
     weights = token_weights(policy, tokenizer, pair, args.lam)
-    title = f"{name}, {args.model or 'built-in SFT reference'}"
+    title = f"{name}, {os.path.basename(os.path.normpath(args.model)) if args.model else 'built-in SFT reference'}"
     os.makedirs(args.output_dir, exist_ok=True)
     json_path, html_path = (os.path.join(args.output_dir, f"{name}.{ext}") for ext in ("json", "html"))
     with open(json_path, "w") as f:
@@ -901,6 +907,77 @@ def release_effect(args):
     return text
 
 
+# ----------------------------------------------------------------------------- where the weight goes on real pairs
+
+
+# The attributions compared by the attribution command: (name, scores from target_gradient's outputs, Eq. 8)
+PLACEMENTS = ("paper (Eq. 5-6, 8)", "final token left out", "gradient x input, final left out",
+              "release (over prompt and response)")
+PARTS = ("share", "final", "others", "largest other")
+
+
+def response_placement(weights, response_mask):
+    """Per response row of [B, L] weights: (share of the response's weight on its final token, that
+    token's weight, the other tokens' mean weight and their largest, with the response's mean weight = 1)."""
+    last = tidpo.last_response_position(response_mask)
+    weights = weights * response_mask
+    total, length = weights.sum(-1), response_mask.sum(-1)
+    final = weights.gather(-1, last[:, None]).squeeze(-1)
+    mean = total / length
+    largest = weights.scatter(-1, last[:, None], 0.0).amax(-1)
+    return final / total, final / mean, (total - final) / (length - 1) / mean, largest / mean
+
+
+def attribution_placement(args):
+    """Over every pair of --data, on --model: the share of Eq. 6's attribution on each response's final
+    token, and where four attributions' hybrid weights (Eq. 8 at --lam) put the weight, the final token
+    against the rest of the response. Prints a table and returns {name: [per-response values]}."""
+    train_args = train.parse_args(["--model", args.model, "--max-length", str(args.max_length)])
+    from transformers.utils.logging import disable_progress_bar
+
+    disable_progress_bar()
+    tokenizer = setup.load_tokenizer(train_args)
+    policy = setup.build_model(train_args, torch.device("cpu"), tokenizer)
+    records = data.load_jsonl(args.data)
+    pairs = [data.encode_pair(tokenizer, *data.render(tokenizer, r), args.max_length, r["source"]) for r in records]
+    values = {name: [] for name in ["attribution on the final token", "final token is an end id",
+                                    *[f"{p}: {q}" for p in PLACEMENTS for q in PARTS]]}
+    ends = set(sampling.end_ids(policy, tokenizer))
+    for start in range(0, len(pairs), 8):
+        batch = data.collate(pairs[start:start + 8], tokenizer.pad_token_id)
+        input_ids, attention_mask, response_mask = data.stack_pair(batch, tokenizer.pad_token_id)
+        _, grad, embeddings = tidpo.target_gradient(policy, input_ids, attention_mask, response_mask)
+        paper = tidpo.importance_scores(grad, response_mask)
+        share = paper.gather(-1, tidpo.last_response_position(response_mask)[:, None]).squeeze(-1) / paper.sum(-1)
+        values["attribution on the final token"] += share.tolist()
+        last_ids = input_ids.gather(-1, tidpo.last_response_position(response_mask)[:, None]).squeeze(-1)
+        values["final token is an end id"] += [float(i in ends) for i in last_ids.tolist()]
+        weights = [tidpo.hybrid_weights(paper, response_mask, lam=args.lam),
+                   *[tidpo.hybrid_weights(variant_importance(grad, embeddings, response_mask, kind), response_mask,
+                                          lam=args.lam) for kind in ("no-final", "grad-x-input")],
+                   release_hybrid_weights(tidpo.importance_scores(grad, attention_mask), attention_mask,
+                                          response_mask, lam=args.lam)]
+        for name, w in zip(PLACEMENTS, weights):
+            for part, numbers in zip(PARTS, response_placement(w, response_mask)):
+                values[f"{name}: {part}"] += numbers.tolist()
+
+    def spread(numbers):
+        mean, sd = statistics.mean(numbers), statistics.stdev(numbers)
+        return f"{mean:.3f} ± {sd:.3f} [{min(numbers):.3f}, {max(numbers):.3f}]"
+
+    n = len(values["attribution on the final token"])
+    rows = [[name, *(spread(values[f"{name}: {part}"]) for part in PARTS)] for name in PLACEMENTS]
+    text = (f"{args.model} on {args.data}: {len(records)} pairs, {n} responses; "
+            f"{sum(values['final token is an end id']):.0f} of them end with an end id\n"
+            f"Eq. 6's attribution on the final token: {spread(values['attribution on the final token'])} "
+            "(mean ± sd [min, max] over the responses)\n\n"
+            f"Hybrid weights (Eq. 8, lambda {args.lam:g}), each response's mean weight = 1:\n"
+            + markdown(["attribution", "share of the weight on the final token", "final token's weight",
+                        "other tokens' mean weight", "other tokens' largest weight"], rows))
+    print(text)
+    return values
+
+
 # ----------------------------------------------------------------------------- command line
 
 
@@ -964,10 +1041,17 @@ def parse_args(argv):
     e.add_argument("--beta", type=float, default=0.1, help="beta of Eq. 12, the same for every weighting")
     e.add_argument("--seed", type=int, default=0, help="built-in task and SFT reference seed")
     e.add_argument("--sft-steps", type=int, default=300, help="SFT steps of the built-in reference")
+    a = commands.add_parser("attribution", help="where Eq. 5-6 and its variants put the weight over a JSONL of "
+                            "pairs: the final token against the rest",
+                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    a.add_argument("--model", required=True, help="a model folder or hub name (e.g. python -m tools.smollm2's)")
+    a.add_argument("--data", required=True, help="a preference JSONL (e.g. examples/instruction_pairs.jsonl)")
+    a.add_argument("--lam", type=float, default=0.7, help="lambda of Eq. 8")
+    a.add_argument("--max-length", type=int, default=256, help="prompt + response tokens, as in train.py")
     if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help")):
         argv = ["mechanism", *argv]  # no command: the default one, with these flags
     args, rest = p.parse_known_args(argv)
-    if args.command in ("weights", "release") and rest:
+    if args.command in ("weights", "release", "attribution") and rest:
         p.error(f"unrecognized arguments: {' '.join(rest)}")
     return args, rest
 
@@ -991,6 +1075,8 @@ def main(argv=None):
         return mechanism(args, train_args)
     if args.command == "release":
         return release_effect(args)
+    if args.command == "attribution":
+        return attribution_placement(args)
     return show_weights(args)
 
 
