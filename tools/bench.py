@@ -3,13 +3,20 @@
     python -m tools.bench                   # a tiny Llama, batch 16, prompt 32 + response 64 tokens
     python -m tools.bench --preset 0.5b     # a Llama of Qwen2.5-0.5B's shapes (0.49B parameters)
     python -m tools.bench --bench-hidden 256 --bench-layers 4 --bench-vocab 8000 --bench-profile
+    python -m tools.bench --model models/smollm2 --batch-size 4 --bench-profile   # a real model
+    python -m tools.bench --model models/smollm2 --data prefs.jsonl --batch-size 4
 
 Each variant runs train.py's own training step (tidpo_step, backward, clipping, optimizer step) on
-the same random-token batches, interleaved, in one process, on one model and optimizer (a step's
-time does not depend on the weights' values, and the anchors are always full length); the table
-gives each one's median step time and its ratio to DPO's, and the last line the ratios alone:
+the same batches, interleaved, in one process, on one model and optimizer (a step's time does not
+depend on the weights' values, and the anchors are always full length); the table gives each
+one's median step time and its ratio to DPO's, and the last line the ratios alone:
 
     bench: tidpo_no_triplet/dpo=R1 tidpo/dpo=R2 peak_mem tidpo/dpo=R3
+
+The batches: without --model, random tokens for a random-weight Llama of the --bench-* size, with
+anchors as long as the responses. With --model, the folder's model as train.py loads it (its
+weights in float32, its tokenizer and chat template) and real pairs: --data's, as train.py reads
+them, or the built-in task's pairs as one-turn chats; its anchors are --max-new-tokens long.
 
 Peak memory: on CUDA, max allocated over two steps of each variant, measured one after another
 in this process (DPO first, full TI-DPO, whose sampler keeps its caches, last); on the CPU, the
@@ -17,12 +24,13 @@ growth of resident memory over three steps, each variant in a process of its own
 figure of training/memory.py's step_peak_bytes for the same settings (the CPU: without the weights of the policy
 and the reference, which are in memory before the steps). Also printed:
 the DPO step's model FLOP utilisation (6 x the parameters that multiply, all but the input
-embedding, x the pairs' tokens per step / step time / the GPU's dense bfloat16 peak) and the
-anchor sampler's time per decoded token.
+embedding, x the pairs' tokens per step / step time / the GPU's dense bfloat16 peak), the
+anchor sampler's time per decoded token, and the ratios that a model of the step's FLOPs expects
+(flop_model). --bench-profile adds the FLOPs that one step of each variant runs, as counted, and
+where a full TI-DPO step's time and FLOPs go, phase by phase.
 
 Every train.py flag applies too (--batch-size, --device, --fp32, --gradient-checkpointing, --lora-r, the
-sampling flags, ...). The
-anchors of full TI-DPO are as long as the responses.
+sampling flags, ...).
 """
 
 import argparse
@@ -40,7 +48,7 @@ from torch.profiler import record_function
 
 import data
 import train
-from training import lora, memory, sampling, setup, static_sampler
+from training import builtin_task, lora, memory, sampling, setup, static_sampler
 
 BENCH_VARIANTS = {"dpo": {"loss": "dpo"}, "tidpo_no_triplet": {"loss": "tidpo", "gamma": 0.0},
                   "tidpo": {"loss": "tidpo"}}
@@ -58,11 +66,33 @@ def say(line):
 
 
 def bench_setup(args, device):
-    """A random-weight Llama of the --bench-* size, made on the device, its frozen copy, and
-    random-token batches."""
+    """The policy, its frozen copy, a tokenizer and a few batches, cycled: --model's folder and real
+    pairs (model_pairs), or a random-weight Llama of the --bench-* size and random tokens."""
+    torch.manual_seed(args.seed)
+    if args.model:
+        tokenizer = setup.load_tokenizer(args)
+        pairs = model_pairs(args, tokenizer)
+        policy = setup.build_model(args, device, tokenizer)  # train.py's way: float32 weights
+        # --max-new-tokens long anchors
+        args.min_new_tokens = args.max_new_tokens
+    else:
+        policy, tokenizer, pairs = random_llama(args, device)
+        # anchors as long as the responses
+        args.max_new_tokens = args.min_new_tokens = args.bench_response_length
+    # --lora-r: adapters, and the reference as the same weights with them off (train.py's way)
+    policy, ref = lora.wrap(policy, args) if args.lora_r else (policy, copy.deepcopy(policy).requires_grad_(False))
+    if args.gradient_checkpointing:
+        memory.checkpoint_activations(policy)
+    # a few distinct batches of --batch-size pairs
+    batch_list = [data.collate([pairs[(i * args.batch_size + j) % len(pairs)] for j in range(args.batch_size)],
+                               tokenizer.pad_token_id) for i in range(4)]
+    return policy, ref, tokenizer, batch_list
+
+
+def random_llama(args, device):
+    """A random-weight Llama of the --bench-* size, made on the device, and random-token pairs."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    torch.manual_seed(args.seed)
     config = LlamaConfig(vocab_size=args.bench_vocab, hidden_size=args.bench_hidden,
                          intermediate_size=args.bench_intermediate or args.bench_hidden * 3,
                          num_hidden_layers=args.bench_layers, num_attention_heads=args.bench_heads,
@@ -71,24 +101,44 @@ def bench_setup(args, device):
                          bos_token_id=1, eos_token_id=2)
     with device:  # the weights are made where they are used: no copy from the CPU
         policy = LlamaForCausalLM(config).eval()
-    # --lora-r: adapters, and the reference as the same weights with them off (train.py's way)
-    policy, ref = lora.wrap(policy, args) if args.lora_r else (policy, copy.deepcopy(policy).requires_grad_(False))
-    if args.gradient_checkpointing:
-        memory.checkpoint_activations(policy)
     tokenizer = argparse.Namespace(pad_token_id=0, eos_token_id=2)
 
     def tokens(n):
         return torch.randint(3, args.bench_vocab, (n,)).tolist()
 
-    batch_list = []
-    for _ in range(4):  # a few distinct batches, cycled
-        pairs = [{"prompt_ids": tokens(args.bench_prompt_length),
-                  "chosen_ids": tokens(args.bench_response_length - 1) + [2],
-                  "rejected_ids": tokens(args.bench_response_length - 1) + [2]} for _ in range(args.batch_size)]
-        batch_list.append(data.collate(pairs, 0))
-    # anchors as long as the responses
-    args.max_new_tokens = args.min_new_tokens = args.bench_response_length
-    return policy, ref, tokenizer, batch_list
+    pairs = [{"prompt_ids": tokens(args.bench_prompt_length),
+              "chosen_ids": tokens(args.bench_response_length - 1) + [2],
+              "rejected_ids": tokens(args.bench_response_length - 1) + [2]} for _ in range(4 * args.batch_size)]
+    return policy, tokenizer, pairs
+
+
+def model_pairs(args, tokenizer):
+    """Encoded pairs for --model: --data's training pairs as train.py reads them, or the built-in
+    task's pairs as one-turn chats through the model's chat template (short questions and answers)."""
+    if args.data:
+        return setup.load_pairs(args, tokenizer)[0]
+    records = builtin_task.builtin_task(seed=args.seed, n_train=4 * args.batch_size, n_heldout=0)[0]
+    pairs = []
+    for record in records:
+        chat = {field: [{"role": "user" if field == "prompt" else "assistant", "content": record[field]}]
+                for field in data.FIELDS}
+        pairs.append(data.encode_pair(tokenizer, *data.render(tokenizer, chat), args.max_length,
+                                      record["source"], args.max_prompt_length))
+    return pairs
+
+
+def shapes(args, batch_list):
+    """The model and the batches in words, for the summary line."""
+    if not args.model:
+        return (f"Llama, batch {args.batch_size} pairs, prompt {args.bench_prompt_length} + response "
+                f"{args.bench_response_length} tokens")
+    prompt = statistics.mean(float(b["prompt_attention_mask"].sum(-1).float().mean()) for b in batch_list)
+    response = statistics.mean(float(b[f"{side}_response_mask"].sum(-1).float().mean())
+                               for b in batch_list for side in data.RESPONSES)
+    width = statistics.mean(data.stack_pair(b, 0)[0].shape[1] for b in batch_list)
+    return (f"model {args.model}, batch {args.batch_size} pairs of {args.data or 'the built-in chat pairs'}: "
+            f"prompt {prompt:.0f} + response {response:.0f} tokens on average, rows padded to {width:.0f}; "
+            f"anchors {args.max_new_tokens} tokens")
 
 
 def synchronize(device):
@@ -115,28 +165,102 @@ PHASES = ["sample anchors", "anchor forwards", "reference forward", "policy forw
           "backward", "clip + optimizer step"]
 
 
+def flop_model(policy, batch_list, anchor_tokens):
+    """A model of each variant's FLOPs per step, phase by phase (PHASES), averaged over the batches:
+    {"everywhere": {variant: {phase: FLOPs}}, "last": ...}. "everywhere": the attribution's backward
+    goes through the output layer at every position (tidpo.gradient_attribution); "last": at the
+    last response token only (training.memory.gradient_attribution).
+
+    Only the Linear layers' matmuls are counted, N weights in all (the output layer's H among them),
+    on every row as padded: a token's forward is 2N FLOPs, its backward 4N (the gradients of the
+    weights and of the inputs), a backward to the inputs alone 2N. Full fine-tuning without
+    gradient checkpointing. For B pairs of prompt width P, chosen and rejected stacked to 2B rows
+    of width L, and anchors of A tokens:
+
+        DPO          reference forward 2N 2BL, policy forward 2N 2BL, backward 4N 2BL
+        attribution  2N 2BL, or 2(N - H) 2BL + 4H 2B (the output layer again on one position a row)
+        anchors      sampling: the prompts' forward 2(N - H) BP + 2H B (the last position's
+                     logits only), then A one-token steps 2N B; the anchors' forwards 2N B(P + A)
+                     each, the policy's and the reference's; the policy's backward 4N B(P + A)
+    """
+    n = sum(p.numel() for m in policy.modules() if isinstance(m, torch.nn.Linear) for p in m.parameters())
+    h = policy.get_output_embeddings().weight.numel()
+    models = {"everywhere": {}, "last": {}}
+    for way, variants in models.items():
+        for name in BENCH_VARIANTS:
+            variants[name] = dict.fromkeys(PHASES, 0.0)
+        for batch in batch_list:
+            pairs, prompt = batch["prompt_input_ids"].shape
+            rows, length = data.stack_pair(batch, 0)[0].shape
+            anchor_rows = pairs * (prompt + anchor_tokens)
+            attribution = 2 * n * rows * length if way == "everywhere" else 2 * (n - h) * rows * length + 4 * h * rows
+            dpo = {"reference forward": 2 * n * rows * length, "policy forward (+ attribution)": 2 * n * rows * length,
+                   "backward": 4 * n * rows * length}
+            no_triplet = {**dpo, "policy forward (+ attribution)": 2 * n * rows * length + attribution}
+            full = {**no_triplet, "sample anchors": 2 * (n - h) * pairs * prompt + 2 * h * pairs
+                    + anchor_tokens * 2 * n * pairs, "anchor forwards": 4 * n * anchor_rows,
+                    "backward": 4 * n * (rows * length + anchor_rows)}
+            for name, phases in zip(BENCH_VARIANTS, (dpo, no_triplet, full)):
+                for phase, flops in phases.items():
+                    variants[name][phase] += flops / len(batch_list)
+    return models
+
+
+def count_flops(policy, ref, optimizer, batch, tokenizer, args, device, autocast):
+    """Print the matmul FLOPs that one step of each variant runs, as torch.utils.flop_counter counts
+    them (the Linear layers' matmuls, as flop_model; the anchors sampled the dynamic way, whose
+    decode steps are dispatched one by one, where a CUDA graph's replays would not be seen)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counted = {}
+    for name in BENCH_VARIANTS:
+        with FlopCounterMode(display=False) as counter:
+            dynamic = argparse.Namespace(**{**vars(variant_args(args, name)), "sampler": "dynamic"})
+            bench_step(policy, ref, optimizer, batch, tokenizer, dynamic, device, autocast)
+        counted[name] = counter.get_total_flops()
+    say(f"counted (torch.utils.flop_counter, one step of each on the first batch): dpo {counted['dpo'] / 1e9:.3g} "
+        f"GFLOP; x dpo: tidpo_no_triplet {counted['tidpo_no_triplet'] / counted['dpo']:.2f}, "
+        f"tidpo {counted['tidpo'] / counted['dpo']:.2f}")
+    return counted
+
+
 def bench_profile(policy, ref, optimizer, variant_args, batch_list, tokenizer, device, autocast):
     """Print where a full TI-DPO step's time goes (torch.profiler): per labelled phase the host's
-    time and, on CUDA, the device's; on CUDA also the kernels that take the most device time."""
+    time, the matmul FLOPs that the profiler counts in it and their rate, and, on CUDA, the device's
+    time; on CUDA also the kernels that take the most device time."""
     from torch.profiler import ProfilerActivity, profile
 
     cuda = device.type == "cuda"
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    with profile(activities=activities) as profiler:
+    with profile(activities=activities, with_flops=True) as profiler:
         total = sum(bench_step(policy, ref, optimizer, batch, tokenizer, variant_args, device, autocast)
                     for batch in batch_list)
     steps = len(batch_list)
     phases = {event.key: event for event in profiler.key_averages() if event.key in PHASES}
+    flops = dict.fromkeys(PHASES, 0)
+    for event in profiler.events():  # each counted op's FLOPs go to the phase it ran in
+        if event.flops:
+            parent = event.cpu_parent
+            while parent is not None and parent.name not in PHASES:
+                parent = parent.cpu_parent
+            if parent is not None:
+                flops[parent.name] += event.flops
     say(f"where the full tidpo step's time goes ({steps} profiled steps, {total / steps:.4f} s/step; host: "
-        f"the phase's wall time on the CPU{', device: the GPU time of the kernels it launched' if cuda else ''}):")
+        f"the phase's wall time on the CPU{', device: the GPU time of the kernels it launched' if cuda else ''}; "
+        f"GFLOP: its matmuls as the profiler counts them):")
+    rest = total / steps
     for name in PHASES:
         if name in phases:
             host = phases[name].cpu_time_total / 1e6 / steps
-            line = f"  {name:<32} host {host:>8.4f} s {100 * host / (total / steps):>5.1f}%"
+            rest -= host
+            gflop = flops[name] / 1e9 / steps
+            line = (f"  {name:<32} host {host:>8.4f} s {100 * host / (total / steps):>5.1f}%  {gflop:>8.2f} GFLOP "
+                    f"{gflop / host:>7.1f} GFLOP/s")
             if cuda:
                 gpu = phases[name].device_time_total / 1e6 / steps
                 line += f"   device {gpu:>8.4f} s {100 * gpu / (total / steps):>5.1f}%"
             say(line)
+    say(f"  {'the rest (loss, batch copies)':<32} host {rest:>8.4f} s {100 * rest / (total / steps):>5.1f}%")
     if cuda:
         say(profiler.key_averages().table(sort_by="self_device_time_total", row_limit=15))
 
@@ -225,7 +349,8 @@ def cuda_memory(policy, ref, optimizer, batch_list, tokenizer, args, device, aut
 
 def bench(args, argv, device, autocast):
     started = time.perf_counter()
-    say(f"bench: building a Llama of hidden {args.bench_hidden}, {args.bench_layers} layers, vocabulary "
+    say(f"bench: loading {args.model} on {device}" if args.model else
+        f"bench: building a Llama of hidden {args.bench_hidden}, {args.bench_layers} layers, vocabulary "
         f"{args.bench_vocab} on {device}")
     policy, ref, tokenizer, batch_list = bench_setup(args, device)
     if device.type == "cuda" and not args.fp32:
@@ -237,26 +362,32 @@ def bench(args, argv, device, autocast):
     # the weights that multiply: the Linear layers' (the output layer's too, tied or not; the
     # embedding lookup multiplies nothing)
     matmul_params = sum(p.numel() for m in policy.modules() if isinstance(m, torch.nn.Linear) for p in m.parameters())
-    say(f"bench: {n_params / 1e6:.1f}M parameters, built in {time.perf_counter() - started:.1f} s; 3 warm-up "
+    say(f"bench: {n_params / 1e6:.1f}M parameters, {'loaded' if args.model else 'built'} in "
+        f"{time.perf_counter() - started:.1f} s; {args.bench_warmup} warm-up "
         f"steps of each variant, then {args.bench_steps} timed")
 
     times = {name: [] for name in BENCH_VARIANTS}
-    for i in range(3 + args.bench_steps):  # 3 warm-up steps, then timed; the variants interleaved
+    warmup = args.bench_warmup
+    for i in range(warmup + args.bench_steps):  # warm-up steps, then timed; the variants interleaved
         step_times = {name: bench_step(policy, ref, optimizer, batch_list[i % len(batch_list)], tokenizer,
                                        variant_args(args, name), device, autocast) for name in BENCH_VARIANTS}
         for name, seconds in step_times.items():
-            if i >= 3:
+            if i >= warmup:
                 times[name].append(seconds)
-        say(f"  step {i + 1}/{3 + args.bench_steps}{' (warm-up)' if i < 3 else ''}: "
+        say(f"  step {i + 1}/{warmup + args.bench_steps}{' (warm-up)' if i < warmup else ''}: "
             + " ".join(f"{name} {seconds:.4f} s" for name, seconds in step_times.items()))
     decode = decode_seconds_per_token(policy, batch_list, tokenizer, variant_args(args, "tidpo"), device, autocast)
     captures = dict(static_sampler.static_sampler(policy).capture_seconds) if device.type == "cuda" else {}
     if device.type == "cuda":
         check_sampler(policy, batch_list[0], tokenizer, variant_args(args, "tidpo"), device, autocast)
+    flops = None if args.lora_r or args.gradient_checkpointing else flop_model(policy, batch_list, args.max_new_tokens)
     if args.bench_profile:
+        count_flops(policy, ref, optimizer, batch_list[0], tokenizer, args, device, autocast)
         bench_profile(policy, ref, optimizer, variant_args(args, "tidpo"), batch_list, tokenizer, device, autocast)
-    length = args.bench_prompt_length + args.bench_response_length
-    formula = {name: memory.step_peak_bytes(policy.config, args.batch_size, length, length, name == "tidpo",
+    # the rows as padded: chosen and rejected stacked, and the anchors after their prompts
+    length = round(statistics.mean(data.stack_pair(b, 0)[0].shape[1] for b in batch_list))
+    anchor_length = round(statistics.mean(b["prompt_input_ids"].shape[1] for b in batch_list)) + args.max_new_tokens
+    formula = {name: memory.step_peak_bytes(policy.config, args.batch_size, length, anchor_length, name == "tidpo",
                                             args.gradient_checkpointing, gpu=device.type == "cuda",
                                             lora_r=args.lora_r)
                for name in BENCH_VARIANTS}
@@ -280,13 +411,22 @@ def bench(args, argv, device, autocast):
     mfu = "n/a" if peak is None else f"{100 * 6 * matmul_params * pair_tokens / median['dpo'] / peak:.1f}%"
     sampler = "static cache + CUDA graph" if captures else "dynamic cache"
     say(f"bench on {device}{f' ({torch.cuda.get_device_name(device)})' if device.type == 'cuda' else ''}: "
-        f"{n_params / 1e6:.1f}M-parameter Llama, batch {args.batch_size} pairs, prompt {args.bench_prompt_length} "
-        f"+ response {args.bench_response_length} tokens, median of {args.bench_steps} steps, "
+        f"{n_params / 1e6:.1f}M-parameter {shapes(args, batch_list)}, median of {args.bench_steps} steps, "
         f"{time.perf_counter() - started:.0f} s in all")
     say(f"dpo step MFU {mfu} (6 x {matmul_params / 1e6:.1f}M x {pair_tokens:.0f} tokens / step time / "
         f"{'bf16 peak' if peak else 'no known peak for this device'}); anchor sampler ({sampler}): "
         f"{1000 * decode:.2f} ms per token, batch {args.batch_size}"
         + (f"; graph capture {', '.join(f'{1000 * s:.0f} ms' for s in captures.values())}" if captures else ""))
+    if flops:
+        modelled = {way: {name: sum(phases.values()) for name, phases in variants.items()}
+                    for way, variants in flops.items()}
+        ratio = {way: {name: flops / totals["dpo"] for name, flops in totals.items()}
+                 for way, totals in modelled.items()}
+        say(f"FLOP model (Linear layers' matmuls; attention scores, softmax, norms and AdamW left out): dpo "
+            f"{modelled['everywhere']['dpo'] / 1e9:.3g} GFLOP/step; x dpo: tidpo_no_triplet "
+            f"{ratio['everywhere']['tidpo_no_triplet']:.2f}, tidpo {ratio['everywhere']['tidpo']:.2f} with the "
+            f"attribution's backward through the output layer at every position; "
+            f"{ratio['last']['tidpo_no_triplet']:.2f} and {ratio['last']['tidpo']:.2f} at the last response token only")
     # CUDA: peak allocated; CPU: the growth of resident memory over the steps (the process's
     # libraries would otherwise dilute the ratio), which the formula gives without the weights
     key = "peak_bytes" if device.type == "cuda" else "step_bytes"
@@ -309,11 +449,13 @@ def bench(args, argv, device, autocast):
 
 def parse_args(argv=None):
     parser = train.build_parser(description=__doc__)
-    a = parser.add_argument_group("benchmark: DPO vs TI-DPO step time and memory on random tokens")
+    a = parser.add_argument_group("benchmark: DPO vs TI-DPO step time and memory (--model: a real model "
+                                   "on real pairs; else random tokens)")
     a.add_argument("--preset", choices=sorted(PRESETS), default=None, help="a model size: 0.5b is "
                    "Qwen2.5-0.5B's shapes, --bench-hidden 896 --bench-layers 24 --bench-heads 14 --bench-kv-heads 2 "
                    "--bench-intermediate 4864 --bench-vocab 151936 --bench-tied (flags given as well win)")
-    a.add_argument("--bench-steps", type=int, default=20, help="timed steps per variant (after 3 warm-up steps)")
+    a.add_argument("--bench-steps", type=int, default=20, help="timed steps per variant, after the warm-up")
+    a.add_argument("--bench-warmup", type=int, default=3, help="untimed steps per variant first")
     a.add_argument("--bench-prompt-length", type=int, default=32, help="tokens per prompt")
     a.add_argument("--bench-response-length", type=int, default=64, help="also the anchors' length")
     a.add_argument("--bench-hidden", type=int, default=64, help="hidden size of the benchmark's Llama")
@@ -323,8 +465,8 @@ def parse_args(argv=None):
     a.add_argument("--bench-kv-heads", type=int, default=None, help="its key/value heads (default: as many)")
     a.add_argument("--bench-tied", action="store_true", help="its output layer is its embedding")
     a.add_argument("--bench-vocab", type=int, default=1000, help="its vocabulary size")
-    a.add_argument("--bench-profile", action="store_true", help="also profile the full tidpo step with "
-                   "torch.profiler and print where its time goes")
+    a.add_argument("--bench-profile", action="store_true", help="also count each variant's FLOPs in one "
+                   "step and profile the full tidpo step with torch.profiler: where its time and FLOPs go")
     a.add_argument("--bench-variant", default=None, help=argparse.SUPPRESS)  # one variant's memory, in a child process
     preset = parser.parse_known_args(argv)[0].preset
     if preset:
