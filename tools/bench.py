@@ -34,6 +34,7 @@ sampling flags, ...).
 """
 
 import argparse
+import contextlib
 import copy
 import gc
 import json
@@ -206,62 +207,91 @@ def flop_model(policy, batch_list, anchor_tokens):
     return models
 
 
-def count_flops(policy, ref, optimizer, batch, tokenizer, args, device, autocast):
-    """Print the matmul FLOPs that one step of each variant runs, as torch.utils.flop_counter counts
-    them (the Linear layers' matmuls, as flop_model; the anchors sampled the dynamic way, whose
-    decode steps are dispatched one by one, where a CUDA graph's replays would not be seen)."""
+@contextlib.contextmanager
+def phases_measured(device, seconds, flops=None):
+    """Within it, each labelled phase of a step (the record_function labels of train.py and of
+    bench_step) adds its wall time to seconds[label] and, given `flops`, the matmul FLOPs that
+    torch.utils.flop_counter counts in it to flops[label]. A timer around the labels rather than
+    torch.profiler, which records every operator: on the CPU it made a 20 s full TI-DPO step of
+    SmolLM2-135M take 28 s (47 s with its FLOP counts) and held 2.8 GB (8 GB) of events per step."""
     from torch.utils.flop_counter import FlopCounterMode
 
+    real = train.record_function  # torch's, which bench_step uses too
+
+    @contextlib.contextmanager
+    def measured(label):
+        counter = FlopCounterMode(display=False) if flops is not None else contextlib.nullcontext()
+        synchronize(device)
+        start = time.perf_counter()
+        with real(label), counter:
+            yield
+        synchronize(device)
+        seconds[label] = seconds.get(label, 0.0) + time.perf_counter() - start
+        if flops is not None:
+            flops[label] = flops.get(label, 0) + counter.get_total_flops()
+
+    modules = [train, sys.modules[__name__]]
+    for module in modules:
+        module.record_function = measured
+    try:
+        yield
+    finally:
+        for module in modules:
+            module.record_function = real
+
+
+def count_flops(policy, ref, optimizer, batch_list, tokenizer, args, device, autocast):
+    """{variant: {phase: FLOPs}}: the matmul FLOPs that one step of each variant runs in each
+    labelled phase (all of a step's matmuls), as torch.utils.flop_counter counts them, averaged
+    over the batches, and printed as ratios to DPO's. The anchors are sampled the dynamic way,
+    whose decode steps the counter sees one by one (it would not see a CUDA graph's replays)."""
     counted = {}
     for name in BENCH_VARIANTS:
-        with FlopCounterMode(display=False) as counter:
-            dynamic = argparse.Namespace(**{**vars(variant_args(args, name)), "sampler": "dynamic"})
-            bench_step(policy, ref, optimizer, batch, tokenizer, dynamic, device, autocast)
-        counted[name] = counter.get_total_flops()
-    say(f"counted (torch.utils.flop_counter, one step of each on the first batch): dpo {counted['dpo'] / 1e9:.3g} "
-        f"GFLOP; x dpo: tidpo_no_triplet {counted['tidpo_no_triplet'] / counted['dpo']:.2f}, "
-        f"tidpo {counted['tidpo'] / counted['dpo']:.2f}")
+        counted[name] = {}
+        dynamic = argparse.Namespace(**{**vars(variant_args(args, name)), "sampler": "dynamic"})
+        with phases_measured(device, {}, counted[name]):
+            for batch in batch_list:
+                bench_step(policy, ref, optimizer, batch, tokenizer, dynamic, device, autocast)
+        counted[name] = {phase: flops / len(batch_list) for phase, flops in counted[name].items()}
+    total = {name: sum(phases.values()) for name, phases in counted.items()}
+    say(f"counted (torch.utils.flop_counter, a step of each on each batch): dpo {total['dpo'] / 1e9:.3g} GFLOP; "
+        f"x dpo: tidpo_no_triplet {total['tidpo_no_triplet'] / total['dpo']:.2f}, "
+        f"tidpo {total['tidpo'] / total['dpo']:.2f}")
     return counted
 
 
-def bench_profile(policy, ref, optimizer, variant_args, batch_list, tokenizer, device, autocast):
-    """Print where a full TI-DPO step's time goes (torch.profiler): per labelled phase the host's
-    time, the matmul FLOPs that the profiler counts in it and their rate, and, on CUDA, the device's
-    time; on CUDA also the kernels that take the most device time."""
-    from torch.profiler import ProfilerActivity, profile
-
-    cuda = device.type == "cuda"
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    with profile(activities=activities, with_flops=True) as profiler:
+def bench_profile(policy, ref, optimizer, variant_args, batch_list, tokenizer, device, autocast, flops):
+    """Print where a full TI-DPO step's time goes: per labelled phase its wall time, the matmul
+    FLOPs counted in it (`flops`, count_flops's) and their rate; on CUDA also, from torch.profiler,
+    the GPU time of the kernels each phase launched and the kernels that take the most."""
+    seconds = {}
+    with phases_measured(device, seconds):
         total = sum(bench_step(policy, ref, optimizer, batch, tokenizer, variant_args, device, autocast)
                     for batch in batch_list)
     steps = len(batch_list)
-    phases = {event.key: event for event in profiler.key_averages() if event.key in PHASES}
-    flops = dict.fromkeys(PHASES, 0)
-    for event in profiler.events():  # each counted op's FLOPs go to the phase it ran in
-        if event.flops:
-            parent = event.cpu_parent
-            while parent is not None and parent.name not in PHASES:
-                parent = parent.cpu_parent
-            if parent is not None:
-                flops[parent.name] += event.flops
-    say(f"where the full tidpo step's time goes ({steps} profiled steps, {total / steps:.4f} s/step; host: "
-        f"the phase's wall time on the CPU{', device: the GPU time of the kernels it launched' if cuda else ''}; "
-        f"GFLOP: its matmuls as the profiler counts them):")
-    rest = total / steps
+    step = total / steps
+    say(f"where the full tidpo step's time goes ({steps} steps, {step:.4f} s/step; each phase's wall time, "
+        f"the matmul FLOPs counted in it and their rate):")
+    rest = step
     for name in PHASES:
-        if name in phases:
-            host = phases[name].cpu_time_total / 1e6 / steps
-            rest -= host
-            gflop = flops[name] / 1e9 / steps
-            line = (f"  {name:<32} host {host:>8.4f} s {100 * host / (total / steps):>5.1f}%  {gflop:>8.2f} GFLOP "
-                    f"{gflop / host:>7.1f} GFLOP/s")
-            if cuda:
+        wall = seconds.get(name, 0.0) / steps
+        rest -= wall
+        gflop = flops.get(name, 0) / 1e9
+        say(f"  {name:<32} {wall:>8.4f} s {100 * wall / step:>5.1f}%  {gflop:>8.2f} GFLOP "
+            f"{gflop / wall if wall else 0:>7.1f} GFLOP/s")
+    say(f"  {'the rest (loss, batch copies)':<32} {rest:>8.4f} s {100 * rest / step:>5.1f}%")
+    if device.type == "cuda":
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as profiler:
+            for batch in batch_list:
+                bench_step(policy, ref, optimizer, batch, tokenizer, variant_args, device, autocast)
+        phases = {event.key: event for event in profiler.key_averages() if event.key in PHASES}
+        say("the same steps under torch.profiler: the GPU time of the kernels each phase launched")
+        for name in PHASES:
+            if name in phases:
                 gpu = phases[name].device_time_total / 1e6 / steps
-                line += f"   device {gpu:>8.4f} s {100 * gpu / (total / steps):>5.1f}%"
-            say(line)
-    say(f"  {'the rest (loss, batch copies)':<32} host {rest:>8.4f} s {100 * rest / (total / steps):>5.1f}%")
-    if cuda:
+                say(f"  {name:<32} device {gpu:>8.4f} s")
         say(profiler.key_averages().table(sort_by="self_device_time_total", row_limit=15))
 
 
@@ -382,8 +412,9 @@ def bench(args, argv, device, autocast):
         check_sampler(policy, batch_list[0], tokenizer, variant_args(args, "tidpo"), device, autocast)
     flops = None if args.lora_r or args.gradient_checkpointing else flop_model(policy, batch_list, args.max_new_tokens)
     if args.bench_profile:
-        count_flops(policy, ref, optimizer, batch_list[0], tokenizer, args, device, autocast)
-        bench_profile(policy, ref, optimizer, variant_args(args, "tidpo"), batch_list, tokenizer, device, autocast)
+        counted = count_flops(policy, ref, optimizer, batch_list, tokenizer, args, device, autocast)
+        bench_profile(policy, ref, optimizer, variant_args(args, "tidpo"), batch_list, tokenizer, device, autocast,
+                      counted["tidpo"])
     # the rows as padded: chosen and rejected stacked, and the anchors after their prompts
     length = round(statistics.mean(data.stack_pair(b, 0)[0].shape[1] for b in batch_list))
     anchor_length = round(statistics.mean(b["prompt_input_ids"].shape[1] for b in batch_list)) + args.max_new_tokens
