@@ -451,7 +451,7 @@ def bench(args, argv, device, autocast):
     if flops:
         modelled = {way: {name: sum(phases.values()) for name, phases in variants.items()}
                     for way, variants in flops.items()}
-        ratio = {way: {name: flops / totals["dpo"] for name, flops in totals.items()}
+        ratio = {way: {name: total / totals["dpo"] for name, total in totals.items()}
                  for way, totals in modelled.items()}
         say(f"FLOP model (Linear layers' matmuls; attention scores, softmax, norms and AdamW left out): dpo "
             f"{modelled['everywhere']['dpo'] / 1e9:.3g} GFLOP/step; x dpo: tidpo_no_triplet "
