@@ -292,6 +292,14 @@ def test_the_report_gives_paired_differences_from_dpo_by_hand(tmp_path):
     assert "| tidpo | 3 | 0.700 ± 0.173 |" in text and "| dpo | 3 | 0.600 ± 0.100 |" in text
     # differences 0.1, 0, 0.2: mean 0.1, standard deviation 0.1, t(2) = 4.303: 0.1 ± 4.303 * 0.1 / sqrt(3)
     assert "| tidpo | +0.100 [-0.148, +0.348] | +0.000 [+0.000, +0.000] |" in text
+    assert "reference" not in text  # no reference cell, no table of differences from it
+    ifeval.append_row(path, {"method": "reference", "seed": 0, "steps": 0, **{m: 0.5 for m in ifeval.HEADLINE},
+                             "prompt_level_strict_acc": 0.4, "inst_level_strict_acc/punctuation:no_comma": 0.25})
+    text = ifeval.report(ifeval.read_rows(path))
+    # tidpo minus 0.4: 0.2, 0.2, 0.5: mean 0.3, standard deviation 0.1732: 0.3 ± 4.303 * 0.1732 / sqrt(3)
+    assert "| tidpo | +0.300 [-0.130, +0.730] | +0.000 [+0.000, +0.000] |" in text
+    assert "| dpo | +0.200 [-0.048, +0.448] |" in text
+    assert "| punctuation:no_comma |  |  |  | 0.25 |" in text  # per type: only the reference has the column here
 
 
 @pytest.mark.parametrize("command", ["prefs", "eval", "grid"])

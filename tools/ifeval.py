@@ -543,11 +543,45 @@ def report(rows):
             f"training steps; IFEval's accuracies of greedy responses to held-out prompts, the diversity of samples, "
             f"and train.py's held-out pairs (accuracy and margin of the DPO reward)\n\n{means}")
     trained = [m for m in methods if m != "reference"]
+    reference = [r["after"] for r in records if r["method"] == "reference"]
+    if reference and trained:
+        rows_ = [[m, *(from_reference(records, m, x, reference[0][x]) for x in HEADLINE)] for m in trained]
+        text += ("\nEach method minus the reference (the untrained model, one deterministic evaluation on the same "
+                 "prompts): mean over seeds [95% t interval over seeds]\n\n"
+                 + experiments.markdown(["method", *(TITLES[m] for m in HEADLINE)], rows_))
     if "dpo" in trained and len(trained) > 1:
         paired = experiments.paired_table(records, trained, [(TITLES[m], m, {}) for m in HEADLINE])
         text += ("\nPaired differences from DPO, seed by seed: mean [95% paired-t interval]; an interval that covers "
                  f"0 is not distinguishable from DPO\n\n{paired}")
-    return text
+    return text + "\n" + per_type(rows, methods)
+
+
+def from_reference(records, method, metric, reference):
+    """`method`'s metric minus the reference's value, "mean [95% t interval]" over its seeds (the interval
+    is the seeds' spread: the reference is one fixed number on the same prompts)."""
+    values = [r["after"][metric] - reference for r in records if r["method"] == method and metric in r["after"]]
+    if len(values) < 2:
+        return f"{values[0]:+.3f}" if values else ""
+    mean = statistics.mean(values)
+    half = experiments.T_975[len(values) - 2] * statistics.stdev(values) / len(values) ** 0.5
+    return f"{mean:+.3f} [{mean - half:+.3f}, {mean + half:+.3f}]"
+
+
+def per_type(rows, methods):
+    """Markdown: each instruction type's instruction-level strict accuracy, the mean over seeds of each method,
+    for the types the held-out prompts have (a type with few instructions says little)."""
+    settings = json.loads(rows[0]["settings"]) if rows[0].get("settings") else {}
+    counts = ([t for p in build_prompts(settings["heldout"], "heldout", HELDOUT_SEED) for t in p["instruction_id_list"]]
+              if "heldout" in settings else [])
+    table = []
+    for t in OFFLINE:
+        key = f"inst_level_strict_acc/{t}"
+        means = [statistics.mean(float(r[key]) for r in rows if r["method"] == m and r.get(key)) if any(
+            r["method"] == m and r.get(key) for r in rows) else None for m in methods]
+        if any(v is not None for v in means):
+            table.append([t, str(counts.count(t)) if counts else "", *("" if v is None else f"{v:.2f}" for v in means)])
+    return ("Instruction-level strict accuracy by instruction type, the mean over seeds\n\n"
+            + experiments.markdown(["instruction type", "instructions", *methods], table))
 
 
 # ----------------------------------------------------------------------------- command line
