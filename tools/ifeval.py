@@ -529,7 +529,7 @@ def report(rows):
     metrics = HEADLINE + PREFERENCE
     records = [{"method": r["method"], "seed": int(r["seed"]), "after": {m: float(r[m]) for m in metrics if r[m]}}
                for r in rows]
-    methods = list(dict.fromkeys(r["method"] for r in records))
+    methods = sorted(dict.fromkeys(r["method"] for r in records), key=lambda m: m != "reference")  # reference first
 
     def mean_cell(method, metric):
         values = [r["after"][metric] for r in records if r["method"] == method and metric in r["after"]]
