@@ -543,12 +543,15 @@ def report(rows):
             f"training steps; IFEval's accuracies of greedy responses to held-out prompts, the diversity of samples, "
             f"and train.py's held-out pairs (accuracy and margin of the DPO reward)\n\n{means}")
     trained = [m for m in methods if m != "reference"]
-    reference = [r["after"] for r in records if r["method"] == "reference"]
+    reference = [r for r in records if r["method"] == "reference"]
     if reference and trained:
-        rows_ = [[m, *(from_reference(records, m, x, reference[0][x]) for x in HEADLINE)] for m in trained]
+        # the one reference evaluation stands beside every seed, so tools/experiments.py's paired interval
+        # over seeds is the interval of (method - reference)
+        beside = records + [{**reference[0], "seed": seed} for seed in {r["seed"] for r in records}]
+        table = [[m, *(from_reference(beside, x, m) for x in HEADLINE)] for m in trained]
         text += ("\nEach method minus the reference (the untrained model, one deterministic evaluation on the same "
                  "prompts): mean over seeds [95% t interval over seeds]\n\n"
-                 + experiments.markdown(["method", *(TITLES[m] for m in HEADLINE)], rows_))
+                 + experiments.markdown(["method", *(TITLES[m] for m in HEADLINE)], table))
     if "dpo" in trained and len(trained) > 1:
         paired = experiments.paired_table(records, trained, [(TITLES[m], m, {}) for m in HEADLINE])
         text += ("\nPaired differences from DPO, seed by seed: mean [95% paired-t interval]; an interval that covers "
@@ -556,15 +559,15 @@ def report(rows):
     return text + "\n" + per_type(rows, methods)
 
 
-def from_reference(records, method, metric, reference):
-    """`method`'s metric minus the reference's value, "mean [95% t interval]" over its seeds (the interval
-    is the seeds' spread: the reference is one fixed number on the same prompts)."""
-    values = [r["after"][metric] - reference for r in records if r["method"] == method and metric in r["after"]]
-    if len(values) < 2:
-        return f"{values[0]:+.3f}" if values else ""
-    mean = statistics.mean(values)
-    half = experiments.T_975[len(values) - 2] * statistics.stdev(values) / len(values) ** 0.5
-    return f"{mean:+.3f} [{mean - half:+.3f}, {mean + half:+.3f}]"
+def from_reference(records, metric, method):
+    """"mean [95% interval]" of `method` minus the reference, or the one difference when one seed ran."""
+    difference = experiments.paired_difference(records, metric, method, baseline="reference")
+    if difference is None:
+        mine = [r["after"][metric] for r in records if r["method"] == method]
+        theirs = next(r["after"][metric] for r in records if r["method"] == "reference")
+        return f"{mine[0] - theirs:+.3f}" if mine else ""
+    mean, low, high, _ = difference
+    return f"{mean:+.3f} [{low:+.3f}, {high:+.3f}]"
 
 
 def per_type(rows, methods):
@@ -576,10 +579,10 @@ def per_type(rows, methods):
     table = []
     for t in OFFLINE:
         key = f"inst_level_strict_acc/{t}"
-        means = [statistics.mean(float(r[key]) for r in rows if r["method"] == m and r.get(key)) if any(
-            r["method"] == m and r.get(key) for r in rows) else None for m in methods]
-        if any(v is not None for v in means):
-            table.append([t, str(counts.count(t)) if counts else "", *("" if v is None else f"{v:.2f}" for v in means)])
+        by_method = {m: [float(r[key]) for r in rows if r["method"] == m and r.get(key)] for m in methods}
+        if any(by_method.values()):
+            table.append([t, str(counts.count(t)) if counts else "",
+                          *(f"{statistics.mean(v):.2f}" if v else "" for v in by_method.values())])
     return ("Instruction-level strict accuracy by instruction type, the mean over seeds\n\n"
             + experiments.markdown(["instruction type", "instructions", *methods], table))
 
